@@ -1,0 +1,202 @@
+"""The ``kscu`` command line: ``erase``, ``generate``, and the subpackages' commands.
+
+Every user mistake ends as one ``error: ...`` line on stderr and exit code 2, before any output
+file is touched. Defaults shown in ``--help`` come from ``kscu.config``, the only place they live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kscu.config import DEFAULTS, DTYPES, METHODS, MODE_DEFAULTS, SCOPES, EraseConfig
+from kscu.errors import KscuError
+
+# (flag name = EraseConfig field, type, help) for every overridable hyperparameter.
+_OVERRIDES: list[tuple[str, type, str]] = [
+    ("iterations", int, "training iterations (per mode: {modes})"),
+    ("start_step", int, "first key step S of the table (per mode: {modes})"),
+    ("end_step", int, "end step E, exclusive (default: --num-steps)"),
+    ("scope", str, "trainable parameters: " + ", ".join(SCOPES) + " (per mode: {modes})"),
+    ("lr", float, "Adam learning rate (default {default})"),
+    ("negative_guidance", float, "eta of the erase target (default {default})"),
+    ("lambda1_alpha", float, "lambda1 = (T - t) * alpha (default {default})"),
+    ("lambda2", float, "weight of the leakage term (default {default}; esd: 0)"),
+    ("trajectory_guidance", float, "CFG scale of the trajectory (default {default})"),
+    ("loops", int, "complete runs before S moves on (default {default})"),
+    ("num_steps", int, "DDIM steps of the trajectory (default {default})"),
+    ("resolution", int, "image size in pixels (default: the model's own)"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line, like every other kscu error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _help(name: str, text: str) -> str:
+    modes = ", ".join(f"{m} {row[name]}" for m, row in MODE_DEFAULTS.items() if name in row)
+    return text.format(modes=modes, default=DEFAULTS.get(name))
+
+
+def _add_erase(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("erase", help="erase concepts from a Stable Diffusion model")
+    p.add_argument("--concept", required=True, help='concept(s) to erase: "church" or "A,B,C"')
+    p.add_argument("--mode", default="class", help=", ".join(MODE_DEFAULTS) + " (default class)")
+    p.add_argument("--method", default="kscu", help=" or ".join(METHODS) + " (default kscu)")
+    p.add_argument("--model", default=None, help="hub id or folder (default: bundled tiny world)")
+    p.add_argument("--output", required=True, type=Path, help="folder for the erased weights")
+    for name, kind, text in _OVERRIDES:
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=None, help=_help(name, text)
+        )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="compute dtype: " + ", ".join(DTYPES))
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    p.add_argument(
+        "--no-reuse-trajectory",
+        action="store_true",
+        help="rebuild the trajectory from noise every iteration (the paper-era code)",
+    )
+    p.add_argument("--no-augment", action="store_true", help="no prompt augmentation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_erase)
+
+
+def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
+    """The CLI's flags as the one configuration object."""
+    overrides = {name: getattr(args, name) for name, _, _ in _OVERRIDES}
+    return EraseConfig(
+        concepts=args.concept.split(","),
+        mode=args.mode,
+        method=args.method,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        reuse_trajectory=not args.no_reuse_trajectory,
+        augment=not args.no_augment,
+        **overrides,
+    )
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from kscu.runner import erase_to_folder, prepare
+
+    config = erase_config_from_args(args)
+    prepare(config, args.model)  # validate everything before loading weights
+    if args.output.exists() and not args.output.is_dir():
+        raise KscuError(f"--output {args.output} is a file; give a folder")
+    result, _ = erase_to_folder(config, args.model, args.output, progress=not args.quiet)
+    print(
+        f"erased {', '.join(result.config.concepts)} in {result.seconds:.1f} s "
+        f"({len(result.losses)} iterations, final loss {result.losses[-1]:.4g}) -> {args.output}"
+    )
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt or a prompt CSV")
+    p.add_argument("--model", default=None, help="hub id or folder (default: bundled tiny world)")
+    p.add_argument("--weights", type=Path, default=None, help="folder written by `kscu erase`")
+    p.add_argument("--force", action="store_true", help="load --weights onto another base model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument(
+        "--prompts",
+        help="CSV with a prompt column (optional: evaluation_seed, evaluation_guidance, "
+        "case_number), or a Hub dataset id such as AIML-TUDA/i2p",
+    )
+    p.add_argument("--output", required=True, type=Path, help="folder for the PNGs")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="row seed = seed + case_number if unset")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda:N (accelerate picks its own)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from kscu.checkpoint import load_erased
+    from kscu.generate import generate_images, write_manifest
+    from kscu.models import load_pipeline, resolve_device
+    from kscu.promptfile import PromptRow, load_prompts
+
+    if args.steps <= 0 or args.batch_size <= 0:
+        raise KscuError("--steps and --batch-size must be > 0")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise KscuError("--prompt is empty; give the text to generate from")
+        rows = [PromptRow(case_number=0, prompt=args.prompt)]
+    else:
+        rows = load_prompts(args.prompts)
+    state = PartialState()
+    device = state.device if state.num_processes > 1 else resolve_device(args.device)
+    pipe = load_pipeline(args.model, args.dtype, device)
+    if args.weights is not None:
+        load_erased(pipe, args.weights, force=args.force)
+    written = generate_images(
+        pipe,
+        rows,
+        args.output,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        progress=not args.quiet,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = write_manifest(rows, args.output, args.seed, args.guidance)
+        print(f"wrote {len(written)} new images (process 0) -> {args.output}; manifest {manifest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kscu", description="Key Step Concept Unlearning for diffusion models")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_erase(sub)
+    _add_generate(sub)
+    for register in _subpackage_commands():
+        register(sub)
+    return parser
+
+
+def _subpackage_commands():
+    """Commands of the subpackages (tiny world, evaluation), each in its own module."""
+    registers = []
+    for module in ("kscu.world.cli", "kscu.evaluate.cli"):
+        try:
+            registers.append(__import__(module, fromlist=["register"]).register)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+    return registers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KscuError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

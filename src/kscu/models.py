@@ -1,0 +1,124 @@
+"""Loading Stable Diffusion pipelines (hub id or local folder) and their presets.
+
+Weights load from safetensors only and remote code is never trusted. The bundled tiny world is
+the default model when the user names none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kscu.errors import KscuError
+
+PRESET_FILE = "kscu_preset.json"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KscuError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KscuError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
+    return dev
+
+
+def default_model() -> str:
+    """The bundled tiny world's folder, used when ``--model`` is not given."""
+    try:
+        from kscu.world import default_model_path
+    except ImportError:
+        default_model_path = None
+    path = default_model_path() if default_model_path else None
+    if path is None or not (Path(path) / "model_index.json").is_file():
+        raise KscuError("no bundled default model in this install; pass --model PATH_OR_HUB_ID")
+    return str(path)
+
+
+def _looks_local(model: str) -> bool:
+    """Anything but ``owner/name`` is a path: a missing one is a typo, not a hub lookup."""
+    return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*", model) is None
+
+
+def load_pipeline(
+    model: str | None, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> Any:
+    """A ``StableDiffusionPipeline`` from a folder or hub id, safety checker off, on ``device``."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from packaging.version import Version
+    from transformers.utils import logging as transformers_logging
+
+    model = default_model() if model is None else str(model)
+    if dtype not in TORCH_DTYPES:
+        raise KscuError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    path = Path(model).expanduser()
+    if not path.exists() and _looks_local(model):
+        raise KscuError(f"model folder {model} does not exist; give a folder or a hub id")
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise KscuError(
+            f"{model} is not a diffusers pipeline folder (no model_index.json); "
+            "give the folder that holds model_index.json"
+        )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice is expected
+    diffusers_logging.disable_progress_bar()  # loading bars would bury our own output
+    transformers_logging.disable_progress_bar()
+    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path) if path.exists() else model,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,
+            **{dtype_key: TORCH_DTYPES[dtype]},
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KscuError(
+            f"cannot load model {model}: {first[:300]}; check the id or folder "
+            "(offline? point --model at a local copy with safetensors weights)"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def read_preset(model: str | None) -> dict[str, Any]:
+    """Hyperparameters a model folder ships for itself (e.g. the tiny world's learning rate)."""
+    path = Path(default_model() if model is None else model).expanduser() / PRESET_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KscuError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+
+
+def native_resolution(pipe: Any) -> int:
+    """The image size the UNet was trained for (sample_size times the VAE's downscale)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings as SD computes them (padded to the tokenizer's max length)."""
+    tok = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]

@@ -1,0 +1,85 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kscu.checkpoint import WEIGHTS, load_erased, read_metadata, save_erased
+from kscu.config import EraseConfig
+from kscu.errors import KscuError
+from kscu.runner import erase_to_folder
+
+
+def unet_out(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, 16, 16, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, 500, emb).sample
+
+
+@pytest.fixture
+def erased(tiny_pipe, tmp_path):
+    base = copy.deepcopy(tiny_pipe)
+    cfg = EraseConfig(concepts=["church"], lr=1e-3, iterations=6, num_steps=8, start_step=2)
+    erase_to_folder(cfg, "tiny", tmp_path / "run", progress=False, pipe=tiny_pipe)
+    return base, tiny_pipe, tmp_path / "run"
+
+
+def test_save_then_load_reproduces_outputs_bit_for_bit(erased):
+    base, edited, run = erased
+    assert not torch.equal(unet_out(base), unet_out(edited))
+    meta = load_erased(base, run)
+    assert torch.equal(unet_out(base), unet_out(edited))
+    assert meta["config"]["concepts"] == ["church"]
+
+
+def test_checkpoint_holds_only_edited_tensors_under_unet_names(erased):
+    _, edited, run = erased
+    tensors = load_file(str(run / WEIGHTS))
+    params = dict(edited.unet.named_parameters())
+    assert set(tensors) < set(params)
+    assert all(".attn2." not in k for k in tensors)  # class mode = noxattn
+    meta = read_metadata(run)
+    for key in (
+        "config",
+        "base_model",
+        "torch_version",
+        "diffusers_version",
+        "schedule",
+        "losses",
+        "final_loss",
+        "seconds",
+    ):
+        assert key in meta
+    assert len(meta["losses"]) == 6 and meta["final_loss"] == meta["losses"][-1]
+    assert meta["schedule"][:2] == [["church", 2], ["church", 3]]
+
+
+def test_another_base_model_is_refused_unless_forced(erased):
+    from tiny import build_tiny_pipeline
+
+    _, _, run = erased
+    other = build_tiny_pipeline(seed=1)
+    with pytest.raises(KscuError, match="another base|differ from"):
+        load_erased(other, run)
+    load_erased(other, run, force=True)
+
+
+def test_wrong_keys_or_shapes_are_refused_even_with_force(erased, tmp_path):
+    base, _, run = erased
+    tensors = load_file(str(run / WEIGHTS))
+    name = next(iter(tensors))
+    bad_key = dict(tensors, **{"down_blocks.9.nothing.weight": torch.zeros(1)})
+    save_erased(tmp_path / "k", bad_key, read_metadata(run))
+    with pytest.raises(KscuError, match="lacks"):
+        load_erased(copy.deepcopy(base), tmp_path / "k", force=True)
+    bad_shape = dict(tensors, **{name: torch.zeros(3, 3)})
+    save_file(bad_shape, str(tmp_path / "k" / WEIGHTS))
+    with pytest.raises(KscuError, match="shape"):
+        load_erased(copy.deepcopy(base), tmp_path / "k", force=True)
+
+
+def test_missing_files_are_clear(tmp_path, tiny_pipe):
+    with pytest.raises(KscuError, match="missing"):
+        load_erased(tiny_pipe, tmp_path)

@@ -1,0 +1,216 @@
+"""The command line as a user meets it: files written, and one-line errors with exit code 2."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from kscu.cli import main
+
+FAST = ["--iterations", "4", "--num-steps", "6", "--start-step", "2", "--quiet"]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_erase_writes_weights_and_record(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(
+        [
+            "erase",
+            "--concept",
+            "church,cat",
+            "--mode",
+            "class",
+            "--model",
+            tiny_model_dir,
+            "--output",
+            out,
+            "--lr",
+            "1e-3",
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 0, stdout
+    tensors = load_file(str(out / "weights.safetensors"))
+    assert "down_blocks.0.attentions.0.proj_in.weight" in tensors
+    meta = json.loads((out / "kscu.json").read_text())
+    assert meta["config"]["concepts"] == ["church", "cat"]
+    assert meta["config"]["lr"] == 1e-3 and meta["config"]["scope"] == "noxattn"
+    assert meta["base_model"] == str(tiny_model_dir)
+    assert len(meta["losses"]) == 4 and isinstance(meta["seconds"], float)
+    assert meta["schedule"][0] == ["church", 2]
+
+
+def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "kscu_preset.json").write_text(json.dumps({"lr": 0.002}))
+    code, _, _ = run_cli(
+        ["erase", "--concept", "x", "--model", model, "--output", tmp_path / "r", *FAST], capsys
+    )
+    assert code == 0
+    meta = json.loads((tmp_path / "r" / "kscu.json").read_text())
+    assert meta["config"]["lr"] == 0.002 and meta["preset"] == {"lr": 0.002}
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--concept", " "], "empty concept"),
+        (["--concept", "x", "--mode", "poetry"], "unknown mode"),
+        (["--concept", "x", "--start-step", "6"], "--start-step"),
+        (["--concept", "x", "--iterations", "0"], "--iterations"),
+        (["--concept", "x", "--negative-guidance", "nan"], "loss became nan"),
+    ],
+)
+def test_bad_erase_input_is_one_line_exit_2_no_weights(
+    tiny_model_dir, tmp_path, capsys, extra, words
+):
+    out = tmp_path / "run"
+    fast = ["--num-steps", "6", "--quiet"]
+    if "--iterations" not in extra:
+        fast += ["--iterations", "4"]
+    if "--start-step" not in extra:
+        fast += ["--start-step", "2"]
+    code, _, err = run_cli(
+        ["erase", *extra, "--model", tiny_model_dir, "--output", out, *fast], capsys
+    )
+    assert code == 2
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "weights.safetensors").exists()
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    code, _, err = run_cli(
+        ["erase", "--concept", "x", "--model", tmp_path / "nope", "--output", tmp_path / "o"],
+        capsys,
+    )
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_from_csv_uses_row_seeds_and_resumes(tiny_model_dir, tmp_path, capsys):
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text(
+        "case_number,prompt,evaluation_seed,evaluation_guidance\n3,a church,7,5.0\n5,a cat,,\n"
+    )
+    out = tmp_path / "img"
+    args = [
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        csv_path,
+        "--output",
+        out,
+        "--steps",
+        "3",
+        "--quiet",
+    ]
+    assert run_cli(args, capsys)[0] == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["3.png", "5.png"]
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [(r["case_number"], r["seed"], r["guidance"]) for r in rows] == [
+        ("3", "7", "5.0"),
+        ("5", "5", "7.5"),
+    ]
+    # the row's own seed and guidance win: same image as asking for them directly
+    single = tmp_path / "single"
+    assert (
+        run_cli(
+            [
+                "generate",
+                "--model",
+                tiny_model_dir,
+                "--prompt",
+                "a church",
+                "--seed",
+                "7",
+                "--guidance",
+                "5.0",
+                "--output",
+                single,
+                "--steps",
+                "3",
+                "--quiet",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert np.array_equal(pixels(out / "3.png"), pixels(single / "0.png"))
+    # resumable: existing images are kept, missing ones made
+    (out / "5.png").unlink()
+    mtime = (out / "3.png").stat().st_mtime_ns
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "wrote 1 new" in stdout
+    assert (out / "3.png").stat().st_mtime_ns == mtime and (out / "5.png").exists()
+
+
+def test_generate_with_erased_weights(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            [
+                "erase",
+                "--concept",
+                "church",
+                "--model",
+                tiny_model_dir,
+                "--output",
+                run,
+                "--lr",
+                "1e-2",
+                *FAST,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    common = ["--model", tiny_model_dir, "--prompt", "church", "--steps", "3", "--quiet"]
+    assert run_cli(["generate", *common, "--output", tmp_path / "a"], capsys)[0] == 0
+    assert (
+        run_cli(["generate", *common, "--weights", run, "--output", tmp_path / "b"], capsys)[0] == 0
+    )
+    assert not np.array_equal(pixels(tmp_path / "a" / "0.png"), pixels(tmp_path / "b" / "0.png"))
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("text,seed\nhello,1\n", "no 'prompt' column"),
+        ("prompt\n", "no rows"),
+        (b"\xff\xfe\x00bad", "cannot read"),
+    ],
+)
+def test_bad_prompt_files(tiny_model_dir, tmp_path, capsys, content, words):
+    path = tmp_path / "p.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = run_cli(
+        ["generate", "--model", tiny_model_dir, "--prompts", path, "--output", tmp_path / "o"],
+        capsys,
+    )
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_console_entry_point_and_python_m(tmp_path):
+    args = ["erase", "--concept", "x", "--mode", "nope", "--output", str(tmp_path / "o")]
+    for cmd in ([str(Path(sys.executable).parent / "kscu")], [sys.executable, "-m", "kscu"]):
+        res = subprocess.run([*cmd, *args], capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.startswith("error: unknown mode"), res.stderr

@@ -1,0 +1,76 @@
+import pytest
+
+from kscu.config import DEFAULTS, MODE_DEFAULTS, EraseConfig, parse_concepts, resolve
+from kscu.errors import KscuError
+
+
+@pytest.mark.parametrize("mode", list(MODE_DEFAULTS))
+def test_mode_defaults_fill_unset_fields(mode):
+    cfg = resolve(EraseConfig(concepts=["x"], mode=mode))
+    for key, value in MODE_DEFAULTS[mode].items():
+        assert getattr(cfg, key) == value
+    assert cfg.lr == DEFAULTS["lr"] == 1e-5
+    assert cfg.end_step == cfg.num_steps == 50
+    assert cfg.loops == 8 and cfg.trajectory_guidance == 3.0 and cfg.lambda2 == 1e-4
+
+
+def test_table_of_the_method():
+    assert MODE_DEFAULTS["nudity"] == {"iterations": 750, "start_step": 14, "scope": "noxattn"}
+    assert MODE_DEFAULTS["style"] == {"iterations": 500, "start_step": 24, "scope": "xattn"}
+    assert resolve(EraseConfig(concepts=["a"], mode="instance")).iterations == 200
+    assert resolve(EraseConfig(concepts=["a", "b"], mode="instance")).iterations == 750
+
+
+def test_user_beats_preset_beats_mode():
+    preset = {"lr": 1e-3, "iterations": 99, "modes": {"style": {"iterations": 7}}}
+    cfg = resolve(EraseConfig(concepts=["x"], mode="class", lr=5e-4), preset)
+    assert cfg.lr == 5e-4 and cfg.iterations == 99
+    assert cfg.preset == {"iterations": 99}  # recorded: only what the preset decided
+    style = resolve(EraseConfig(concepts=["x"], mode="style"), preset)
+    assert style.iterations == 7 and style.lr == 1e-3
+    assert resolve(style) == style  # idempotent, keeps the preset record
+
+
+def test_esd_removes_key_steps_and_leak_term():
+    cfg = resolve(EraseConfig(concepts=["x"], mode="class", method="esd"))
+    assert cfg.start_step == 0 and cfg.end_step == 50 and cfg.lambda2 == 0.0
+    assert cfg.iterations == 750 and cfg.scope == "noxattn"
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"mode": "painting"}, "unknown mode"),
+        ({"method": "uce"}, "unknown method"),
+        ({"scope": "attn3"}, "unknown scope"),
+        ({"start_step": 50}, "--start-step"),
+        ({"start_step": 10, "end_step": 10}, "--end-step"),
+        ({"iterations": 0}, "--iterations"),
+        ({"lr": -1.0}, "--lr"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"resolution": 30}, "--resolution"),
+    ],
+)
+def test_bad_values_are_refused_with_the_flag_named(kwargs, words):
+    with pytest.raises(KscuError, match=words):
+        resolve(EraseConfig(concepts=["x"], **kwargs))
+
+
+@pytest.mark.parametrize("text", ["", " ", "a,,b", "a, "])
+def test_empty_concepts_are_refused(text):
+    with pytest.raises(KscuError, match="empty concept"):
+        parse_concepts(text)
+
+
+def test_concepts_are_split_and_stripped():
+    assert parse_concepts("Van Gogh, church") == ["Van Gogh", "church"]
+
+
+def test_unknown_preset_key_is_refused():
+    with pytest.raises(KscuError, match="preset"):
+        resolve(EraseConfig(concepts=["x"]), {"learning_rate": 1})
+
+
+def test_round_trip_through_dict():
+    cfg = resolve(EraseConfig(concepts=["x"], mode="style"))
+    assert EraseConfig.from_dict(cfg.to_dict()) == cfg
