@@ -2,28 +2,35 @@
 
 Python API::
 
-    from kscu import EraseConfig, erase, load_erased, load_pipeline, save_erased
+    from kscu import EraseConfig, erase, load_erased, load_pipeline
     pipe = load_pipeline("CompVis/stable-diffusion-v1-4", device="cuda")
     result = erase(pipe, EraseConfig(concepts=["church"], mode="class"))
+
+Names are imported on first use, so ``import kscu`` (and the CLI's start) stays fast.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from kscu.checkpoint import load_erased, save_erased  # noqa: E402
-from kscu.config import EraseConfig, resolve  # noqa: E402
-from kscu.errors import KscuError  # noqa: E402
-from kscu.models import load_pipeline  # noqa: E402
-from kscu.runner import erase_to_folder  # noqa: E402
-from kscu.trainer import EraseResult, erase  # noqa: E402
+_API = {
+    "EraseConfig": "kscu.config",
+    "resolve": "kscu.config",
+    "KscuError": "kscu.errors",
+    "EraseResult": "kscu.trainer",
+    "erase": "kscu.trainer",
+    "erase_to_folder": "kscu.runner",
+    "load_erased": "kscu.checkpoint",
+    "save_erased": "kscu.checkpoint",
+    "load_pipeline": "kscu.models",
+}
+__all__ = sorted(_API)
 
-__all__ = [
-    "EraseConfig",
-    "EraseResult",
-    "KscuError",
-    "erase",
-    "erase_to_folder",
-    "load_erased",
-    "load_pipeline",
-    "resolve",
-    "save_erased",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'kscu' has no attribute {name!r}")

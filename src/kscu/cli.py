@@ -7,6 +7,7 @@ file is touched. Defaults shown in ``--help`` come from ``kscu.config``, the onl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,12 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         help="rebuild the trajectory from noise every iteration (the paper-era code)",
     )
     p.add_argument("--no-augment", action="store_true", help="no prompt augmentation")
+    p.add_argument(
+        "--preview",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write preview.png, before/after images (default: on for the bundled model)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_erase)
 
@@ -90,12 +97,29 @@ def cmd_erase(args: argparse.Namespace) -> int:
     prepare(config, args.model)  # validate everything before loading weights
     if args.output.exists() and not args.output.is_dir():
         raise KscuError(f"--output {args.output} is a file; give a folder")
-    result, _ = erase_to_folder(config, args.model, args.output, progress=not args.quiet)
+    result, _ = erase_to_folder(
+        config, args.model, args.output, progress=not args.quiet, preview_prompts=_preview(args)
+    )
     print(
         f"erased {', '.join(result.config.concepts)} in {result.seconds:.1f} s "
         f"({len(result.losses)} iterations, final loss {result.losses[-1]:.4g}) -> {args.output}"
     )
     return 0
+
+
+def _preview(args: argparse.Namespace) -> list[str] | None:
+    """Preview prompts: the concept and its neighbours in the tiny world; else the concepts."""
+    from kscu.models import is_bundled_model
+
+    bundled = is_bundled_model(args.model)
+    if not (args.preview if args.preview is not None else bundled):
+        return None
+    concepts = [c.strip() for c in args.concept.split(",")]
+    if bundled:
+        from kscu.preview import world_prompts
+
+        return world_prompts(concepts[0])
+    return [*concepts, ""]
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -163,11 +187,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="score kscu against esd in the bundled tiny world")
+    p.add_argument("--concept", required=True, help="a tiny-world shape, color or texture")
+    p.add_argument("--mode", default="class", help=", ".join(MODE_DEFAULTS) + " (default class)")
+    p.add_argument("--methods", default="kscu,esd", help="comma-separated: kscu, esd")
+    p.add_argument("--output", required=True, type=Path, help="folder for bench.json/md/png")
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--iterations", type=int, default=None, help="same for every method")
+    p.add_argument("--start-step", type=int, default=None, help="kscu start step override")
+    p.add_argument("--lr", type=float, default=None, help="same for every method")
+    p.add_argument("--step-ranges", default=None, help="extra kscu rows, e.g. 0:50,14:50,0:15")
+    p.add_argument("--samples", type=int, default=64, help="images per prompt set (default 64)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps when scoring (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kscu.bench import markdown, parse_step_ranges, run_bench
+
+    report = run_bench(
+        concept=args.concept,
+        mode=args.mode,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        output=args.output,
+        model=args.model,
+        iterations=args.iterations,
+        seed=args.seed,
+        samples=args.samples,
+        steps=args.steps,
+        guidance=args.guidance,
+        step_ranges=parse_step_ranges(args.step_ranges),
+        start_step=args.start_step,
+        overrides={} if args.lr is None else {"lr": args.lr},
+        progress=not args.quiet,
+    )
+    print(markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kscu", description="Key Step Concept Unlearning for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_erase(sub)
     _add_generate(sub)
+    _add_bench(sub)
     for register in _subpackage_commands():
         register(sub)
     return parser
@@ -186,6 +253,9 @@ def _subpackage_commands():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Library notices (e.g. "torchvision not installed") would break the one-line error promise.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

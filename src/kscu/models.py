@@ -44,6 +44,16 @@ def default_model() -> str:
     return str(path)
 
 
+def is_bundled_model(model: str | None) -> bool:
+    """True for the default model (``--model`` omitted or pointing at the bundled folder)."""
+    if model is None:
+        return True
+    try:
+        return Path(model).expanduser().resolve() == Path(default_model()).resolve()
+    except KscuError:
+        return False
+
+
 def _looks_local(model: str) -> bool:
     """Anything but ``owner/name`` is a path: a missing one is a typo, not a hub lookup."""
     return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*", model) is None

@@ -14,10 +14,13 @@ import diffusers
 import torch
 
 import kscu
+from kscu import preview
 from kscu.checkpoint import save_erased
 from kscu.config import EraseConfig, resolve
 from kscu.models import load_pipeline, read_preset, resolve_device
 from kscu.trainer import EraseResult, erase
+
+BUNDLED_MODEL = "kscu-tiny-world"  # base_model name recorded for the default model
 
 
 def prepare(config: EraseConfig, model: str | None) -> EraseConfig:
@@ -53,16 +56,24 @@ def erase_to_folder(
     output: str | Path,
     progress: bool = True,
     pipe: Any = None,
+    preview_prompts: list[str] | None = None,
 ) -> tuple[EraseResult, Any]:
     """Erase and write ``output/weights.safetensors`` + ``output/kscu.json``.
 
+    With ``preview_prompts``, also ``output/preview.png``: the same seeds before and after.
     Returns the result and the (now edited) pipeline. Pass ``pipe`` to reuse a loaded one.
     """
     cfg = prepare(config, model)
     device = resolve_device(cfg.device)
     if pipe is None:
         pipe = load_pipeline(model, cfg.dtype, device)
-    base = model if model is not None else "kscu-tiny-world"
+    base = model if model is not None else BUNDLED_MODEL
+    before = preview.sample(pipe, preview_prompts, cfg.seed) if preview_prompts else None
     result = erase(pipe, cfg, progress=progress)
     save_erased(output, result.tensors, run_record(result, str(base), device))
+    if preview_prompts:
+        after = preview.sample(pipe, preview_prompts, cfg.seed)
+        title = f"kscu {cfg.method} {cfg.mode}: erased {', '.join(cfg.concepts)}"
+        grid = preview.compose(preview_prompts, before, after, title)
+        preview.save_png(grid, Path(output) / "preview.png")
     return result, pipe

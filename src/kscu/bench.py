@@ -1,0 +1,264 @@
+"""``kscu bench``: score erasure methods in the tiny world the way UnlearnCanvas does.
+
+Every method erases from the same original weights with the same seed and iterations, then
+generates the same prompts with the same seeds, and the world classifier judges the images:
+
+- UA  (unlearning accuracy): share of target-prompt images where the target is no longer found;
+- IRA (in-domain retain accuracy): on prompts naming the *other* concepts of the target's kind
+  (other shapes when a shape is erased), share where the prompted value is recognized;
+- CRA (cross-domain retain accuracy): on those same images, mean accuracy of the other
+  attributes (color and texture when a shape is erased);
+- FD: Frechet distance, in the classifier's feature space, between the original model's and
+  this model's images of those non-target prompts (0 for the original itself).
+
+Higher UA/IRA/CRA and lower FD are better. ``--step-ranges S:E,...`` adds one KSCU row per
+key-step window (the paper's ablation: all steps 0:50, the last 70% 14:50, the first 30% 0:15).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kscu.config import EraseConfig
+from kscu.errors import KscuError
+from kscu.fileio import write_json, write_text
+from kscu.preview import save_png
+
+ATTRIBUTES = ("shape", "color", "texture")
+
+
+@dataclass
+class BenchRow:
+    method: str  # "original", "kscu", "esd"
+    label: str  # unique row name, e.g. "kscu[14:50]"
+    UA: float
+    IRA: float
+    CRA: float
+    FD: float
+    seconds: float  # erase time (0 for the original)
+    start_step: int | None = None
+    end_step: int | None = None
+    iterations: int | None = None
+    final_loss: float | None = None
+
+
+def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
+    """ "0:50,14:50,0:15" -> [(0, 50), (14, 50), (0, 15)]."""
+    if not text:
+        return []
+    ranges = []
+    for part in text.split(","):
+        try:
+            start, end = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise KscuError(f"bad step range {part!r}; write S:E, e.g. 14:50") from None
+        if not 0 <= start < end:
+            raise KscuError(f"bad step range {part!r}; need 0 <= S < E")
+        ranges.append((start, end))
+    return ranges
+
+
+def bench_prompts(concept: str, samples: int, seed: int) -> dict[str, Any]:
+    """Target prompts (naming the concept) and retain prompts (other concepts of its kind)."""
+    from kscu.world import COLORS, HELDOUT_TEMPLATES, SHAPES, TEXTURES, concept_kind
+
+    kind = concept_kind(concept)
+    vocab = {"shape": SHAPES, "color": COLORS, "texture": TEXTURES}
+    target = concept.strip().lower()
+    others = [v for v in vocab[kind] if v != target]
+    rng = np.random.default_rng(seed)
+
+    def make(values: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+        prompts, labels = [], []
+        for i in range(samples):
+            lab = {k: vs[rng.integers(len(vs))] for k, vs in vocab.items()}
+            lab[kind] = values[i % len(values)]
+            prompts.append(HELDOUT_TEMPLATES[i % len(HELDOUT_TEMPLATES)].format(**lab))
+            labels.append(lab)
+        return prompts, labels
+
+    target_prompts, target_labels = make([target])
+    retain_prompts, retain_labels = make(others)
+    return {
+        "kind": kind,
+        "target": target,
+        "target_prompts": target_prompts,
+        "target_labels": target_labels,
+        "retain_prompts": retain_prompts,
+        "retain_labels": retain_labels,
+    }
+
+
+def _accuracy(pred: list[str], labels: list[dict[str, str]], attribute: str) -> float:
+    return float(np.mean([p == lab[attribute] for p, lab in zip(pred, labels, strict=True)]))
+
+
+class Judge:
+    """Generates the bench prompts with fixed seeds and scores the images."""
+
+    def __init__(self, prompts: dict[str, Any], seed: int, steps: int, guidance: float):
+        from kscu.world.classifier import load_classifier
+
+        self.p = prompts
+        self.seed, self.steps, self.guidance = seed, steps, guidance
+        self.classifier = load_classifier()
+        self.reference_features: np.ndarray | None = None
+
+    def images(self, pipe: Any, prompts: list[str], offset: int) -> torch.Tensor:
+        from kscu.world.quality import generate
+
+        return generate(pipe, prompts, self.seed + offset, self.steps, self.guidance)
+
+    def score(self, pipe: Any) -> dict[str, float]:
+        from kscu.evaluate.fid import fid_from_features
+
+        p, kind = self.p, self.p["kind"]
+        target = self.classifier.predict(self.images(pipe, p["target_prompts"], 0))
+        retain_images = self.images(pipe, p["retain_prompts"], 10_000)
+        retain = self.classifier.predict(retain_images)
+        features = self.classifier.features(retain_images).double().cpu().numpy()
+        if self.reference_features is None:
+            self.reference_features = features  # the first model scored is the original
+        cross = [a for a in ATTRIBUTES if a != kind]
+        return {
+            "UA": 1.0 - _accuracy(target[kind], p["target_labels"], kind),
+            "IRA": _accuracy(retain[kind], p["retain_labels"], kind),
+            "CRA": float(np.mean([_accuracy(retain[a], p["retain_labels"], a) for a in cross])),
+            "FD": max(0.0, fid_from_features(self.reference_features, features)),
+        }
+
+
+def run_bench(
+    concept: str,
+    mode: str,
+    methods: list[str],
+    output: str | Path,
+    model: str | None = None,
+    iterations: int | None = None,
+    seed: int = 0,
+    samples: int = 64,
+    steps: int = 50,
+    guidance: float = 7.5,
+    step_ranges: list[tuple[int, int]] | None = None,
+    start_step: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Erase with each method from the same start, score all models, write bench.json/md/png."""
+    from kscu.models import is_bundled_model, load_pipeline
+    from kscu.runner import erase_to_folder, prepare
+
+    if not is_bundled_model(model):
+        raise KscuError("kscu bench scores with the tiny world's classifier; omit --model")
+    prompts = bench_prompts(concept, samples, seed)  # a concept outside the world fails here
+    unknown = sorted(set(methods) - {"kscu", "esd"})
+    if unknown or not methods:
+        raise KscuError(f"unknown method(s) {unknown}; --methods takes kscu and/or esd")
+    if samples <= 0 or steps <= 0:
+        raise KscuError("--samples and --steps must be > 0")
+
+    runs: list[tuple[str, str, EraseConfig]] = []
+    common = dict(concepts=[concept], mode=mode, iterations=iterations, seed=seed)
+    common.update(overrides or {})
+    for method in methods:
+        runs.append((method, method, EraseConfig(method=method, start_step=start_step, **common)))
+    for s, e in step_ranges or []:
+        cfg = EraseConfig(method="kscu", start_step=s, end_step=e, **common)
+        runs.append(("kscu", f"kscu[{s}:{e}]", cfg))
+    runs = [(m, label, prepare(cfg, model)) for m, label, cfg in runs]  # validate all first
+
+    output = Path(output)
+    pipe = load_pipeline(model)
+    original = copy.deepcopy(pipe.unet.state_dict())
+    judge = Judge(prompts, seed, steps, guidance)
+    rows = [BenchRow("original", "original", **judge.score(pipe), seconds=0.0)]
+    for method, label, cfg in runs:
+        pipe.unet.load_state_dict(original)
+        started = time.perf_counter()
+        result, _ = erase_to_folder(cfg, model, output / _folder(label), progress, pipe=pipe)
+        seconds = time.perf_counter() - started
+        rc = result.config
+        rows.append(
+            BenchRow(
+                method,
+                label,
+                **judge.score(pipe),
+                seconds=round(seconds, 2),
+                start_step=rc.start_step,
+                end_step=rc.end_step,
+                iterations=rc.iterations,
+                final_loss=result.losses[-1],
+            )
+        )
+    pipe.unet.load_state_dict(original)
+    report = {
+        "concept": prompts["target"],
+        "kind": prompts["kind"],
+        "mode": mode,
+        "seed": seed,
+        "samples": samples,
+        "steps": steps,
+        "guidance": guidance,
+        "rows": [asdict(r) for r in rows],
+    }
+    write_json(output / "bench.json", report)
+    write_text(output / "bench.md", markdown(report))
+    save_png(chart(report), output / "bench.png")
+    return report
+
+
+def _folder(label: str) -> str:
+    return label.replace("[", "_").replace(":", "-").replace("]", "")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    head = (
+        f"Erasing **{report['concept']}** ({report['kind']}, mode {report['mode']}), "
+        f"{report['samples']} images per prompt set, {report['steps']} DDIM steps, "
+        f"guidance {report['guidance']}, seed {report['seed']}.\n\n"
+    )
+    lines = [
+        "| method | steps S:E | iterations | UA ↑ | IRA ↑ | CRA ↑ | FD ↓ | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        window = f"{r['start_step']}:{r['end_step']}" if r["start_step"] is not None else "-"
+        lines.append(
+            f"| {r['label']} | {window} | {r['iterations'] or '-'} | {r['UA']:.3f} | "
+            f"{r['IRA']:.3f} | {r['CRA']:.3f} | {r['FD']:.2f} | {r['seconds']:.1f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any]):
+    """Grouped bars of UA / IRA / CRA per row (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = report["rows"]
+    metrics = ["UA", "IRA", "CRA"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.6), dpi=100)
+    for i, m in enumerate(metrics):
+        ax.bar(x + (i - 1) * 0.26, [r[m] for r in rows], width=0.26, label=m)
+    ax.set_xticks(x, [r["label"] for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"erasing {report['concept']} ({report['mode']})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return Image.open(io.BytesIO(buf.getvalue()))
