@@ -44,11 +44,11 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_
 
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from kscu.models import assemble_pipeline, sd_ddim_scheduler
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -89,24 +89,5 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_
     with tempfile.TemporaryDirectory() as d:
         write_char_tokenizer(Path(d))
         tokenizer = CLIPTokenizer.from_pretrained(d)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type))
     return pipe

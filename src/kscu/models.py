@@ -132,3 +132,36 @@ def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
         return_tensors="pt",
     )
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
+    """DDIM with Stable Diffusion's schedule (timesteps 981, 961, ..., 1 at 50 steps)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any):
+    """A StableDiffusionPipeline from parts built in code (tests, benchmarks, the tiny world)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
