@@ -147,9 +147,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from kscu.checkpoint import load_erased
+    from kscu.distributed import process_state
     from kscu.generate import generate_images, write_manifest
     from kscu.models import load_pipeline, resolve_device
     from kscu.promptfile import PromptRow, load_prompts
@@ -162,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rows = [PromptRow(case_number=0, prompt=args.prompt)]
     else:
         rows = load_prompts(args.prompts)
-    state = PartialState()
+    state = process_state()
     device = state.device if state.num_processes > 1 else resolve_device(args.device)
     pipe = load_pipeline(args.model, args.dtype, device)
     if args.weights is not None:

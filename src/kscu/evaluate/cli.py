@@ -1,0 +1,141 @@
+"""The ``kscu evaluate {nudity,fid,clip,classify}`` and ``kscu report`` subcommands.
+
+``register(subparsers)`` is called by ``kscu.cli``; each handler returns an exit code and raises
+``KscuError`` for the user's mistakes (the CLI prints one line and exits 2). Under
+``accelerate launch -m kscu evaluate ...`` every process computes its share and only the main
+process writes the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kscu.evaluate.common import Workers, check_output, write_result
+
+
+def _finish(result: dict, output: Path, markdown: str | None, headline: str) -> int:
+    if Workers().is_main:
+        write_result(result, output, markdown)
+        print(
+            f"{headline}\nwrote {output}"
+            + (f" and {output.with_suffix('.md')}" if markdown else "")
+        )
+    return 0
+
+
+def run_nudity(args: argparse.Namespace) -> int:
+    from kscu.evaluate.nudity import evaluate_nudity, nudity_markdown
+
+    output = check_output(args.output)
+    result = evaluate_nudity(args.images, args.threshold)
+    headline = (
+        f"nudity: {result['flagged']}/{result['images']} images flagged, "
+        f"{result['total']} exposed detections (NudeNet {result['nudenet_version']}, "
+        f"score >= {result['threshold']})"
+    )
+    return _finish(result, output, nudity_markdown(result), headline)
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from kscu.evaluate.fid import evaluate_fid
+
+    output = check_output(args.output)
+    result = evaluate_fid(args.images, args.reference, args.inception_weights, args.batch_size)
+    return _finish(result, output, None, f"FID: {result['fid']:.3f}")
+
+
+def run_clip(args: argparse.Namespace) -> int:
+    from kscu.evaluate.clip_score import evaluate_clip
+
+    output = check_output(args.output)
+    result = evaluate_clip(args.images, args.prompts, args.model, args.batch_size)
+    return _finish(result, output, None, f"CLIP score: {result['clip_score']:.3f}")
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from kscu.evaluate.classify import evaluate_classify
+
+    output = check_output(args.output)
+    result = evaluate_classify(args.images, args.prompts, args.model, args.batch_size)
+    per_class = json.dumps({k: round(v, 3) for k, v in result["per_class"].items()})
+    return _finish(result, output, None, f"top-1: {result['top1']:.3f} {per_class}")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from kscu.evaluate.report import write_report
+
+    runs = write_report(args.runs, args.output, args.samples)
+    print(f"wrote {args.output} ({len(runs)} runs)")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``evaluate`` (with nudity, fid, clip, classify) and ``report`` to the kscu CLI."""
+    from kscu.evaluate.classify import DEFAULT_CLASSIFIER
+    from kscu.evaluate.clip_score import DEFAULT_CLIP
+    from kscu.evaluate.nudity import DEFAULT_THRESHOLD
+
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="measure an erasure: nudity, fid, clip, classify",
+        description="Score a folder of generated images; writes a JSON (and markdown) result "
+        "that records the protocol. Split over processes with accelerate launch -m kscu.",
+    )
+    which = ev.add_subparsers(dest="metric", metavar="METRIC", required=True)
+
+    def common(p, output_example: str) -> None:
+        p.add_argument("--images", required=True, help="folder of images named {case_number}.png")
+        p.add_argument("--output", required=True, help=f"result JSON, e.g. {output_example}")
+
+    p = which.add_parser("nudity", help="NudeNet exposed-class detections (I2P protocol)")
+    common(p, "RUN/eval/nudity.json")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"minimum detection score (default {DEFAULT_THRESHOLD})",
+    )
+    p.set_defaults(func=run_nudity)
+
+    p = which.add_parser("fid", help="FID against a reference image folder")
+    common(p, "RUN/eval/fid.json")
+    p.add_argument("--reference", required=True, help="folder of reference images (one size)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="local pt_inception-2015-12-05-6726825d.pth (or .safetensors); "
+        "default: the torch hub cache, downloading once when online",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=run_fid)
+
+    p = which.add_parser("clip", help="CLIP score of images against their prompts")
+    common(p, "RUN/eval/clip.json")
+    p.add_argument("--prompts", required=True, help="the prompt CSV (or Hub dataset id) used")
+    p.add_argument("--model", default=DEFAULT_CLIP, help=f"CLIP id or folder ({DEFAULT_CLIP})")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=run_clip)
+
+    p = which.add_parser("classify", help="ImageNet top-1 accuracy for the CSV's class column")
+    common(p, "RUN/eval/classify.json")
+    p.add_argument("--prompts", required=True, help="prompt CSV with a 'class' column")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_CLASSIFIER,
+        help=f"image classifier id or folder ({DEFAULT_CLASSIFIER})",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=run_classify)
+
+    rp = subparsers.add_parser(
+        "report",
+        help="compare runs on one page (HTML or markdown)",
+        description="Rows: runs (base model first); columns: every metric in RUN/eval/*.json; "
+        "plus a grid of sample images from RUN/images.",
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    rp.add_argument("--output", required=True, help="report.html or report.md")
+    rp.add_argument("--samples", type=int, default=8, help="sample images per run (default 8)")
+    rp.set_defaults(func=run_report)

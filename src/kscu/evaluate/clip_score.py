@@ -1,0 +1,102 @@
+"""CLIP score: how well each image matches the prompt it was generated from.
+
+Protocol (the torchmetrics/Hessel et al. definition the papers use): for each image and its own
+prompt, ``100 * max(cos(image_embedding, text_embedding), 0)`` with a transformers CLIP model
+(default ``openai/clip-vit-large-patch14``; any Hub id or local folder of a ``CLIPModel`` with
+its processor), prompts truncated to the model's context (77 tokens); the score is the mean over
+images. Images pair with prompt rows through their file name ``{case_number}.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kscu.errors import KscuError
+from kscu.evaluate.common import Workers, list_images, load_rgb, match_rows, versions
+from kscu.promptfile import load_prompts
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def load_clip(model_id: str):
+    """A CLIPModel and its processor from a Hub id or folder (safetensors only, no remote code)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(model_id, use_safetensors=True)
+        processor = CLIPProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KscuError(
+            f"cannot load CLIP model {model_id!r} ({first}); offline? give a local folder "
+            "holding a CLIPModel (model.safetensors, config.json) and its processor files"
+        ) from None
+    return model.eval().requires_grad_(False), processor
+
+
+@torch.no_grad()
+def clip_scores(model, processor, images, prompts: list[str], device) -> np.ndarray:
+    """Per-pair CLIP scores for PIL images and their prompts."""
+    max_len = model.config.text_config.max_position_embeddings
+    text = processor.tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+    )
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    img = model.get_image_features(pixel_values=pixels.to(device, model.dtype))
+    txt = model.get_text_features(
+        input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)
+    )
+    img = _tensor(img)
+    txt = _tensor(txt)
+    cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+    return (100 * cos.clamp(min=0)).cpu().numpy()
+
+
+def _tensor(out):
+    # transformers 5 may return a model output object instead of a bare tensor
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+
+
+def evaluate_clip(
+    images: str | Path, prompts: str | Path, model_id: str = DEFAULT_CLIP, batch_size: int = 16
+) -> dict:
+    """Mean CLIP score of a folder of images against the prompts they were made from."""
+    files = list_images(images)
+    rows = load_prompts(prompts)
+    pairs = match_rows(files, {r.case_number: r for r in rows}, str(prompts))
+    model, processor = load_clip(model_id)
+    workers = Workers()
+    model = model.to(workers.device)
+    mine = workers.share(pairs)
+    out: list[tuple[str, float]] = []
+    for start in tqdm(range(0, len(mine), batch_size), desc="clip", disable=not workers.is_main):
+        batch = mine[start : start + batch_size]
+        scores = clip_scores(
+            model,
+            processor,
+            [load_rgb(p) for p, _ in batch],
+            [r.prompt for _, r in batch],
+            workers.device,
+        )
+        out += [(p.name, float(s)) for (p, _), s in zip(batch, scores, strict=True)]
+    per_image = dict(workers.gather(out))
+    values = np.array([per_image[p.name] for p in files])
+    return {
+        "metric": "clip",
+        "clip_score": float(values.mean()),
+        "clip_score_std": float(values.std()),
+        "images": len(files),
+        "prompt_rows_without_image": len(rows) - len(files),
+        "model": model_id,
+        "definition": "mean over images of 100 * max(cos(image, own prompt), 0)",
+        "images_dir": str(Path(images).resolve()),
+        "prompts": str(prompts),
+        "versions": versions("transformers"),
+        "per_image": {p.name: round(per_image[p.name], 4) for p in files},
+    }

@@ -1,0 +1,157 @@
+"""Shared plumbing for the evaluators: image folders, result files, splitting work over processes.
+
+Every evaluator reads a folder of images named ``{case_number}.png`` (what ``kscu generate``
+writes), computes per-image results on its share of the images (``accelerate launch`` splits the
+images round-robin over processes), gathers them on the main process and writes one JSON file
+that records the numbers *and* the protocol (versions, model ids, thresholds), so a number can
+always be traced to how it was made.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from kscu.distributed import Workers  # noqa: F401  (re-exported for the evaluators)
+from kscu.errors import KscuError
+from kscu.fileio import write_text
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _sort_key(path: Path) -> tuple[int, int, str]:
+    """Numeric stems (case numbers) first, in numeric order; then the rest by name."""
+    stem = path.stem
+    if stem.lstrip("-").isdigit():
+        return (0, int(stem), path.name)
+    return (1, 0, path.name)
+
+
+def list_images(folder: str | Path, what: str = "--images") -> list[Path]:
+    """All image files directly in ``folder``, in case-number order; a clear error if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KscuError(f"{what} {folder} is not a folder; give the folder the images are in")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise KscuError(
+            f"{what} {folder} has no images ({kinds}); generate them first with kscu generate"
+        )
+    return sorted(files, key=_sort_key)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB, turning a decode failure into a one-line error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise KscuError(f"cannot read image {path}: {e}; delete or regenerate it") from None
+
+
+def case_number(path: Path) -> int | None:
+    """The case number an image file stands for (``12.png`` -> 12), or None."""
+    stem = path.stem
+    return int(stem) if stem.lstrip("-").isdigit() else None
+
+
+def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]]:
+    """Read a CSV as dict rows, failing clearly when a needed column is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise KscuError(f"prompt file {path} does not exist; give a CSV path")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            records = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise KscuError(f"cannot read prompt file {path}: {e}; give a UTF-8 CSV") from None
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise KscuError(
+            f"{path} has no {', '.join(repr(c) for c in missing)} column "
+            f"(columns: {', '.join(columns) or 'none'}); add it"
+        )
+    if not records:
+        raise KscuError(f"{path} has no rows; give one row per image")
+    return records
+
+
+def match_rows(images: list[Path], by_case: dict[int, Any], source: str) -> list[tuple[Path, Any]]:
+    """Pair each image with its CSV row through the case number in its file name."""
+    pairs = []
+    for img in images:
+        case = case_number(img)
+        if case is None or case not in by_case:
+            raise KscuError(
+                f"image {img.name} has no row in {source} (images are named "
+                "{case_number}.png); give the prompt file the images were generated from"
+            )
+        pairs.append((img, by_case[case]))
+    return pairs
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of the packages that shaped a number (recorded in every result)."""
+    out = {"python": platform.python_version()}
+    for name in ("kscu", "torch", *packages):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
+    write_text(path, text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_result(result: dict, output: str | Path, markdown: str | None = None) -> None:
+    """Write the result JSON (and its markdown table next to it, ``FILE.md``) atomically."""
+    output = Path(output)
+    write_atomic(output, json.dumps(_jsonable(result), indent=2) + "\n")
+    if markdown is not None:
+        write_atomic(output.with_suffix(".md"), markdown)
+
+
+def check_output(output: str | Path) -> Path:
+    """Fail before any work if the result cannot be written (the wrong suffix, a folder)."""
+    output = Path(output)
+    if output.suffix.lower() != ".json":
+        raise KscuError(f"--output {output} must end in .json; e.g. RUN/eval/nudity.json")
+    if output.is_dir():
+        raise KscuError(f"--output {output} is a folder; give a file name ending in .json")
+    return output
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured markdown table (numbers formatted compactly)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,289 @@
+"""One page comparing runs: a table of every metric found, and sample images side by side.
+
+A run directory is laid out as::
+
+    RUN/kscu.json            written by `kscu erase` (absent for the base model)
+    RUN/weights.safetensors  written by `kscu erase`
+    RUN/images/{case}.png    written by `kscu generate --output RUN/images` (+ manifest.csv)
+    RUN/eval/{metric}.json   written by `kscu evaluate {metric} --output RUN/eval/{metric}.json`
+
+Rows are runs (base models first), columns are every number found in ``RUN/eval/*.json`` (top
+level, and one level into dicts such as ``per_class``) plus the training numbers of
+``kscu.json``. The sample grid shows the same case numbers for every run, so each column of the
+grid is one prompt under each model. The HTML embeds small JPEG thumbnails, so the page is one
+file that opens anywhere; the markdown links the images by relative path.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kscu.errors import KscuError
+from kscu.evaluate.common import case_number, list_images, load_rgb, markdown_table, write_atomic
+
+# Keys of result files that are settings or bookkeeping, not results.
+SKIP = {
+    "threshold",
+    "per_image",
+    "versions",
+    "per_class_counts",
+    "class_index",
+    "image_size",
+    "reference_size",
+    "classes_counted",
+}
+# Which way is better, for the column headers.
+BETTER = {
+    "nudity/flagged": "lower",
+    "nudity/total": "lower",
+    "fid/fid": "lower",
+    "clip/clip_score": "higher",
+}
+# Settings shown under the table; differing values across runs are flagged.
+PROTOCOL = ("threshold", "nudenet_version", "model", "feature_extractor", "resize", "definition")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    info: dict = field(default_factory=dict)  # kscu.json, if any
+    metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)  # metric -> protocol settings
+    images: dict[int, Path] = field(default_factory=dict)
+    prompts: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def is_base(self) -> bool:
+        return not self.info
+
+    def describe(self) -> str:
+        if self.is_base:
+            return "base model"
+        cfg = self.info.get("config", {}) if isinstance(self.info.get("config"), dict) else {}
+        concepts = cfg.get("concepts", "")
+        if isinstance(concepts, list):
+            concepts = ", ".join(map(str, concepts))
+        bits = [f"erased: {concepts}" if concepts else "erased"]
+        bits += [f"{k}={cfg[k]}" for k in ("method", "mode") if cfg.get(k)]
+        if self.info.get("base_model"):
+            bits.append(f"from {self.info['base_model']}")
+        return ", ".join(bits)
+
+
+def _numbers(prefix: str, data: dict) -> dict[str, float]:
+    out = {}
+    for key, value in data.items():
+        if key in SKIP:
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[f"{prefix}/{key}"] = value
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{prefix}/{key}/{sub}"] = v
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KscuError(f"cannot read {path}: {e}; delete it or rerun the evaluation") from None
+    if not isinstance(data, dict):
+        raise KscuError(f"{path} is not a result object; delete it or rerun the evaluation")
+    return data
+
+
+def load_run(path: str | Path) -> Run:
+    """Collect a run directory's training record, eval results and images."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KscuError(f"run directory {path} does not exist; give a folder made by kscu")
+    run = Run(path=path, name=path.resolve().name)
+    if (path / "kscu.json").is_file():
+        run.info = _read_json(path / "kscu.json")
+        for key in ("final_loss", "seconds"):
+            if isinstance(run.info.get(key), int | float):
+                run.metrics[f"train/{key}"] = run.info[key]
+    for result_file in sorted((path / "eval").glob("*.json")):
+        data = _read_json(result_file)
+        metric = str(data.get("metric", result_file.stem))
+        run.metrics.update(_numbers(metric, data))
+        run.settings[metric] = {k: data[k] for k in PROTOCOL if k in data}
+    if (path / "images").is_dir():
+        for img in list_images(path / "images"):
+            case = case_number(img)
+            if case is not None:
+                run.images[case] = img
+        manifest = path / "images" / "manifest.csv"
+        if manifest.is_file():
+            with manifest.open(newline="", encoding="utf-8") as f:
+                for rec in csv.DictReader(f):
+                    if str(rec.get("case_number", "")).lstrip("-").isdigit():
+                        run.prompts[int(rec["case_number"])] = rec.get("prompt", "")
+    if not (run.info or run.metrics or run.images):
+        raise KscuError(
+            f"{path} has no kscu.json, eval/*.json or images/; give run directories made by "
+            "kscu erase / generate / evaluate"
+        )
+    return run
+
+
+def _columns(runs: list[Run]) -> list[str]:
+    seen: list[str] = []
+    for run in runs:
+        seen += [k for k in run.metrics if k not in seen]
+    # training numbers last; inside a metric, headline numbers before per-class detail
+    return sorted(seen, key=lambda k: (k.startswith("train/"), k.split("/")[0], k.count("/"), k))
+
+
+def _header(col: str) -> str:
+    arrow = {"lower": " ↓", "higher": " ↑"}.get(BETTER.get(col, ""), "")
+    return col + arrow
+
+
+def _samples(runs: list[Run], n: int) -> list[int]:
+    with_images = [set(r.images) for r in runs if r.images]
+    if not with_images:
+        return []
+    common = set.intersection(*with_images)
+    pool = common or set.union(*with_images)
+    return sorted(pool)[:n]
+
+
+def _protocol_lines(runs: list[Run]) -> list[str]:
+    lines = []
+    metrics = sorted({m for r in runs for m in r.settings})
+    for metric in metrics:
+        values: dict[str, set] = {}
+        for run in runs:
+            for k, v in run.settings.get(metric, {}).items():
+                values.setdefault(k, set()).add(json.dumps(v))
+        parts = []
+        for k, vs in values.items():
+            shown = " / ".join(str(json.loads(v)) for v in sorted(vs))
+            parts.append(f"{k}: {shown}" + (" (DIFFERS between runs)" if len(vs) > 1 else ""))
+        if parts:
+            lines.append(f"{metric}: " + "; ".join(parts))
+    return lines
+
+
+def _thumb(path: Path, size: int) -> str:
+    im = load_rgb(path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
+table{border-collapse:collapse;margin:12px 0}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}
+th{background:#f3f3f3} td.name,th.name{text-align:left}
+.grid td{text-align:center;vertical-align:top} .grid img{display:block;margin:auto}
+.grid .prompt{font-size:12px;max-width:200px;text-align:left;color:#555}
+.note{color:#555;font-size:13px} .scroll{overflow-x:auto}
+"""
+
+
+def render_html(runs: list[Run], samples: int = 8, thumb: int = 192) -> str:
+    cols = _columns(runs)
+    e = html.escape
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>kscu report</title>",
+        f"<style>{CSS}</style></head><body><h1>kscu report</h1>",
+        "<h2>Metrics</h2><div class='scroll'><table id='metrics'><tr><th class='name'>run</th>"
+        "<th class='name'>model</th>",
+    ]
+    out += [f"<th>{e(_header(c))}</th>" for c in cols]
+    out.append("</tr>")
+    for run in runs:
+        out.append(
+            f"<tr><td class='name'>{e(run.name)}</td><td class='name'>{e(run.describe())}</td>"
+        )
+        out += [f"<td>{e(_cell(run.metrics.get(c)))}</td>" for c in cols]
+        out.append("</tr>")
+    out.append("</table></div>")
+    lines = _protocol_lines(runs)
+    if lines:
+        out.append("<p class='note'>Protocol: " + "<br>".join(e(x) for x in lines) + "</p>")
+    cases = _samples(runs, samples)
+    if cases:
+        out.append("<h2>Samples</h2><table class='grid' id='samples'><tr><th>run</th>")
+        for case in cases:
+            prompt = next((r.prompts[case] for r in runs if case in r.prompts), "")
+            out.append(f"<th>#{case}<div class='prompt'>{e(prompt)}</div></th>")
+        out.append("</tr>")
+        for run in runs:
+            out.append(f"<tr><td class='name'>{e(run.name)}</td>")
+            for case in cases:
+                if case in run.images:
+                    src = _thumb(run.images[case], thumb)
+                    out.append(
+                        f"<td><img src='{src}' alt='{e(run.name)} #{case}' width='{thumb}'></td>"
+                    )
+                else:
+                    out.append("<td>no image</td>")
+            out.append("</tr>")
+        out.append("</table>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def render_markdown(runs: list[Run], output: Path, samples: int = 8) -> str:
+    cols = _columns(runs)
+    rows = [[run.name, run.describe(), *[_cell(run.metrics.get(c)) for c in cols]] for run in runs]
+    text = "# kscu report\n\n## Metrics\n\n"
+    text += markdown_table(["run", "model", *[_header(c) for c in cols]], rows)
+    lines = _protocol_lines(runs)
+    if lines:
+        text += "\nProtocol:\n\n" + "".join(f"- {x}\n" for x in lines)
+    cases = _samples(runs, samples)
+    if cases:
+        grid = []
+        for run in runs:
+            cells = []
+            for case in cases:
+                if case in run.images:
+                    rel = os.path.relpath(run.images[case].resolve(), output.resolve().parent)
+                    cells.append(f"![{run.name} #{case}]({Path(rel).as_posix()})")
+                else:
+                    cells.append("no image")
+            grid.append([run.name, *cells])
+        text += "\n## Samples\n\n" + markdown_table(["run", *[f"#{c}" for c in cases]], grid)
+    return text
+
+
+def write_report(run_dirs: list[str | Path], output: str | Path, samples: int = 8) -> list[Run]:
+    """Build the comparison page; the output's suffix (.html or .md) picks the format."""
+    output = Path(output)
+    if output.suffix.lower() not in (".html", ".md"):
+        raise KscuError(f"--output {output} must end in .html or .md")
+    if not run_dirs:
+        raise KscuError("no run directories given; pass one or more RUN_DIR")
+    runs = [load_run(d) for d in run_dirs]
+    runs.sort(key=lambda r: not r.is_base)  # base models first, else in the order given
+    if output.suffix.lower() == ".html":
+        write_atomic(output, render_html(runs, samples))
+    else:
+        write_atomic(output, render_markdown(runs, output, samples))
+    return runs

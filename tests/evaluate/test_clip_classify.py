@@ -1,0 +1,199 @@
+"""CLIP score and classification with tiny random models, through the real loading code."""
+
+import json
+
+import pytest
+from evalkit import kscu_main, make_images, write_csv
+
+from kscu.errors import KscuError
+from kscu.evaluate.classify import class_index, evaluate_classify
+from kscu.evaluate.clip_score import evaluate_clip
+
+
+def test_clip_score_runs_and_records_protocol(tmp_path, tiny_clip):
+    make_images(tmp_path / "images", 3, size=(40, 40))
+    csv = write_csv(
+        tmp_path / "p.csv",
+        ["case_number", "prompt", "evaluation_seed"],
+        [
+            [0, "a cat", 1],
+            [1, "a church on a hill", 2],
+            [2, "x" * 400, 3],
+            [3, "never generated", 4],
+        ],
+    )
+    out = tmp_path / "eval" / "clip.json"
+    code = kscu_main(
+        [
+            "evaluate",
+            "clip",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tiny_clip),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["metric"] == "clip" and result["images"] == 3
+    assert 0 <= result["clip_score"] <= 100
+    assert result["model"] == str(tiny_clip)
+    assert result["prompt_rows_without_image"] == 1
+    assert set(result["per_image"]) == {"0.png", "1.png", "2.png"}
+    assert "transformers" in result["versions"]
+
+
+def test_clip_score_is_deterministic_and_pairs_by_case_number(tmp_path, tiny_clip):
+    make_images(tmp_path / "images", 2, size=(32, 32), start=5)
+    csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[6, "b"], [5, "a"]])
+    one = evaluate_clip(tmp_path / "images", csv, str(tiny_clip))
+    two = evaluate_clip(tmp_path / "images", csv, str(tiny_clip), batch_size=1)
+    assert one["per_image"] == pytest.approx(two["per_image"], abs=1e-3)
+
+
+def test_clip_image_without_prompt_row_is_an_error(tmp_path, tiny_clip, capsys):
+    make_images(tmp_path / "images", 2, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a"]])
+    code = kscu_main(
+        [
+            "evaluate",
+            "clip",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tiny_clip),
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    assert code == 2
+    assert "1.png has no row" in capsys.readouterr().err
+
+
+def test_clip_csv_without_prompt_column(tmp_path, tiny_clip, capsys):
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["case_number", "text"], [[0, "a"]])
+    code = kscu_main(
+        [
+            "evaluate",
+            "clip",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tiny_clip),
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    assert code == 2
+    assert "'prompt' column" in capsys.readouterr().err
+
+
+def test_clip_missing_model_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["prompt"], [["a"]])
+    code = kscu_main(
+        [
+            "evaluate",
+            "clip",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    assert code == 2
+    assert "cannot load CLIP model" in capsys.readouterr().err
+
+
+def test_classify_top1_per_class(tmp_path, tiny_classifier):
+    make_images(tmp_path / "images", 4, size=(48, 48))
+    csv = write_csv(
+        tmp_path / "p.csv",
+        ["case_number", "prompt", "evaluation_seed", "class"],
+        [
+            [0, "an image of a church", 1, "church"],
+            [1, "an image of a church", 2, "church"],
+            [2, "an image of a tench", 3, "tench"],
+            [3, "an image of a garbage truck", 4, "garbage truck"],
+        ],
+    )
+    out = tmp_path / "classify.json"
+    code = kscu_main(
+        [
+            "evaluate",
+            "classify",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tiny_classifier),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["metric"] == "classify" and result["images"] == 4
+    assert set(result["per_class"]) == {"church", "tench", "garbage truck"}
+    assert result["class_index"] == {"church": 2, "tench": 0, "garbage truck": 3}
+    assert 0 <= result["top1"] <= 1
+    # the overall accuracy is the image-weighted mean of the per-class ones
+    counts = result["per_class_counts"]
+    assert result["top1"] == pytest.approx(sum(c["correct"] for c in counts.values()) / 4)
+    # every image's prediction is one of the model's labels
+    assert len(result["per_image"]) == 4
+
+
+def test_classify_needs_class_column(tmp_path, tiny_classifier, capsys):
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a church"]])
+    code = kscu_main(
+        [
+            "evaluate",
+            "classify",
+            "--images",
+            str(tmp_path / "images"),
+            "--prompts",
+            str(csv),
+            "--model",
+            str(tiny_classifier),
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'class' column" in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_names_resolve_to_labels():
+    labels = {0: "tench, Tinca tinca", 2: "church, church building", 4: "crane", 5: "crane"}
+    assert class_index("Church", labels, "f") == 2
+    assert class_index("tinca tinca", labels, "f") == 0
+    assert class_index("4", labels, "f") == 4
+    with pytest.raises(KscuError, match="several labels"):
+        class_index("crane", labels, "f")
+    with pytest.raises(KscuError, match="not a label"):
+        class_index("parachute", labels, "f")
+
+
+def test_classify_unknown_class_is_an_error(tmp_path, tiny_classifier):
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["prompt", "class"], [["a", "parachute"]])
+    with pytest.raises(KscuError, match="parachute"):
+        evaluate_classify(tmp_path / "images", csv, str(tiny_classifier))

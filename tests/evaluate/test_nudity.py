@@ -1,0 +1,92 @@
+"""NudeNet really runs: blank images give zero detections; the result has the documented schema."""
+
+import json
+
+import pytest
+from evalkit import kscu_main, make_images
+
+from kscu.errors import KscuError
+from kscu.evaluate.nudity import EXPOSED_CLASSES, evaluate_nudity
+
+
+def test_blank_images_have_no_detections_and_schema(tmp_path, capsys):
+    make_images(tmp_path / "images", 3, size=(64, 64), blank=True)
+    out = tmp_path / "eval" / "nudity.json"
+    code = kscu_main(
+        ["evaluate", "nudity", "--images", str(tmp_path / "images"), "--output", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 3
+    assert result["flagged"] == 0
+    assert result["total"] == 0
+    assert result["per_class"] == {c: 0 for c in EXPOSED_CLASSES}
+    assert len(result["per_class"]) == 9
+    assert result["threshold"] == 0.6
+    assert result["nudenet_version"].startswith("3.4")
+    assert "per_image" in result and result["per_image"] == {}
+    table = out.with_suffix(".md").read_text()
+    assert "FEMALE_BREAST_EXPOSED" in table and "| class |" in table
+    assert "0/3 images flagged" in capsys.readouterr().out
+
+
+def test_threshold_is_recorded_and_checked(tmp_path):
+    make_images(tmp_path / "images", 2, size=(40, 30), seed=1)
+    result = evaluate_nudity(tmp_path / "images", threshold=0.9)
+    assert result["threshold"] == 0.9 and result["images"] == 2
+    with pytest.raises(KscuError, match="threshold"):
+        evaluate_nudity(tmp_path / "images", threshold=1.5)
+
+
+def test_counts_only_exposed_classes_at_threshold(tmp_path, monkeypatch):
+    """The counting rule, with a stand-in detector (NudeNet finds nothing in synthetic images)."""
+    import kscu.evaluate.nudity as nudity
+
+    canned = [
+        [
+            {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]},
+            {"class": "FEMALE_BREAST_EXPOSED", "score": 0.7, "box": [0, 0, 1, 1]},
+            {"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 1, 1]},
+        ],
+        [
+            {"class": "BELLY_EXPOSED", "score": 0.59, "box": [0, 0, 1, 1]},
+            {"class": "BELLY_COVERED", "score": 0.95, "box": [0, 0, 1, 1]},
+        ],
+        [{"class": "FEET_EXPOSED", "score": 0.6, "box": [0, 0, 1, 1]}],
+    ]
+
+    class Fake:
+        def __init__(self):
+            self.calls = 0
+
+        def detect(self, image):
+            self.calls += 1
+            return canned[self.calls - 1]
+
+    monkeypatch.setattr(nudity, "_detector", Fake)
+    make_images(tmp_path / "images", 3, size=(16, 16))
+    result = nudity.evaluate_nudity(tmp_path / "images")
+    assert result["flagged"] == 2
+    assert result["total"] == 3
+    assert result["per_class"]["FEMALE_BREAST_EXPOSED"] == 2
+    assert result["per_class"]["FEET_EXPOSED"] == 1
+    assert result["per_class"]["BELLY_EXPOSED"] == 0
+    assert set(result["per_image"]) == {"0.png", "2.png"}
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = kscu_main(
+        [
+            "evaluate",
+            "nudity",
+            "--images",
+            str(tmp_path / "empty"),
+            "--output",
+            str(tmp_path / "n.json"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no images" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "n.json").exists()

@@ -1,0 +1,320 @@
+"""The concept sensitivity analysis: a synthetic model with a known answer, the rule, the cache,
+the CLI (files and exit code 2), and the CLIP and tiny-world scorers.
+
+The synthetic model is an exact denoiser for Gaussian data: x0 ~ N(m, I) with m = mu on channel
+0 when the prompt is the concept *and* the step index is in [A, B), else m = 0. Its noise
+prediction uses E[x0 | x_t] = m + sqrt(abar) (x_t - sqrt(abar) m). So the prompt reaches the
+model only on steps [A, B), and the curve is known where it matters:
+  * C(s) = 0 for s <= A: a switch before the window leaves every image identical to an end image;
+  * C(s) = 1 for s >= B: likewise, after the window nothing the prompt does changes anything;
+  * non-decreasing in between: DDIM with this denoiser is linear in the latent, so each concept
+    step in the window adds a non-negative shift along channel 0, and the scorer (a sigmoid of
+    the channel-0 mean) is increasing in that shift, so more concept steps never score less.
+The recommended start must therefore fall in [A, B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import kscu.cli
+from kscu.analyze import cli as analyze_cli
+from kscu.analyze.analysis import AnalyzeSettings, analyze, auto_start_step, combine, summarize
+from kscu.analyze.core import isotonic, start_from_curve
+from kscu.models import encode_prompts
+
+A, B = 15, 30  # the window of step indices where the synthetic model sees its prompt
+
+
+class LatentScorer:
+    """Presence = sigmoid of the channel-0 mean of the final latent (decode is the identity)."""
+
+    def check(self, concept):
+        pass
+
+    def presence(self, z, concept):
+        return torch.sigmoid(4 * (z[:, 0].mean((1, 2)) - 0.5))
+
+    def describe(self):
+        return {"name": "latent-mean"}
+
+
+def window_eps(pipe, concept: str, mu: float = 1.0):
+    alphas = pipe.scheduler.alphas_cumprod
+    concept_emb = encode_prompts(pipe, [concept]).float()
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(50)
+    index = {int(t): s for s, t in enumerate(sched.timesteps)}
+
+    def eps(x, t, emb):
+        a = alphas[t].float()
+        is_concept = (emb - concept_emb).abs().flatten(1).amax(1) < 1e-6
+        on = is_concept & (A <= index[int(t)] < B)
+        m = torch.zeros_like(x)
+        m[:, 0] = mu * on.float().view(-1, 1, 1)
+        x0 = m + a.sqrt() * (x - a.sqrt() * m)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return eps
+
+
+def synthetic(pipe, seed=0, samples=4, stride=1, tmp=None):
+    settings = AnalyzeSettings(samples=samples, seed=seed, stride=stride)
+    return analyze(
+        pipe,
+        None,
+        ["circle"],
+        "class",
+        settings,
+        LatentScorer(),
+        cache_dir=tmp,
+        use_cache=tmp is not None,
+        eps=window_eps(pipe, "circle"),
+        decode=lambda z: z,
+    )
+
+
+def test_synthetic_curve_is_known_and_monotone(tiny_pipe):
+    result = synthetic(tiny_pipe)
+    curve = np.array(result["curve"])
+    assert len(curve) == 50 and result["interpolated"] is False
+    assert np.allclose(curve[: A + 1], 0, atol=1e-4)
+    assert np.allclose(curve[B:], 1, atol=1e-4)
+    assert np.all(np.diff(curve) >= -1e-6)
+    assert curve[(A + B) // 2] > 0.2  # and it does rise inside the window
+    start = result["recommended_start_step"]
+    assert A <= start < B and result["reliable"]
+    fit = np.append(isotonic(curve), 1.0)
+    assert fit[start] <= 0.1 < fit[start + 1]  # the rule as stated
+    assert "0.1" in result["rule"] and result["rule_parameters"]["max_start_step"] == 44
+
+
+def test_recommended_start_is_stable_across_seeds(tiny_pipe):
+    starts = [synthetic(tiny_pipe, seed=s)["recommended_start_step"] for s in (0, 1, 2, 3)]
+    assert max(starts) - min(starts) <= 1, starts  # tolerance: 1 step
+
+
+def test_stride_measures_fewer_steps_and_interpolates(tiny_pipe):
+    full = synthetic(tiny_pipe)["curve"]
+    coarse = synthetic(tiny_pipe, stride=5)
+    assert coarse["interpolated"] and coarse["measured_steps"] == list(range(0, 50, 5))
+    assert len(coarse["curve"]) == 50
+    for s in coarse["measured_steps"]:
+        assert coarse["curve"][s] == pytest.approx(full[s], abs=1e-4)
+
+
+def test_rule_reads_the_monotone_fit_and_is_clamped():
+    noisy = np.array([0.0] * 10 + [0.3, 0.0] + [0.05] * 8 + list(np.linspace(0.2, 1, 30)))
+    assert start_from_curve(noisy, 0.1, 44) == 19  # the lone bump at 10 is pooled away
+    assert start_from_curve(np.zeros(50), 0.1, 44) == 44  # decided only by the last step
+    assert start_from_curve(np.ones(50), 0.1, 44) == 0
+    assert np.all(np.diff(isotonic(np.array([3.0, 1, 2, 0, 5]))) >= 0)
+
+
+def _per(curve, reliable=True):
+    return {"curve": list(curve), "reliable": reliable}
+
+
+def test_several_concepts_take_the_earliest_start_and_unseen_ones_fall_back():
+    settings = AnalyzeSettings()
+    early = np.clip(np.linspace(-0.5, 1.5, 50), 0, 1)
+    late = np.clip(np.linspace(-2, 1, 50), 0, 1)
+    both = combine({"a": _per(early), "b": _per(late)}, "class", settings)
+    alone = [
+        combine({k: _per(c)}, "class", settings)["recommended_start_step"]
+        for k, c in (("a", early), ("b", late))
+    ]
+    assert both["recommended_start_step"] == min(alone) and alone[0] < alone[1]
+    blind = combine({"a": _per(early, False)}, "style", settings)
+    assert blind["recommended_start_step"] == 24 and blind["rule"].startswith("fallback")
+
+
+def test_no_contrast_is_unreliable():
+    m = {
+        "measured_steps": [0],
+        "forward_presence": [0.5],
+        "reverse_presence": [0.52],
+        "presence_concept": 0.52,
+        "presence_neutral": 0.5,
+    }
+    s = summarize(m, AnalyzeSettings(stride=49))
+    assert not s["reliable"] and len(s["curve"]) == 50 and all(np.isfinite(s["curve"]))
+
+
+def test_measurements_are_cached(tiny_pipe, tmp_path, monkeypatch):
+    first = synthetic(tiny_pipe, tmp=tmp_path)
+    assert first["cached"] == [] and list(tmp_path.glob("circle-*.json"))
+
+    def boom(*a, **k):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr("kscu.analyze.analysis.measure", boom)
+    again = synthetic(tiny_pipe, tmp=tmp_path)
+    assert again["cached"] == ["circle"] and again["curve"] == first["curve"]
+    stricter = analyze(
+        tiny_pipe,
+        None,
+        ["circle"],
+        "class",
+        AnalyzeSettings(samples=4, threshold=0.5),
+        LatentScorer(),
+        cache_dir=tmp_path,
+        eps=window_eps(tiny_pipe, "circle"),
+        decode=lambda z: z,
+    )
+    assert stricter["recommended_start_step"] > first["recommended_start_step"]  # rule only
+
+
+def test_auto_start_step_for_erase(tiny_pipe, tiny_clip_dir, tmp_path, monkeypatch):
+    """The path ``erase --start-step auto`` takes: real UNet and VAE, CLIP from $KSCU_CLIP_MODEL."""
+    monkeypatch.setenv("KSCU_CLIP_MODEL", str(tiny_clip_dir))
+    out = auto_start_step(
+        tiny_pipe,
+        "some/model",
+        ["cat"],
+        "instance",
+        seed=3,
+        cache_dir=tmp_path,
+        settings=AnalyzeSettings(samples=1, stride=10, batch_size=16),
+    )
+    assert isinstance(out["recommended_start_step"], int)
+    assert 0 <= out["recommended_start_step"] <= 44 and len(out["curve"]) == 50
+    assert out["settings"]["seed"] == 3 and out["mode_default_start_step"] == 40
+    assert out["scorer"]["model"] == str(tiny_clip_dir)
+    json.dumps(out)  # recordable in kscu.json as is
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIP model small enough to build in a second, with a character tokenizer."""
+    from tiny import write_char_tokenizer
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    text = dict(
+        vocab_size=514,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
+    vision = dict(
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    model.save_pretrained(folder, safe_serialization=True)
+    write_char_tokenizer(folder)
+    return folder
+
+
+def run(argv, capsys, monkeypatch):
+    """``kscu.cli.main`` with ``analyze`` registered (whether or not cli.py wires it yet)."""
+    build = kscu.cli.build_parser
+
+    def build_with_analyze():
+        parser = build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "analyze" not in sub.choices:
+            analyze_cli.register(sub)
+        return parser
+
+    monkeypatch.setattr(kscu.cli, "build_parser", build_with_analyze)
+    try:
+        code = kscu.cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_writes_json_and_png(tiny_model_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KSCU_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "an"
+    code, stdout, err = run(
+        [
+            "analyze",
+            "--concept",
+            "church",
+            "--model",
+            tiny_model_dir,
+            "--clip-model",
+            tiny_clip_dir,
+            "--samples",
+            "2",
+            "--stride",
+            "10",
+            "--output",
+            out,
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err
+    data = json.loads((out / "analyze.json").read_text())
+    assert len(data["curve"]) == 50 and isinstance(data["recommended_start_step"], int)
+    assert data["rule"] and data["scorer"]["name"] == "clip"
+    assert data["per_concept"]["church"]["measured_steps"] == [0, 10, 20, 30, 40]
+    assert (out / "analyze.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "recommended start step" in stdout
+    assert list((tmp_path / "cache" / "analyze").glob("church-*.json"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concept", " "], "empty concept"),
+        (["--concept", "a,,b"], "empty concept"),
+        (["--concept", "church", "--samples", "0"], "--samples must be > 0"),
+        (["--concept", "church", "--samples", "-3"], "--samples must be > 0"),
+        (["--concept", "church", "--stride", "0"], "--stride"),
+        (["--concept", "church", "--threshold", "1.5"], "--threshold"),
+        (["--concept", "church", "--mode", "bogus"], "unknown mode"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys, monkeypatch):
+    code, _, err = run(["analyze", *flags, "--output", tmp_path / "x"], capsys, monkeypatch)
+    assert code == 2
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_world_scorer_reads_the_classifier():
+    world = pytest.importorskip("kscu.world.classifier")
+    try:
+        world.load_classifier()
+    except Exception as e:  # noqa: BLE001 - the world is optional in this checkout
+        pytest.skip(f"no world classifier: {e}")
+    from kscu.analyze.scorers import WorldScorer
+    from kscu.errors import KscuError
+    from kscu.world.data import render
+
+    rng = np.random.default_rng(0)
+    circles = torch.from_numpy(
+        np.stack([render("circle", "red", "striped", rng) for _ in range(8)])
+    )
+    squares = torch.from_numpy(np.stack([render("square", "blue", "plain", rng) for _ in range(8)]))
+    scorer = WorldScorer()
+    assert scorer.presence(circles, "circle").mean() > scorer.presence(squares, "circle").mean()
+    assert scorer.presence(circles, "striped").mean() > scorer.presence(squares, "striped").mean()
+    with pytest.raises(KscuError):
+        scorer.check("church")
