@@ -214,3 +214,62 @@ def test_console_entry_point_and_python_m(tmp_path):
     for cmd in ([str(Path(sys.executable).parent / "kscu")], [sys.executable, "-m", "kscu"]):
         res = subprocess.run([*cmd, *args], capture_output=True, text=True)
         assert res.returncode == 2 and res.stderr.startswith("error: unknown mode"), res.stderr
+
+
+def test_start_step_auto_uses_and_records_the_analysis(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    import kscu.analyze
+
+    calls = []
+
+    def fake(pipe, model, concepts, mode, **kwargs):
+        calls.append((model, concepts, mode))
+        return {"curve": [0.0] * 50, "recommended_start_step": 3, "rule": "test"}
+
+    monkeypatch.setattr(kscu.analyze, "auto_start_step", fake, raising=False)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        [
+            "erase",
+            "--concept",
+            "church",
+            "--model",
+            tiny_model_dir,
+            "--output",
+            out,
+            "--start-step",
+            "auto",
+            "--iterations",
+            "4",
+            "--num-steps",
+            "6",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    meta = json.loads((out / "kscu.json").read_text())
+    assert calls == [(str(tiny_model_dir), ["church"], "class")]
+    assert meta["config"]["start_step"] == 3 and meta["schedule"][0] == ["church", 3]
+    assert meta["start_step_analysis"]["recommended_start_step"] == 3
+
+
+def test_start_step_auto_is_refused_for_esd(tmp_path, capsys):
+    code, _, err = run_cli(
+        [
+            "erase",
+            "--concept",
+            "x",
+            "--method",
+            "esd",
+            "--start-step",
+            "auto",
+            "--model",
+            tmp_path,
+            "--output",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
+    assert code == 2 and "auto is for --method kscu" in err

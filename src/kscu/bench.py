@@ -147,7 +147,7 @@ def run_bench(
     steps: int = 50,
     guidance: float = 7.5,
     step_ranges: list[tuple[int, int]] | None = None,
-    start_step: int | None = None,
+    start_step: int | str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -168,7 +168,9 @@ def run_bench(
     common = dict(concepts=[concept], mode=mode, iterations=iterations, seed=seed)
     common.update(overrides or {})
     for method in methods:
-        runs.append((method, method, EraseConfig(method=method, start_step=start_step, **common)))
+        s = start_step if method == "kscu" else None
+        label = "kscu(auto)" if s == "auto" else method
+        runs.append((method, label, EraseConfig(method=method, start_step=s, **common)))
     for s, e in step_ranges or []:
         cfg = EraseConfig(method="kscu", start_step=s, end_step=e, **common)
         runs.append(("kscu", f"kscu[{s}:{e}]", cfg))

@@ -15,10 +15,16 @@ from pathlib import Path
 from kscu.config import DEFAULTS, DTYPES, METHODS, MODE_DEFAULTS, SCOPES, EraseConfig
 from kscu.errors import KscuError
 
+
+def _int_or_auto(text: str) -> int | str:
+    """``--start-step 14`` or ``--start-step auto`` (chosen by ``kscu analyze``, cached)."""
+    return "auto" if text == "auto" else int(text)
+
+
 # (flag name = EraseConfig field, type, help) for every overridable hyperparameter.
-_OVERRIDES: list[tuple[str, type, str]] = [
+_OVERRIDES: list[tuple[str, type | str, str]] = [
     ("iterations", int, "training iterations (per mode: {modes})"),
-    ("start_step", int, "first key step S of the table (per mode: {modes})"),
+    ("start_step", "int_or_auto", "first key step S (per mode: {modes}); auto: measured"),
     ("end_step", int, "end step E, exclusive (default: --num-steps)"),
     ("scope", str, "trainable parameters: " + ", ".join(SCOPES) + " (per mode: {modes})"),
     ("lr", float, "Adam learning rate (default {default})"),
@@ -52,6 +58,7 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="hub id or folder (default: bundled tiny world)")
     p.add_argument("--output", required=True, type=Path, help="folder for the erased weights")
     for name, kind, text in _OVERRIDES:
+        kind = _int_or_auto if kind == "int_or_auto" else kind
         p.add_argument(
             "--" + name.replace("_", "-"), type=kind, default=None, help=_help(name, text)
         )
@@ -194,7 +201,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, type=Path, help="folder for bench.json/md/png")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--iterations", type=int, default=None, help="same for every method")
-    p.add_argument("--start-step", type=int, default=None, help="kscu start step override")
+    p.add_argument("--start-step", type=_int_or_auto, default=None, help="kscu start step, or auto")
     p.add_argument("--lr", type=float, default=None, help="same for every method")
     p.add_argument("--step-ranges", default=None, help="extra kscu rows, e.g. 0:50,14:50,0:15")
     p.add_argument("--samples", type=int, default=64, help="images per prompt set (default 64)")
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _subpackage_commands():
     """Commands of the subpackages (tiny world, evaluation), each in its own module."""
     registers = []
-    for module in ("kscu.world.cli", "kscu.evaluate.cli"):
+    for module in ("kscu.world.cli", "kscu.evaluate.cli", "kscu.analyze.cli"):
         try:
             registers.append(__import__(module, fromlist=["register"]).register)
         except ModuleNotFoundError as e:

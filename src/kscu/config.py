@@ -53,7 +53,7 @@ class EraseConfig:
     mode: str = "class"
     method: str = "kscu"
     iterations: int | None = None
-    start_step: int | None = None
+    start_step: int | str | None = None  # "auto": measured by kscu.analyze (runner)
     end_step: int | None = None  # exclusive; defaults to num_steps
     scope: str | None = None
     lr: float | None = None
@@ -101,6 +101,8 @@ def resolve(config: EraseConfig, preset: dict[str, Any] | None = None) -> EraseC
     """Fill every ``None`` (user > model preset > mode default > global default) and validate."""
     if config.mode not in MODE_DEFAULTS:
         raise KscuError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
+    if config.start_step == "auto":
+        raise KscuError("--start-step auto needs the model: use kscu.runner.erase_to_folder")
     if config.method not in METHODS:
         raise KscuError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     concepts = parse_concepts(config.concepts)

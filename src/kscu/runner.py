@@ -6,6 +6,7 @@ writes the same files and the same record.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import kscu
 from kscu import preview
 from kscu.checkpoint import save_erased
 from kscu.config import EraseConfig, resolve
+from kscu.errors import KscuError
 from kscu.models import load_pipeline, read_preset, resolve_device
 from kscu.trainer import EraseResult, erase
 
@@ -24,7 +26,15 @@ BUNDLED_MODEL = "kscu-tiny-world"  # base_model name recorded for the default mo
 
 
 def prepare(config: EraseConfig, model: str | None) -> EraseConfig:
-    """Resolve ``config`` against the model's preset; fails fast, before any weights load."""
+    """Resolve ``config`` against the model's preset; fails fast, before any weights load.
+
+    ``start_step="auto"`` is checked as step 0 here (every other flag fully);
+    ``erase_to_folder`` replaces it with the measured step once the model is loaded.
+    """
+    if config.start_step == "auto":
+        if config.method == "esd":
+            raise KscuError("--start-step auto is for --method kscu (ESD draws every step)")
+        config = dataclasses.replace(config, start_step=0)  # any valid step, for the checks
     resolve(config)  # a bad flag is reported before a missing model
     return resolve(config, read_preset(model))
 
@@ -68,9 +78,27 @@ def erase_to_folder(
     if pipe is None:
         pipe = load_pipeline(model, cfg.dtype, device)
     base = model if model is not None else BUNDLED_MODEL
+    analysis = None
+    if config.start_step == "auto":  # measured on the original weights, before any edit
+        from kscu.analyze import auto_start_step
+
+        analysis = auto_start_step(
+            pipe,
+            model,
+            cfg.concepts,
+            cfg.mode,
+            num_steps=cfg.num_steps,
+            resolution=cfg.resolution,
+            progress=progress,
+        )
+        auto = dataclasses.replace(config, start_step=analysis["recommended_start_step"])
+        cfg = prepare(auto, model)
     before = preview.sample(pipe, preview_prompts, cfg.seed) if preview_prompts else None
     result = erase(pipe, cfg, progress=progress)
-    save_erased(output, result.tensors, run_record(result, str(base), device))
+    record = run_record(result, str(base), device)
+    if analysis is not None:
+        record["start_step_analysis"] = analysis
+    save_erased(output, result.tensors, record)
     if preview_prompts:
         after = preview.sample(pipe, preview_prompts, cfg.seed)
         title = f"kscu {cfg.method} {cfg.mode}: erased {', '.join(cfg.concepts)}"

@@ -1,0 +1,420 @@
+"""Concept sensitivity analysis: the commitment curve of a concept and the start step it implies.
+
+Procedure (see ``kscu.analyze.core`` for the curve): for ``samples`` seeded noises, generate with
+the concept prompt and switch to the neutral prompt (default "") at step s, and the reverse, for
+every s; score the concept's presence in each final image; the commitment C(s) in [0, 1] says how
+much of the concept is already decided when x_s is reached.
+
+Rule for the recommended start step, from the paper's logic: KSCU trains on the steps [S, N), and
+the steps before S should be the ones where conditioning on the concept has not yet committed the
+image to it, so editing them buys little erasure and costs image structure (the paper's ablation:
+training only the first 30% of steps collapsed structure; the last 70% gave about 95% of the
+erasure of all steps). So S is the last step whose commitment is at most ``threshold`` (0.1):
+[S, N) is the shortest run of final steps that decides at least 90% of the concept. The rule reads
+the isotonic (non-decreasing) fit of the curve, so one noisy bump cannot move S, and S is clamped
+to [0, ceil(0.9 N) - 1], the Key Step Table's own cap. With several concepts S is the minimum over
+them (the key step table walks the same [S, N) for every concept, so it must cover the concept
+decided earliest); that equals the rule applied to the pointwise maximum of their curves. When
+the scorer cannot tell concept-only from neutral-only images (contrast below ``min_contrast``),
+the curve means nothing and the mode's fixed default is kept, and said so.
+
+Measurements are cached on disk per (model, weights fingerprint, concept, settings, scorer), the
+rule is applied afresh, so changing the threshold costs nothing. Cache folder: ``cache_dir``, else
+``$KSCU_CACHE/analyze``, else ``$XDG_CACHE_HOME/kscu/analyze`` (``~/.cache/kscu/analyze``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kscu
+from kscu.analyze.core import (
+    EpsFn,
+    GuidedStepper,
+    commitment_curve,
+    start_from_curve,
+    switch_finals,
+    to_all_steps,
+)
+from kscu.analyze.scorers import Scorer, is_world_model, make_scorer
+from kscu.config import MODE_DEFAULTS, parse_concepts
+from kscu.errors import KscuError
+from kscu.fileio import write_json
+
+VERSION = 1  # of the measurement procedure: a change makes old cache entries miss
+TASK_DEFAULTS = {mode: row["start_step"] for mode, row in MODE_DEFAULTS.items()}
+DECODE_BATCH = 16
+
+
+@dataclass
+class AnalyzeSettings:
+    """Everything that determines a measurement (``threshold``/``min_contrast``: only the rule)."""
+
+    samples: int = 8
+    seed: int = 0
+    neutral: str = ""
+    guidance: float = 7.5  # CFG of the generated images: what users sample with
+    stride: int = 1  # measure every stride-th switch step, interpolate the rest
+    threshold: float = 0.1
+    min_contrast: float = 0.1
+    num_steps: int = 50
+    resolution: int | None = None  # None: the model's own
+    batch_size: int = 64  # UNet rows per call
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise KscuError(message)
+
+        need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
+        need(self.num_steps > 1, f"--num-steps must be > 1 (got {self.num_steps})")
+        need(
+            0 < self.stride < self.num_steps,
+            f"--stride must be in [1, {self.num_steps - 1}] (got {self.stride})",
+        )
+        need(0 < self.threshold < 1, f"--threshold must be in (0, 1) (got {self.threshold})")
+        need(
+            0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"
+        )
+        need(
+            math.isfinite(self.guidance) and self.guidance >= 0,
+            f"--guidance must be a finite number >= 0 (got {self.guidance})",
+        )
+        need(self.batch_size > 0, f"--batch-size must be > 0 (got {self.batch_size})")
+        need(
+            self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+            f"--resolution must be a positive multiple of 8 (got {self.resolution})",
+        )
+
+    def measured_steps(self) -> list[int]:
+        return list(range(0, self.num_steps, self.stride))
+
+    def measurement_key(self) -> dict[str, Any]:
+        """The settings a measurement depends on (not the rule's parameters)."""
+        d = dataclasses.asdict(self)
+        for rule_only in ("threshold", "min_contrast", "batch_size"):
+            d.pop(rule_only)
+        return d
+
+
+def cap_for(num_steps: int) -> int:
+    """The latest start the Key Step Table reaches: ceil(0.9 N) - 1 (44 of 50)."""
+    return math.ceil(0.9 * num_steps) - 1
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("KSCU_CACHE"):
+        return Path(os.environ["KSCU_CACHE"]).expanduser() / "analyze"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "kscu" / "analyze"
+
+
+def unet_eps(pipe: Any) -> EpsFn:
+    """The pipeline's UNet as a float32 noise prediction."""
+    unet = pipe.unet
+
+    def eps(x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample.float()
+
+    return eps
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images (N,3,H,W) in [0, 1] on the CPU, decoded a few at a time."""
+    vae = pipe.vae
+    out = []
+    for i in range(0, len(latents), DECODE_BATCH):
+        z = latents[i : i + DECODE_BATCH].to(vae.device, vae.dtype) / vae.config.scaling_factor
+        out.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure(
+    pipe: Any,
+    concept: str,
+    settings: AnalyzeSettings,
+    scorer: Scorer,
+    eps: EpsFn | None = None,
+    decode=None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Presence of ``concept`` in every switch image, averaged over the samples.
+
+    ``eps`` and ``decode`` default to the pipeline's UNet and VAE; tests pass stand-ins.
+    """
+    from kscu.models import encode_prompts, native_resolution
+
+    started = time.perf_counter()
+    unet = pipe.unet
+    emb = {p: encode_prompts(pipe, [p]).float() for p in {concept, settings.neutral, ""}}
+    stepper = GuidedStepper(
+        eps or unet_eps(pipe),
+        pipe.scheduler.config,
+        settings.num_steps,
+        settings.guidance,
+        emb[""],
+        settings.batch_size,
+    )
+    size = (settings.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, size, size)
+    noise = (
+        torch.cat(
+            [
+                torch.randn(shape, generator=torch.Generator("cpu").manual_seed(settings.seed + i))
+                for i in range(settings.samples)
+            ]
+        )
+        * stepper.scheduler.init_noise_sigma
+    )
+    steps = settings.measured_steps()
+    finals = switch_finals(
+        stepper, noise.to(pipe.device), emb[concept], emb[settings.neutral], steps, progress
+    )
+    k, n = len(finals.starts), settings.samples
+    latents = torch.cat(
+        [finals.forward.flatten(0, 1), finals.reverse.flatten(0, 1), finals.concept, finals.neutral]
+    )
+    images = (decode or (lambda z: decode_latents(pipe, z)))(latents)
+    scores = torch.cat(
+        [
+            scorer.presence(images[i : i + 256], concept).float().cpu()
+            for i in range(0, len(images), 256)
+        ]
+    )
+    fwd, rev = scores[: k * n].view(k, n).mean(1), scores[k * n : 2 * k * n].view(k, n).mean(1)
+    p_concept = float(scores[2 * k * n : 2 * k * n + n].mean())
+    p_neutral = float(scores[2 * k * n + n :].mean())
+    by_start = {s: i for i, s in enumerate(finals.starts)}
+    # s = 0: forward is the neutral-only image, reverse the concept-only one
+    forward = [p_neutral if s == 0 else float(fwd[by_start[s]]) for s in steps]
+    reverse = [p_concept if s == 0 else float(rev[by_start[s]]) for s in steps]
+    return {
+        "concept": concept,
+        "measured_steps": steps,
+        "forward_presence": forward,
+        "reverse_presence": reverse,
+        "presence_concept": p_concept,
+        "presence_neutral": p_neutral,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def summarize(m: dict[str, Any], settings: AnalyzeSettings) -> dict[str, Any]:
+    """The curve and the per-concept start step from one measurement."""
+    n = settings.num_steps
+    steps = m["measured_steps"]
+    p_c, p_n = m["presence_concept"], m["presence_neutral"]
+    fwd, rev = np.array(m["forward_presence"]), np.array(m["reverse_presence"])
+    contrast = p_c - p_n
+    denom = max(contrast, settings.min_contrast, 1e-6)
+    measured = commitment_curve(fwd, rev, p_c, p_n, max(settings.min_contrast, 1e-6))
+    curve = to_all_steps(steps, measured, n)
+    f = to_all_steps(steps, (fwd - p_n) / denom, n)
+    r_complement = to_all_steps(steps, 1 - (rev - p_n) / denom, n)
+    reliable = contrast >= settings.min_contrast
+    return {
+        **m,
+        "curve": _round(curve),
+        "forward": _round(f),  # F(s): share of the concept surviving a switch to neutral at s
+        "reverse_complement": _round(r_complement),  # 1 - R(s): share no longer addable at s
+        "contrast": round(contrast, 6),
+        "reliable": bool(reliable),
+        "recommended_start_step": start_from_curve(curve, settings.threshold, cap_for(n)),
+    }
+
+
+def rule_text(settings: AnalyzeSettings, several: bool) -> str:
+    t, n = settings.threshold, settings.num_steps
+    text = (
+        f"S = the last step index whose commitment (the curve made non-decreasing by isotonic "
+        f"regression, with 1 after step {n - 1}) is at most {t:g}: the steps before S together "
+        f"commit at most {t:.0%} of the concept, so [S, {n}) is the shortest run of final steps "
+        f"that decides at least {1 - t:.0%} of it; clamped to [0, {cap_for(n)}]"
+    )
+    if several:
+        text += "; with several concepts, the earliest S over them (pointwise max of curves)"
+    return text
+
+
+def combine(per: dict[str, dict[str, Any]], mode: str, settings: AnalyzeSettings) -> dict[str, Any]:
+    """One recommendation for all concepts: the minimum over those the scorer could see."""
+    n = settings.num_steps
+    seen = [c for c, r in per.items() if r["reliable"]]
+    curves = np.array([per[c]["curve"] for c in (seen or list(per))])
+    curve = curves.max(axis=0)
+    default = TASK_DEFAULTS.get(mode, TASK_DEFAULTS["class"])
+    if seen:
+        start = start_from_curve(curve, settings.threshold, cap_for(n))
+        rule = rule_text(settings, len(per) > 1)
+        if len(seen) < len(per):
+            rule += f"; ignored (scorer could not see them): {sorted(set(per) - set(seen))}"
+    else:
+        start = default
+        rule = (
+            f"fallback: the scorer's presence differs by less than {settings.min_contrast:g} "
+            f"between concept-only and neutral-only images, so the curve is not informative; "
+            f"the {mode} default start step {default} is kept"
+        )
+    steps = settings.measured_steps()
+    return {
+        "curve": _round(curve),
+        "recommended_start_step": int(start),
+        "rule": rule,
+        "rule_parameters": {
+            "threshold": settings.threshold,
+            "max_start_step": cap_for(n),
+            "min_contrast": settings.min_contrast,
+            "combine": "min over concepts",
+        },
+        "reliable": bool(seen),
+        "mode": mode,
+        "mode_default_start_step": default,
+        "task_defaults": dict(TASK_DEFAULTS),
+        "measured_steps": steps,
+        "interpolated": len(steps) < n,
+        "interpolation": (
+            "linear between measured steps, anchored at 1 after the last step"
+            if len(steps) < n
+            else None
+        ),
+    }
+
+
+def _round(values) -> list[float]:
+    return [round(float(v), 6) for v in values]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
+
+
+def model_key(model_id: str | None) -> str:
+    """A stable name for the model: the resolved folder for a local one, else the hub id."""
+    if model_id is None:
+        from kscu.models import default_model
+
+        model_id = default_model()
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if path.exists() else str(model_id)
+
+
+def analyze(
+    pipe: Any,
+    model_id: str | None,
+    concepts: list[str] | str,
+    mode: str,
+    settings: AnalyzeSettings | None = None,
+    scorer: Scorer | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    eps: EpsFn | None = None,
+    decode=None,
+) -> dict[str, Any]:
+    """Measure (or read from the cache) every concept, and combine: the ``analyze.json`` body."""
+    from kscu.checkpoint import fingerprint
+
+    started = time.perf_counter()
+    settings = settings or AnalyzeSettings()
+    settings.validate()
+    concepts = parse_concepts(concepts)
+    if mode not in MODE_DEFAULTS:
+        raise KscuError(f"unknown mode {mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
+    if scorer is None:
+        scorer = make_scorer("auto", model_id, mode, settings.neutral, None, pipe.device)
+    for c in concepts:
+        scorer.check(c)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    base = {
+        "version": VERSION,
+        "model": model_key(model_id) if eps is None else "custom-eps",
+        "weights": fingerprint(dict(pipe.unet.named_parameters())),
+        "settings": settings.measurement_key(),
+        "scorer": scorer.describe(),
+    }
+    per, cached = {}, []
+    for c in concepts:
+        key = json.dumps({**base, "concept": c}, sort_keys=True)
+        path = folder / f"{_slug(c)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        m = _read_cache(path, key) if use_cache else None
+        if m is None:
+            m = measure(pipe, c, settings, scorer, eps=eps, decode=decode, progress=progress)
+            if use_cache:
+                write_json(path, {"key": json.loads(key), "measurement": m})
+        else:
+            cached.append(c)
+        per[c] = summarize(m, settings)
+    return {
+        "kscu_version": kscu.__version__,
+        "model": model_id if model_id is not None else "kscu-tiny-world",
+        "concepts": concepts,
+        **combine(per, mode, settings),
+        "per_concept": per,
+        "settings": dataclasses.asdict(settings),
+        "scorer": scorer.describe(),
+        "cached": cached,
+        "cache_dir": str(folder) if use_cache else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The stored measurement if ``path`` holds one for exactly ``key`` (else recompute)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if json.dumps(data.get("key"), sort_keys=True) != key:
+        return None
+    return data.get("measurement")
+
+
+def auto_start_step(
+    pipe: Any,
+    model_id: str | None,
+    concepts: list[str] | str,
+    mode: str,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    settings: AnalyzeSettings | None = None,
+    scorer: Scorer | None = None,
+    progress: bool = False,
+    num_steps: int | None = None,
+    resolution: int | None = None,
+) -> dict[str, Any]:
+    """For ``kscu erase --start-step auto``: the analysis (cached), as ``analyze`` returns it.
+
+    ``result["recommended_start_step"]`` is the start step; record the whole dict (it holds the
+    curve and the rule). Call it on the original weights, before the erase edits them.
+    """
+    settings = dataclasses.replace(settings or AnalyzeSettings(), seed=seed)
+    if num_steps is not None:
+        settings.num_steps = num_steps
+    if resolution is not None:
+        settings.resolution = resolution
+    return analyze(pipe, model_id, concepts, mode, settings, scorer, cache_dir, progress=progress)
+
+
+__all__ = [
+    "AnalyzeSettings",
+    "analyze",
+    "auto_start_step",
+    "default_cache_dir",
+    "is_world_model",
+    "measure",
+    "summarize",
+]

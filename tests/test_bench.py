@@ -1,0 +1,106 @@
+"""The tiny world end to end: default-model erase with preview, and `kscu bench`."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from kscu.bench import bench_prompts, parse_step_ranges
+from kscu.cli import main
+from kscu.errors import KscuError
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_default_model_erase_writes_preview_and_records_the_preset(tmp_path, capsys):
+    out = tmp_path / "circle"
+    code, stdout, err = run_cli(
+        [
+            "erase",
+            "--concept",
+            "circle",
+            "--mode",
+            "class",
+            "--output",
+            out,
+            "--iterations",
+            "12",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    meta = json.loads((out / "kscu.json").read_text())
+    assert meta["base_model"] == "kscu-tiny-world"
+    assert meta["preset"], "the tiny world ships hyperparameters; they must be recorded"
+    for key, value in meta["preset"].items():
+        assert meta["config"][key] == value
+    preview = Image.open(out / "preview.png")
+    assert preview.width > 400 and preview.height > 200
+
+
+def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli(
+        [
+            "bench",
+            "--concept",
+            "circle",
+            "--mode",
+            "class",
+            "--methods",
+            "kscu,esd",
+            "--output",
+            out,
+            "--iterations",
+            "60",
+            "--samples",
+            "24",
+            "--steps",
+            "20",
+            "--step-ranges",
+            "14:50",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert [r["method"] for r in report["rows"]] == ["original", "kscu", "esd", "kscu"]
+    for row in report["rows"]:
+        assert {"method", "UA", "IRA", "CRA", "FD", "seconds"} <= set(row)
+        assert 0 <= row["UA"] <= 1 and 0 <= row["IRA"] <= 1 and 0 <= row["CRA"] <= 1
+    original, kscu = rows["original"], rows["kscu"]
+    assert original["FD"] == 0 and original["UA"] < 0.3  # the model draws circles
+    assert kscu["UA"] >= original["UA"] + 0.3  # a short erase already removes most circles
+    # stated tolerance: retention drops by at most 0.25 on this short, small-sample run
+    assert kscu["IRA"] >= original["IRA"] - 0.25 and kscu["CRA"] >= original["CRA"] - 0.25
+    assert rows["kscu[14:50]"]["start_step"] == 14
+    assert (out / "bench.md").read_text().count("|") > 20
+    assert Image.open(out / "bench.png").width > 200
+    assert (out / "kscu" / "weights.safetensors").exists()
+
+
+def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--concept", "church", "--output", tmp_path], capsys)
+    assert code == 2 and "not a concept of the tiny world" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_prompts_split_target_and_retain():
+    p = bench_prompts("striped", 12, seed=0)
+    assert p["kind"] == "texture"
+    assert all(lab["texture"] == "striped" for lab in p["target_labels"])
+    assert all(lab["texture"] != "striped" for lab in p["retain_labels"])
+    assert all("striped" in prompt for prompt in p["target_prompts"])
+
+
+def test_step_ranges():
+    assert parse_step_ranges("0:50,14:50,0:15") == [(0, 50), (14, 50), (0, 15)]
+    with pytest.raises(KscuError, match="S:E"):
+        parse_step_ranges("14-50")
