@@ -21,6 +21,7 @@ On a CPU, use a small --resolution (e.g. 64) and a few iterations: it checks the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -93,8 +94,9 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def timed_erase(pipe, cfg: EraseConfig, device: torch.device):
+def timed_erase(pipe, cfg: EraseConfig, device: torch.device, loop=None):
     """Run an erase, returning the result and a host timestamp after every iteration."""
+    loop = loop or functools.partial(erase, progress=False)
     stamps: list[float] = []
 
     def tick(*_):
@@ -105,8 +107,16 @@ def timed_erase(pipe, cfg: EraseConfig, device: torch.device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    result = erase(pipe, cfg, progress=False, callback=tick)
+    result = loop(pipe, cfg, callback=tick)
     return result, [start, *stamps], time.perf_counter() - start
+
+
+def median_p90(stamps: list[float], warmup: int) -> tuple[float, float]:
+    """Median and p90 of the per-iteration times (ms), leaving out the warm-up iterations."""
+    per_iter = [1e3 * (b - a) for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    steady = per_iter[warmup:] or per_iter
+    p90 = statistics.quantiles(steady, n=10)[-1] if len(steady) >= 10 else max(steady)
+    return statistics.median(steady), p90
 
 
 def steady_state_flops(pipe, cfg: EraseConfig) -> int:
@@ -145,6 +155,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="iterations left out of the timings")
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype of the measured run")
     ap.add_argument("--compare-fp32", action="store_true")
+    ap.add_argument("--compare-plain", action="store_true", help="also time plain_erase.py")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-flops", action="store_true")
@@ -169,10 +180,7 @@ def main() -> None:
     base = {n: params[n].detach().float().cpu() for n in names}
 
     result, stamps, total = timed_erase(pipe, cfg, device)
-    per_iter = [1e3 * (b - a) for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-    steady = per_iter[args.warmup :] or per_iter
-    median = statistics.median(steady)
-    p90 = statistics.quantiles(steady, n=10)[-1] if len(steady) >= 10 else max(steady)
+    median, p90 = median_p90(stamps, args.warmup)
     full = resolve(EraseConfig(concepts=["church"], mode=args.mode)).iterations
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     report = {
@@ -201,6 +209,16 @@ def main() -> None:
         report["fp32_loss_median_rel_diff_first_100"] = statistics.median(rel)
         report["fp32_weight_change_cosine"] = cosine(result.tensors, ref.tensors, base)
         report["fp32_changed_element_share"] = changed_share(base, ref.tensors)
+    if args.compare_plain:  # the straightforward loop, float32, same seed and schedule
+        from plain_erase import plain_erase
+
+        pipe = build_sd14(device, torch.float32)
+        plain_cfg = resolve(EraseConfig(**{**cfg.to_dict(), "dtype": "float32"}))
+        _, plain_stamps, _ = timed_erase(pipe, plain_cfg, device, loop=plain_erase)
+        plain_median, _ = median_p90(plain_stamps, args.warmup)
+        report["plain_fp32_ms_per_iteration_median"] = round(plain_median, 2)
+        report["plain_fp32_peak_memory_gib"] = round(peak_memory_gib(device), 2)
+        report["speedup_vs_plain_fp32"] = round(plain_median / median, 2)
     if not args.no_flops:
         flops = steady_state_flops(pipe, cfg)
         report["flops_per_iteration"] = flops

@@ -258,7 +258,7 @@ def chart(report: dict[str, Any]):
     ax.set_xticks(x, [r["label"] for r in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"erasing {report['concept']} ({report['mode']})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
