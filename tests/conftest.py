@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tiny_pipeline  # noqa: E402
+from tiny import build_tiny_pipeline, save_tiny_clip  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,9 @@ def tiny_model_dir(tmp_path_factory, _tiny_template) -> Path:
     path = tmp_path_factory.mktemp("tiny-model")
     _tiny_template.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random CLIP folder, passed wherever a Hub id such as openai/clip-vit-large-patch14 goes."""
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

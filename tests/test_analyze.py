@@ -172,9 +172,9 @@ def test_measurements_are_cached(tiny_pipe, tmp_path, monkeypatch):
     assert stricter["recommended_start_step"] > first["recommended_start_step"]  # rule only
 
 
-def test_auto_start_step_for_erase(tiny_pipe, tiny_clip_dir, tmp_path, monkeypatch):
+def test_auto_start_step_for_erase(tiny_pipe, tiny_clip, tmp_path, monkeypatch):
     """The path ``erase --start-step auto`` takes: real UNet and VAE, CLIP from $KSCU_CLIP_MODEL."""
-    monkeypatch.setenv("KSCU_CLIP_MODEL", str(tiny_clip_dir))
+    monkeypatch.setenv("KSCU_CLIP_MODEL", str(tiny_clip))
     out = auto_start_step(
         tiny_pipe,
         "some/model",
@@ -187,41 +187,8 @@ def test_auto_start_step_for_erase(tiny_pipe, tiny_clip_dir, tmp_path, monkeypat
     assert isinstance(out["recommended_start_step"], int)
     assert 0 <= out["recommended_start_step"] <= 44 and len(out["curve"]) == 50
     assert out["settings"]["seed"] == 3 and out["mode_default_start_step"] == 40
-    assert out["scorer"]["model"] == str(tiny_clip_dir)
+    assert out["scorer"]["model"] == str(tiny_clip)
     json.dumps(out)  # recordable in kscu.json as is
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    """A random CLIP model small enough to build in a second, with a character tokenizer."""
-    from tiny import write_char_tokenizer
-    from transformers import CLIPConfig, CLIPModel
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    text = dict(
-        vocab_size=514,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-    )
-    vision = dict(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
-    model.save_pretrained(folder, safe_serialization=True)
-    write_char_tokenizer(folder)
-    return folder
 
 
 def run(argv, capsys, monkeypatch):
@@ -244,7 +211,7 @@ def run(argv, capsys, monkeypatch):
     return code, out.out, out.err
 
 
-def test_cli_writes_json_and_png(tiny_model_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):
+def test_cli_writes_json_and_png(tiny_model_dir, tiny_clip, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KSCU_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "an"
     code, stdout, err = run(
@@ -255,7 +222,7 @@ def test_cli_writes_json_and_png(tiny_model_dir, tiny_clip_dir, tmp_path, capsys
             "--model",
             tiny_model_dir,
             "--clip-model",
-            tiny_clip_dir,
+            tiny_clip,
             "--samples",
             "2",
             "--stride",

@@ -91,3 +91,50 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_
         tokenizer = CLIPTokenizer.from_pretrained(d)
     pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type))
     return pipe
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A random CLIPModel + CLIPProcessor folder, standing in for openai/clip-vit-large-patch14."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    text = CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    write_char_tokenizer(folder / "tok", max_length=77)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tok"),
+    )
+    processor.save_pretrained(folder)
+    return folder

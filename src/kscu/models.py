@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from kscu.errors import KscuError
 
 PRESET_FILE = "kscu_preset.json"
+T = TypeVar("T")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_or_explain(load: Callable[[], T], what: str, hint: str) -> T:
+    """Run a ``from_pretrained`` call; a failure becomes one line naming what and the fix."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KscuError(f"cannot load {what} ({first[:300]}); {hint}") from None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -86,19 +97,18 @@ def load_pipeline(
     transformers_logging.disable_progress_bar()
     dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path) if path.exists() else model,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=True,
-            **{dtype_key: TORCH_DTYPES[dtype]},
+        pipe = load_or_explain(
+            lambda: StableDiffusionPipeline.from_pretrained(
+                str(path) if path.exists() else model,
+                safety_checker=None,
+                requires_safety_checker=False,
+                use_safetensors=True,
+                **{dtype_key: TORCH_DTYPES[dtype]},
+            ),
+            f"model {model}",
+            "check the id or folder (offline? point --model at a local copy with safetensors "
+            "weights)",
         )
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KscuError(
-            f"cannot load model {model}: {first[:300]}; check the id or folder "
-            "(offline? point --model at a local copy with safetensors weights)"
-        ) from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)

@@ -9,46 +9,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from evalkit import _text_config, write_clip_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A random CLIPModel + CLIPProcessor folder (stands in for openai/clip-vit-large-patch14)."""
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-        CLIPVisionConfig,
-    )
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    config = CLIPConfig(
-        text_config=_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=16
-    )
-    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    write_clip_tokenizer(folder / "tok")
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tok"),
-    )
-    processor.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:

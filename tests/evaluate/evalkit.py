@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tiny import write_char_tokenizer
 
 IMAGENETTE = [
     "tench",
@@ -27,28 +26,6 @@ IMAGENETTE = [
     "golf ball",
     "parachute",
 ]
-
-
-def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
-    """A character-level CLIP tokenizer: any text encodes (see tests/tiny.py)."""
-    write_char_tokenizer(folder, max_length)
-
-
-def _text_config(**kw):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=514,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        **kw,
-    )
 
 
 def make_images(

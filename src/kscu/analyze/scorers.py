@@ -82,18 +82,11 @@ class ClipScorer:
         neutral: str = "",
         device: str | torch.device = "cpu",
     ):
-        from transformers import AutoTokenizer, CLIPModel
+        from kscu.evaluate.clip_score import load_clip
 
         model = model or default_clip_model()
-        try:
-            self.model = CLIPModel.from_pretrained(model).to(device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise KscuError(
-                f"cannot load CLIP model {model}: {first[:200]}; give --clip-model a local "
-                "folder or a hub id that is cached (offline?)"
-            ) from None
+        clip, processor = load_clip(model)
+        self.model, self.tokenizer = clip.to(device), processor.tokenizer
         self.name, self.device = str(model), device
         self.concept_text, neutral_text = CLIP_TEXTS.get(mode, CLIP_TEXTS["class"])
         self.neutral_text = neutral.strip() or neutral_text

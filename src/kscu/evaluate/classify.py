@@ -30,6 +30,7 @@ from kscu.evaluate.common import (
     read_csv_records,
     versions,
 )
+from kscu.models import load_or_explain
 from kscu.promptfile import load_prompts
 
 DEFAULT_CLASSIFIER = "microsoft/resnet-50"
@@ -39,15 +40,15 @@ def load_classifier(model_id: str):
     """An image classifier and its processor (safetensors only, no remote code)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    try:
-        model = AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True)
-        processor = AutoImageProcessor.from_pretrained(model_id)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KscuError(
-            f"cannot load classifier {model_id!r} ({first}); offline? give a local folder "
-            "holding the model (model.safetensors, config.json) and its preprocessor_config.json"
-        ) from None
+    model, processor = load_or_explain(
+        lambda: (
+            AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True),
+            AutoImageProcessor.from_pretrained(model_id),
+        ),
+        f"classifier {model_id!r}",
+        "offline? give a local folder holding the model (model.safetensors, config.json) and "
+        "its preprocessor_config.json",
+    )
     return model.eval().requires_grad_(False), processor
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kscu.errors import KscuError
 from kscu.evaluate.common import Workers, list_images, load_rgb, match_rows, versions
+from kscu.models import load_or_explain
 from kscu.promptfile import load_prompts
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -26,15 +26,15 @@ def load_clip(model_id: str):
     """A CLIPModel and its processor from a Hub id or folder (safetensors only, no remote code)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    try:
-        model = CLIPModel.from_pretrained(model_id, use_safetensors=True)
-        processor = CLIPProcessor.from_pretrained(model_id)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KscuError(
-            f"cannot load CLIP model {model_id!r} ({first}); offline? give a local folder "
-            "holding a CLIPModel (model.safetensors, config.json) and its processor files"
-        ) from None
+    model, processor = load_or_explain(
+        lambda: (
+            CLIPModel.from_pretrained(model_id, use_safetensors=True),
+            CLIPProcessor.from_pretrained(model_id),
+        ),
+        f"CLIP model {model_id!r}",
+        "offline? give a local folder holding a CLIPModel (model.safetensors, config.json) "
+        "and its processor files",
+    )
     return model.eval().requires_grad_(False), processor
 
 
