@@ -1,0 +1,158 @@
+"""Tests of the bundled tiny world: data, tokenizer, classifier, shipped pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kscu.errors import KscuError
+from kscu.world import COLORS, SHAPES, TEXTURES, concept_kind, default_model_path
+from kscu.world.classifier import load_classifier
+from kscu.world.data import (
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    render,
+    sample_batch,
+    sample_caption,
+)
+from kscu.world.quality import score_pipeline
+
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model_path()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_vocabulary_is_single_lowercase_words():
+    assert len(SHAPES) >= 8 and len(COLORS) >= 6 and len(TEXTURES) >= 6
+    words = SHAPES + COLORS + TEXTURES
+    assert len(set(words)) == len(words)
+    assert all(w.isalpha() and w.islower() for w in words)
+    assert len(TRAIN_TEMPLATES) + len(HELDOUT_TEMPLATES) >= 10
+    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+
+
+def test_concept_kind():
+    assert concept_kind("circle") == "shape"
+    assert concept_kind(" Red ") == "color"
+    assert concept_kind("striped") == "texture"
+    with pytest.raises(KscuError, match="circle"):
+        concept_kind("church")
+
+
+def test_render_is_seeded_and_in_range():
+    a = render("star", "blue", "dotted", np.random.default_rng(3))
+    b = render("star", "blue", "dotted", np.random.default_rng(3))
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32
+    assert np.array_equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert render("ring", "red", "wavy", np.random.default_rng(0), size=64).shape == (3, 64, 64)
+
+
+def test_captions_include_partial_and_empty():
+    rng = np.random.default_rng(0)
+    labels = {"shape": "circle", "color": "red", "texture": "striped"}
+    captions = [sample_caption(labels, rng) for _ in range(2000)]
+    assert 0.05 < captions.count("") / len(captions) < 0.15
+    for word in ("circle", "red", "striped"):
+        assert word in captions  # bare concept words, as erasure prompts them
+
+
+def test_tokenizer_handles_odd_text():
+    from transformers import CLIPTokenizer
+
+    folder = default_model_path()
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    assert (folder / "tokenizer" / "vocab.json").is_file()
+    assert (folder / "tokenizer" / "merges.txt").is_file()
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    assert tok.model_max_length == config["max_position_embeddings"] <= 24
+    rng = np.random.default_rng(0)
+    words = "a red star on a striped background".split()
+    texts = ["", "circle", "qz!circle", "heart#a", "Über ✨ 日本 \t\n", "x" * 200]
+    texts += [" ".join(rng.permutation(words)) for _ in range(5)]
+    for text in texts:
+        ids = tok(
+            text, padding="max_length", truncation=True, max_length=tok.model_max_length
+        ).input_ids
+        assert len(ids) == tok.model_max_length
+        assert max(ids) < config["vocab_size"]
+    for word in SHAPES + COLORS + TEXTURES:
+        assert len(tok(word).input_ids) == 3, word  # bos, the word, eos
+
+
+def test_classifier_accuracy_on_fresh_renders(classifier):
+    images, _, labels = sample_batch(300, np.random.default_rng(12345))
+    pred = classifier.predict(images)
+    for kind in ("shape", "color", "texture"):
+        acc = np.mean([p == lab[kind] for p, lab in zip(pred[kind], labels, strict=True)])
+        assert acc >= 0.98, (kind, acc)
+    assert classifier.features(images[:5]).shape[0] == 5
+
+
+def test_classifier_accepts_pil_and_other_sizes(classifier):
+    from PIL import Image
+
+    img = render("cross", "green", "checkered", np.random.default_rng(1), size=64)
+    pil = Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8))
+    pred = classifier.predict([pil])
+    assert pred["shape"] == ["cross"] and pred["color"] == ["green"]
+    assert classifier.predict(torch.from_numpy(img)[None])["texture"] == ["checkered"]
+
+
+def test_bundled_model_is_small_and_has_cross_attention(pipe):
+    total = sum(p.stat().st_size for p in default_model_path().rglob("*.safetensors"))
+    assert total <= 25 * 2**20
+    names = [n for n, _ in pipe.unet.named_modules()]
+    assert any(n.endswith("attn2") for n in names) and any(n.endswith("attn1") for n in names)
+    sched = pipe.scheduler.config
+    assert sched.num_train_timesteps == 1000 and sched.steps_offset == 1
+    assert pipe.safety_checker is None
+
+
+def test_bundled_model_generates(pipe):
+    gen = torch.Generator().manual_seed(0)
+    out = pipe(
+        ["a red circle", ""],
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        generator=gen,
+        output_type="pt",
+    ).images
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_generated_shapes_are_recognized(pipe, classifier):
+    result = score_pipeline(pipe, n_images=32, seed=0, steps=20, classifier=classifier)
+    # Chance is 1/8 for shape and 1/6 for color; the bundled model scores about 0.5 and 0.95 here.
+    assert result["shape"] >= 0.3, result
+    assert result["color"] >= 0.6, result
+
+
+def test_cli_registers_world_train(tmp_path):
+    from kscu.world.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["world", "train", "--output", str(tmp_path), "--only", "classifier"])
+    assert callable(args.func) and args.only == "classifier" and args.device == "cpu"
+    bad = parser.parse_args(["world", "train", "--output", str(tmp_path),
+                             "--init-from", str(tmp_path / "missing")])
+    with pytest.raises(KscuError, match="init-from"):
+        bad.func(bad)
