@@ -43,13 +43,19 @@ def test_default_model_erase_writes_preview_and_records_the_preset(tmp_path, cap
     assert preview.width > 400 and preview.height > 200
 
 
-def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys):
+def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys, monkeypatch):
+    import kscu.analyze
+
+    def fake_analysis(pipe, model, concepts, mode, **kwargs):  # the real one: test_analyze.py
+        return {"curve": [0.0] * 50, "recommended_start_step": 20, "rule": "test"}
+
+    monkeypatch.setattr(kscu.analyze, "auto_start_step", fake_analysis, raising=False)
     out = tmp_path / "bench"
     code, stdout, err = run_cli(
         [
             "bench",
             "--concept",
-            "circle",
+            "heart",
             "--mode",
             "class",
             "--methods",
@@ -57,13 +63,17 @@ def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys):
             "--output",
             out,
             "--iterations",
-            "60",
+            "150",
+            "--lr",
+            "1e-4",
             "--samples",
             "24",
             "--steps",
             "20",
             "--step-ranges",
             "14:50",
+            "--start-step",
+            "auto",
             "--quiet",
         ],
         capsys,
@@ -75,15 +85,17 @@ def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys):
     for row in report["rows"]:
         assert {"method", "UA", "IRA", "CRA", "FD", "seconds"} <= set(row)
         assert 0 <= row["UA"] <= 1 and 0 <= row["IRA"] <= 1 and 0 <= row["CRA"] <= 1
-    original, kscu = rows["original"], rows["kscu"]
-    assert original["FD"] == 0 and original["UA"] < 0.3  # the model draws circles
-    assert kscu["UA"] >= original["UA"] + 0.3  # a short erase already removes most circles
+    original, kscu = rows["original"], rows["kscu(auto)"]
+    assert original["FD"] == 0 and original["UA"] < 0.3  # the model draws hearts
+    assert kscu["UA"] >= original["UA"] + 0.3  # a short erase already removes many hearts
     # stated tolerance: retention drops by at most 0.25 on this short, small-sample run
     assert kscu["IRA"] >= original["IRA"] - 0.25 and kscu["CRA"] >= original["CRA"] - 0.25
-    assert rows["kscu[14:50]"]["start_step"] == 14
+    assert rows["kscu[14:50]"]["start_step"] == 14 and kscu["start_step"] == 20
+    auto_record = json.loads((out / "kscu(auto)" / "kscu.json").read_text())
+    assert auto_record["start_step_analysis"]["recommended_start_step"] == 20
     assert (out / "bench.md").read_text().count("|") > 20
     assert Image.open(out / "bench.png").width > 200
-    assert (out / "kscu" / "weights.safetensors").exists()
+    assert (out / "esd" / "weights.safetensors").exists()
 
 
 def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):

@@ -174,7 +174,8 @@ def run_bench(
     for s, e in step_ranges or []:
         cfg = EraseConfig(method="kscu", start_step=s, end_step=e, **common)
         runs.append(("kscu", f"kscu[{s}:{e}]", cfg))
-    runs = [(m, label, prepare(cfg, model)) for m, label, cfg in runs]  # validate all first
+    for _, _, cfg in runs:  # validate every run before the first one starts
+        prepare(cfg, model)
 
     output = Path(output)
     pipe = load_pipeline(model)

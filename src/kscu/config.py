@@ -135,8 +135,11 @@ def resolve(config: EraseConfig, preset: dict[str, Any] | None = None) -> EraseC
 
 
 def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
-    """A preset's flat keys apply to every mode; ``{"modes": {"class": {...}}}`` to one mode."""
-    flat = {k: v for k, v in preset.items() if k != "modes"}
+    """A preset's flat keys apply to every mode; ``{"modes": {"class": {...}}}`` to one mode.
+
+    Keys starting with ``_`` are comments (e.g. ``_why``: the measurements behind the values).
+    """
+    flat = {k: v for k, v in preset.items() if k != "modes" and not k.startswith("_")}
     flat.update(preset.get("modes", {}).get(mode, {}))
     allowed = set(MODE_DEFAULTS["class"]) | set(DEFAULTS)
     unknown = sorted(set(flat) - allowed)
