@@ -91,7 +91,7 @@ def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys, monkey
     # stated tolerance: retention drops by at most 0.25 on this short, small-sample run
     assert kscu["IRA"] >= original["IRA"] - 0.25 and kscu["CRA"] >= original["CRA"] - 0.25
     assert rows["kscu[14:50]"]["start_step"] == 14 and kscu["start_step"] == 20
-    auto_record = json.loads((out / "kscu(auto)" / "kscu.json").read_text())
+    auto_record = json.loads((out / "kscu_auto" / "kscu.json").read_text())
     assert auto_record["start_step_analysis"]["recommended_start_step"] == 20
     assert (out / "bench.md").read_text().count("|") > 20
     assert Image.open(out / "bench.png").width > 200

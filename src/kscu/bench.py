@@ -218,7 +218,8 @@ def run_bench(
 
 
 def _folder(label: str) -> str:
-    return label.replace("[", "_").replace(":", "-").replace("]", "")
+    """A shell-friendly folder name: kscu[14:50] -> kscu_14-50, kscu(auto) -> kscu_auto."""
+    return label.translate(str.maketrans({"[": "_", "(": "_", ":": "-", "]": None, ")": None}))
 
 
 def markdown(report: dict[str, Any]) -> str:
