@@ -101,7 +101,7 @@ def erase_to_folder(
     save_erased(output, result.tensors, record)
     if preview_prompts:
         after = preview.sample(pipe, preview_prompts, cfg.seed)
-        title = f"kscu {cfg.method} {cfg.mode}: erased {', '.join(cfg.concepts)}"
+        title = f"{cfg.method} ({cfg.mode} mode): erased {', '.join(cfg.concepts)}"
         grid = preview.compose(preview_prompts, before, after, title)
         preview.save_png(grid, Path(output) / "preview.png")
     return result, pipe

@@ -152,7 +152,8 @@ def test_cli_registers_world_train(tmp_path):
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["world", "train", "--output", str(tmp_path), "--only", "classifier"])
     assert callable(args.func) and args.only == "classifier" and args.device == "cpu"
-    bad = parser.parse_args(["world", "train", "--output", str(tmp_path),
-                             "--init-from", str(tmp_path / "missing")])
+    bad = parser.parse_args(
+        ["world", "train", "--output", str(tmp_path), "--init-from", str(tmp_path / "missing")]
+    )
     with pytest.raises(KscuError, match="init-from"):
         bad.func(bad)

@@ -15,8 +15,15 @@ from kscu.world.data import (
     TRAIN_TEMPLATES,
 )
 
-__all__ = ["COLORS", "HELDOUT_TEMPLATES", "SHAPES", "TEXTURES", "TRAIN_TEMPLATES",
-           "concept_kind", "default_model_path"]
+__all__ = [
+    "COLORS",
+    "HELDOUT_TEMPLATES",
+    "SHAPES",
+    "TEXTURES",
+    "TRAIN_TEMPLATES",
+    "concept_kind",
+    "default_model_path",
+]
 
 
 def default_model_path() -> Path:
@@ -25,11 +32,12 @@ def default_model_path() -> Path:
 
 
 def concept_kind(concept: str) -> str:
-    """"shape", "color" or "texture" for a world concept word (case and spaces ignored)."""
+    """ "shape", "color" or "texture" for a world concept word (case and spaces ignored)."""
     word = concept.strip().lower()
     for kind, vocab in (("shape", SHAPES), ("color", COLORS), ("texture", TEXTURES)):
         if word in vocab:
             return kind
     raise KscuError(
         f"{concept!r} is not a concept of the tiny world; use one of the shapes "
-        f"{', '.join(SHAPES)}; colors {', '.join(COLORS)}; or textures {', '.join(TEXTURES)}")
+        f"{', '.join(SHAPES)}; colors {', '.join(COLORS)}; or textures {', '.join(TEXTURES)}"
+    )

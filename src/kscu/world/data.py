@@ -53,7 +53,10 @@ HELDOUT_TEMPLATES = (
 SHAPE_TEMPLATES = ("{shape}", "a {shape}", "a picture of a {shape}", "an image of a {shape}")
 COLOR_TEMPLATES = ("{color}", "something {color}", "a {color} shape")
 TEXTURE_TEMPLATES = (
-    "{texture}", "a {texture} pattern", "{texture} style", "a {texture} background",
+    "{texture}",
+    "a {texture} pattern",
+    "{texture} style",
+    "a {texture} background",
 )
 PAIR_TEMPLATES = (
     "a {color} {shape}",
@@ -74,8 +77,9 @@ EMPTY_CAPTION_PROB = 0.10
 SUPERSAMPLE = 2
 
 
-def _texture_mask(texture: str, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator,
-                  scale: float) -> np.ndarray:
+def _texture_mask(
+    texture: str, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator, scale: float
+) -> np.ndarray:
     """Boolean mask of the texture's second tone; coordinates in 32-px units."""
     px, py = rng.uniform(0, 8, size=2)
     x, y = xs / scale + px, ys / scale + py
@@ -87,7 +91,7 @@ def _texture_mask(texture: str, xs: np.ndarray, ys: np.ndarray, rng: np.random.G
         return ((np.floor(x / 4) + np.floor(y / 4)) % 2) == 1
     if texture == "dotted":
         dx, dy = (x % 8) - 4, (y % 8) - 4
-        return dx * dx + dy * dy < 1.8 ** 2
+        return dx * dx + dy * dy < 1.8**2
     if texture == "wavy":
         return (np.floor((y + 2.0 * np.sin(2 * math.pi * x / 16)) / 4) % 2) == 1
     if texture == "diagonal":
@@ -115,7 +119,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     if shape == "circle":
         return d2 <= 1.0
     if shape == "ring":
-        return (d2 <= 1.0) & (d2 >= 0.5 ** 2)
+        return (d2 <= 1.0) & (d2 >= 0.5**2)
     if shape == "square":
         return (np.abs(dx) <= 0.82) & (np.abs(dy) <= 0.82)
     if shape == "diamond":
@@ -125,17 +129,19 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     if shape == "cross":
         arm, half = 0.32, 0.95
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | (
-            (np.abs(dy) <= arm) & (np.abs(dx) <= half))
+            (np.abs(dy) <= arm) & (np.abs(dx) <= half)
+        )
     if shape == "star":
         return _star_mask(dx, dy * 1.05 + 0.05)
     if shape == "heart":
         x, y = dx * 1.15, -dy * 1.15 + 0.1
-        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+        return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(shape: str, color: str, texture: str, rng: np.random.Generator,
-           size: int = 32) -> np.ndarray:
+def render(
+    shape: str, color: str, texture: str, rng: np.random.Generator, size: int = 32
+) -> np.ndarray:
     """Render one image as float32 (3, size, size) in [0, 1], with random size and position."""
     scale = size / 32.0
     n = size * SUPERSAMPLE
@@ -172,18 +178,21 @@ def sample_caption(labels: dict[str, str], rng: np.random.Generator) -> str:
     return ""
 
 
-def sample_batch(n: int, rng: np.random.Generator, size: int = 32,
-                 heldout: bool = False) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
+def sample_batch(
+    n: int, rng: np.random.Generator, size: int = 32, heldout: bool = False
+) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
     """``n`` fresh renders as (images N,3,H,W in [0,1], captions, labels).
 
     With ``heldout=True`` every caption is a full caption from ``HELDOUT_TEMPLATES``.
     """
     labels = [sample_labels(rng) for _ in range(n)]
-    images = np.stack([render(lab["shape"], lab["color"], lab["texture"], rng, size)
-                       for lab in labels])
+    images = np.stack(
+        [render(lab["shape"], lab["color"], lab["texture"], rng, size) for lab in labels]
+    )
     if heldout:
-        captions = [fill(HELDOUT_TEMPLATES[rng.integers(len(HELDOUT_TEMPLATES))], lab)
-                    for lab in labels]
+        captions = [
+            fill(HELDOUT_TEMPLATES[rng.integers(len(HELDOUT_TEMPLATES))], lab) for lab in labels
+        ]
     else:
         captions = [sample_caption(lab, rng) for lab in labels]
     return torch.from_numpy(images), captions, labels
@@ -191,5 +200,6 @@ def sample_batch(n: int, rng: np.random.Generator, size: int = 32,
 
 def label_indices(labels: list[dict[str, str]]) -> dict[str, torch.Tensor]:
     """Class indices per attribute, as used by the classifier heads."""
-    return {k: torch.tensor([vocab.index(lab[k]) for lab in labels])
-            for k, vocab in ATTRIBUTES.items()}
+    return {
+        k: torch.tensor([vocab.index(lab[k]) for lab in labels]) for k, vocab in ATTRIBUTES.items()
+    }

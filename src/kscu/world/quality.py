@@ -17,36 +17,57 @@ from kscu.world.classifier import WorldClassifier, load_classifier
 from kscu.world.data import ATTRIBUTES, COLORS, HELDOUT_TEMPLATES, SHAPES, TEXTURES
 
 
-def quality_prompts(n: int, seed: int,
-                    templates: tuple[str, ...] = HELDOUT_TEMPLATES) -> tuple[list[str], list[dict]]:
+def quality_prompts(
+    n: int, seed: int, templates: tuple[str, ...] = HELDOUT_TEMPLATES
+) -> tuple[list[str], list[dict]]:
     """``n`` (prompt, labels) pairs; shapes cycle so each appears equally often."""
     rng = np.random.default_rng(seed)
     prompts, labels = [], []
     for i in range(n):
-        lab = {"shape": SHAPES[i % len(SHAPES)], "color": COLORS[rng.integers(len(COLORS))],
-               "texture": TEXTURES[rng.integers(len(TEXTURES))]}
+        lab = {
+            "shape": SHAPES[i % len(SHAPES)],
+            "color": COLORS[rng.integers(len(COLORS))],
+            "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        }
         prompts.append(templates[i % len(templates)].format(**lab))
         labels.append(lab)
     return prompts, labels
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, steps: int = 50, guidance: float = 7.5,
-             batch_size: int = 64) -> torch.Tensor:
+def generate(
+    pipe,
+    prompts: list[str],
+    seed: int,
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Images (N,3,H,W in [0,1]); batch ``i`` uses a generator seeded with ``seed + i``."""
     images = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         gen = torch.Generator(device="cpu").manual_seed(seed + b)
-        out = pipe(prompts[start:start + batch_size], num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gen, output_type="pt")
+        out = pipe(
+            prompts[start : start + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="pt",
+        )
         images.append(out.images.float().cpu())
     return torch.cat(images)
 
 
-def score_pipeline(pipe, n_images: int, seed: int, steps: int = 50, guidance: float = 7.5,
-                   templates: tuple[str, ...] = HELDOUT_TEMPLATES,
-                   classifier: WorldClassifier | None = None,
-                   batch_size: int = 64) -> dict:
+def score_pipeline(
+    pipe,
+    n_images: int,
+    seed: int,
+    steps: int = 50,
+    guidance: float = 7.5,
+    templates: tuple[str, ...] = HELDOUT_TEMPLATES,
+    classifier: WorldClassifier | None = None,
+    batch_size: int = 64,
+) -> dict:
     """Per-attribute accuracy of the prompted values in generated images.
 
     Returns ``{"shape": acc, "color": acc, "texture": acc, "n_images": n, "per_shape": {...}}``.
@@ -61,14 +82,20 @@ def score_pipeline(pipe, n_images: int, seed: int, steps: int = 50, guidance: fl
         result[k] = float(np.mean(hits))
     result["n_images"] = n_images
     result["per_shape"] = {
-        s: float(np.mean([p == s for p, lab in zip(pred["shape"], labels, strict=True)
-                          if lab["shape"] == s]))
-        for s in SHAPES if any(lab["shape"] == s for lab in labels)}
+        s: float(
+            np.mean(
+                [p == s for p, lab in zip(pred["shape"], labels, strict=True) if lab["shape"] == s]
+            )
+        )
+        for s in SHAPES
+        if any(lab["shape"] == s for lab in labels)
+    }
     return result
 
 
-def time_generation(pipe, n_images: int = 64, steps: int = 50, guidance: float = 7.5,
-                    seed: int = 0) -> float:
+def time_generation(
+    pipe, n_images: int = 64, steps: int = 50, guidance: float = 7.5, seed: int = 0
+) -> float:
     """Seconds to generate ``n_images`` in one batch (after a short warm-up)."""
     prompts, _ = quality_prompts(n_images, seed)
     generate(pipe, prompts[:2], seed, steps=2, guidance=guidance)

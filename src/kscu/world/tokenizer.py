@@ -26,14 +26,35 @@ from kscu.world.data import (
 MODEL_MAX_LENGTH = 20
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words of common erasure prompt templates, so that they are single tokens too.
-EXTRA_WORDS = ("of", "in", "the", "a", "an", "photo", "painting", "style", "expression",
-               "art", "artwork", "by", "with", "and", "object", "shape", "color", "colored")
+EXTRA_WORDS = (
+    "of",
+    "in",
+    "the",
+    "a",
+    "an",
+    "photo",
+    "painting",
+    "style",
+    "expression",
+    "art",
+    "artwork",
+    "by",
+    "with",
+    "and",
+    "object",
+    "shape",
+    "color",
+    "colored",
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -47,8 +68,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 def world_words() -> list[str]:
     """Every word that should be a single token, in a stable order."""
     words: list[str] = []
-    templates = (TRAIN_TEMPLATES + HELDOUT_TEMPLATES + SHAPE_TEMPLATES + COLOR_TEMPLATES
-                 + TEXTURE_TEMPLATES + PAIR_TEMPLATES)
+    templates = (
+        TRAIN_TEMPLATES
+        + HELDOUT_TEMPLATES
+        + SHAPE_TEMPLATES
+        + COLOR_TEMPLATES
+        + TEXTURE_TEMPLATES
+        + PAIR_TEMPLATES
+    )
     text = " ".join(templates).replace(",", " ").replace(":", " ")
     for word in list(SHAPES + COLORS + TEXTURES) + text.split() + list(EXTRA_WORDS):
         if "{" not in word and word not in words:
@@ -58,12 +85,14 @@ def world_words() -> list[str]:
 
 def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i)
-                 for i, (a, b) in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
+        pairs = [
+            (ranks.get((a, b), 1 << 30), i)
+            for i, (a, b) in enumerate(zip(symbols[:-1], symbols[1:], strict=True))
+        ]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
     return symbols
 
 
@@ -97,7 +126,12 @@ def save_tokenizer_files(folder: Path) -> None:
     vocab, merges = build_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                        model_max_length=MODEL_MAX_LENGTH, pad_token=EOS)
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=MODEL_MAX_LENGTH,
+        pad_token=EOS,
+    )
     tok.save_pretrained(str(folder))

@@ -30,27 +30,47 @@ from kscu.world.data import ATTRIBUTES, label_indices, sample_batch, sample_capt
 RESOLUTION = 32
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=RESOLUTION,
     down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
     mid_block_add_attention=False,
 )
 UNET_CONFIG = dict(
-    sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=RESOLUTION // 2,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
     block_out_channels=(32, 64, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
 )
 TEXT_CONFIG = dict(
-    hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=world_tokenizer.MODEL_MAX_LENGTH, projection_dim=64,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=world_tokenizer.MODEL_MAX_LENGTH,
+    projection_dim=64,
 )
 # Stable Diffusion's scheduler settings, so that step indices mean the same as with SD.
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+    prediction_type="epsilon",
 )
 
 
@@ -77,7 +97,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             blurred.append(img)
             continue
         k = torch.arange(-2, 3, dtype=torch.float32)
-        w = torch.exp(-k ** 2 / (2 * s * s))
+        w = torch.exp(-(k**2) / (2 * s * s))
         w = w / w.sum()
         img = F.conv2d(F.pad(img[:, None], (2, 2, 0, 0), mode="replicate"), w.view(1, 1, 1, 5))
         img = F.conv2d(F.pad(img, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1))
@@ -93,8 +113,10 @@ def evaluate_classifier(clf: WorldClassifier, n: int, seed: int) -> dict[str, fl
     """Per-attribute accuracy on ``n`` fresh clean renders."""
     images, _, labels = sample_batch(n, np.random.default_rng(seed))
     pred = clf.predict(images)
-    return {k: float(np.mean([p == lab[k] for p, lab in zip(pred[k], labels, strict=True)]))
-            for k in ATTRIBUTES}
+    return {
+        k: float(np.mean([p == lab[k] for p, lab in zip(pred[k], labels, strict=True)]))
+        for k in ATTRIBUTES
+    }
 
 
 def train_classifier(out: Path, device: str, seed: int, steps: int, log: Logger) -> None:
@@ -116,8 +138,12 @@ def train_classifier(out: Path, device: str, seed: int, steps: int, log: Logger)
             log(f"classifier step {step}/{steps} loss {loss.item():.4f}")
     acc = evaluate_classifier(WorldClassifier(model, RESOLUTION, device), 2000, seed + 1)
     log(f"classifier accuracy on 2000 fresh renders: {acc}")
-    save_classifier(model.cpu(), out / "classifier", RESOLUTION,
-                    {"train_steps": steps, "seed": seed, "accuracy_fresh_renders": acc})
+    save_classifier(
+        model.cpu(),
+        out / "classifier",
+        RESOLUTION,
+        {"train_steps": steps, "seed": seed, "accuracy_fresh_renders": acc},
+    )
 
 
 def train_vae(device: str, seed: int, steps: int, log: Logger):
@@ -127,8 +153,7 @@ def train_vae(device: str, seed: int, steps: int, log: Logger):
     rng = np.random.default_rng(seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps,
-                                                pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     for step in range(steps):
         x = sample_batch(32, rng)[0].to(device) * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -159,17 +184,33 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # transformers 5 saves only tokenizer.json; keep the plain CLIP vocab.json + merges.txt too.
     world_tokenizer.save_tokenizer_files(folder / "tokenizer")
 
 
-def train_model(out: Path, device: str, seed: int, vae_steps: int, unet_steps: int,
-                n_latents: int, batch_size: int, snapshot_every: int, log: Logger,
-                init_from: str | None = None, lr: float = 6e-4) -> None:
+def train_model(
+    out: Path,
+    device: str,
+    seed: int,
+    vae_steps: int,
+    unet_steps: int,
+    n_latents: int,
+    batch_size: int,
+    snapshot_every: int,
+    log: Logger,
+    init_from: str | None = None,
+    lr: float = 6e-4,
+) -> None:
     """Train the VAE, then text encoder + UNet; or, with ``init_from`` (a world pipeline
     folder), keep its VAE and tokenizer and continue training its text encoder + UNet."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -185,8 +226,10 @@ def train_model(out: Path, device: str, seed: int, vae_steps: int, unet_steps: i
     if init_from is None:
         vae.register_to_config(scaling_factor=1.0 / latents.std().item())
     latents = latents * vae.config.scaling_factor
-    log(f"cached {len(latents)} latents {tuple(latents.shape[1:])}, "
-        f"scaling_factor {vae.config.scaling_factor:.4f}")
+    log(
+        f"cached {len(latents)} latents {tuple(latents.shape[1:])}, "
+        f"scaling_factor {vae.config.scaling_factor:.4f}"
+    )
 
     if init_from is not None:
         tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
@@ -197,17 +240,29 @@ def train_model(out: Path, device: str, seed: int, vae_steps: int, unet_steps: i
         world_tokenizer.save_tokenizer_files(tok_dir)
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            **TEXT_CONFIG)).to(device)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **TEXT_CONFIG,
+            )
+        ).to(device)
         unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
-                                   if k not in ("steps_offset", "set_alpha_to_one")})
+    noise_sched = DDPMScheduler(
+        **{
+            k: v
+            for k, v in SCHEDULER_CONFIG.items()
+            if k not in ("steps_offset", "set_alpha_to_one")
+        }
+    )
     alphas = noise_sched.alphas_cumprod.to(device)
-    log(f"unet params {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder "
+    log(
+        f"unet params {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae "
-        f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
+        f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M"
+    )
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -227,8 +282,13 @@ def train_model(out: Path, device: str, seed: int, vae_steps: int, unet_steps: i
         idx = torch.from_numpy(rng.integers(0, len(latents), size=batch_size))
         x0 = latents[idx].to(device)
         captions = [sample_caption(labels[i], rng) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -246,23 +306,47 @@ def train_model(out: Path, device: str, seed: int, vae_steps: int, unet_steps: i
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == unet_steps - 1:
             rate = (time.time() - start) / (step + 1)
-            log(f"unet step {step}/{unet_steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}"
-                f" {rate:.2f}s/step eta {rate * (unet_steps - step - 1) / 60:.1f} min")
+            log(
+                f"unet step {step}/{unet_steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}"
+                f" {rate:.2f}s/step eta {rate * (unet_steps - step - 1) / 60:.1f} min"
+            )
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < unet_steps:
             save_pipeline(out / "snapshot", vae, ema_text, tokenizer, ema_unet)
             log(f"snapshot at step {step + 1} -> {out / 'snapshot'}")
     save_pipeline(out / "model", vae.cpu(), ema_text.cpu(), tokenizer, ema_unet.cpu())
-    (out / "model" / "world_train.json").write_text(json.dumps({
-        "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
-        "batch_size": batch_size, "n_latents": n_latents, "lr": lr, "init_from": init_from,
-        "minutes": round((time.time() - log.start) / 60, 1)}, indent=2) + "\n")
+    (out / "model" / "world_train.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "vae_steps": vae_steps,
+                "unet_steps": unet_steps,
+                "batch_size": batch_size,
+                "n_latents": n_latents,
+                "lr": lr,
+                "init_from": init_from,
+                "minutes": round((time.time() - log.start) / 60, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     log(f"saved pipeline to {out / 'model'}")
 
 
-def run(output: str, device: str = "cpu", seed: int = 0, only: str | None = None,
-        classifier_steps: int = 1000, vae_steps: int = 600, unet_steps: int = 3000,
-        n_latents: int = 40000, batch_size: int = 64, snapshot_every: int = 500,
-        init_from: str | None = None, lr: float = 6e-4) -> None:
+def run(
+    output: str,
+    device: str = "cpu",
+    seed: int = 0,
+    only: str | None = None,
+    classifier_steps: int = 1000,
+    vae_steps: int = 600,
+    unet_steps: int = 3000,
+    n_latents: int = 40000,
+    batch_size: int = 64,
+    snapshot_every: int = 500,
+    init_from: str | None = None,
+    lr: float = 6e-4,
+) -> None:
     """Train the parts named by ``only`` (default: classifier and model) into ``output``."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +357,17 @@ def run(output: str, device: str = "cpu", seed: int = 0, only: str | None = None
     if only in (None, "classifier"):
         train_classifier(out, device, seed, classifier_steps, log)
     if only in (None, "model"):
-        train_model(out, device, seed, vae_steps, unet_steps, n_latents, batch_size,
-                    snapshot_every, log, init_from=init_from, lr=lr)
+        train_model(
+            out,
+            device,
+            seed,
+            vae_steps,
+            unet_steps,
+            n_latents,
+            batch_size,
+            snapshot_every,
+            log,
+            init_from=init_from,
+            lr=lr,
+        )
     log("done")
