@@ -247,15 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subpackage_commands():
-    """Commands of the subpackages (tiny world, evaluation), each in its own module."""
-    registers = []
-    for module in ("kscu.world.cli", "kscu.evaluate.cli", "kscu.analyze.cli"):
-        try:
-            registers.append(__import__(module, fromlist=["register"]).register)
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise
-    return registers
+    """Commands of the subpackages (tiny world, evaluation, analysis), each in its own module."""
+    from kscu.analyze.cli import register as analyze
+    from kscu.evaluate.cli import register as evaluate
+    from kscu.world.cli import register as world
+
+    return [world, evaluate, analyze]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

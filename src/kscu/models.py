@@ -45,12 +45,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def default_model() -> str:
     """The bundled tiny world's folder, used when ``--model`` is not given."""
-    try:
-        from kscu.world import default_model_path
-    except ImportError:
-        default_model_path = None
-    path = default_model_path() if default_model_path else None
-    if path is None or not (Path(path) / "model_index.json").is_file():
+    from kscu.world import default_model_path
+
+    path = default_model_path()
+    if not (path / "model_index.json").is_file():
         raise KscuError("no bundled default model in this install; pass --model PATH_OR_HUB_ID")
     return str(path)
 
