@@ -10,6 +10,12 @@ from kscu.evaluate.classify import class_index, evaluate_classify
 from kscu.evaluate.clip_score import evaluate_clip
 
 
+def run_evaluate(metric, images, prompts, model, output) -> int:
+    """``kscu evaluate METRIC --images --prompts --model --output`` through the real CLI."""
+    argv = ["--images", images, "--prompts", prompts, "--model", model, "--output", output]
+    return kscu_main(["evaluate", metric, *map(str, argv)])
+
+
 def test_clip_score_runs_and_records_protocol(tmp_path, tiny_clip):
     make_images(tmp_path / "images", 3, size=(40, 40))
     csv = write_csv(
@@ -23,20 +29,7 @@ def test_clip_score_runs_and_records_protocol(tmp_path, tiny_clip):
         ],
     )
     out = tmp_path / "eval" / "clip.json"
-    code = kscu_main(
-        [
-            "evaluate",
-            "clip",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tiny_clip),
-            "--output",
-            str(out),
-        ]
-    )
+    code = run_evaluate("clip", tmp_path / "images", csv, tiny_clip, out)
     assert code == 0
     result = json.loads(out.read_text())
     assert result["metric"] == "clip" and result["images"] == 3
@@ -58,20 +51,7 @@ def test_clip_score_is_deterministic_and_pairs_by_case_number(tmp_path, tiny_cli
 def test_clip_image_without_prompt_row_is_an_error(tmp_path, tiny_clip, capsys):
     make_images(tmp_path / "images", 2, size=(32, 32))
     csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a"]])
-    code = kscu_main(
-        [
-            "evaluate",
-            "clip",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tiny_clip),
-            "--output",
-            str(tmp_path / "c.json"),
-        ]
-    )
+    code = run_evaluate("clip", tmp_path / "images", csv, tiny_clip, tmp_path / "c.json")
     assert code == 2
     assert "1.png has no row" in capsys.readouterr().err
 
@@ -79,20 +59,7 @@ def test_clip_image_without_prompt_row_is_an_error(tmp_path, tiny_clip, capsys):
 def test_clip_csv_without_prompt_column(tmp_path, tiny_clip, capsys):
     make_images(tmp_path / "images", 1, size=(32, 32))
     csv = write_csv(tmp_path / "p.csv", ["case_number", "text"], [[0, "a"]])
-    code = kscu_main(
-        [
-            "evaluate",
-            "clip",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tiny_clip),
-            "--output",
-            str(tmp_path / "c.json"),
-        ]
-    )
+    code = run_evaluate("clip", tmp_path / "images", csv, tiny_clip, tmp_path / "c.json")
     assert code == 2
     assert "'prompt' column" in capsys.readouterr().err
 
@@ -101,20 +68,7 @@ def test_clip_missing_model_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make_images(tmp_path / "images", 1, size=(32, 32))
     csv = write_csv(tmp_path / "p.csv", ["prompt"], [["a"]])
-    code = kscu_main(
-        [
-            "evaluate",
-            "clip",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tmp_path / "nope"),
-            "--output",
-            str(tmp_path / "c.json"),
-        ]
-    )
+    code = run_evaluate("clip", tmp_path / "images", csv, tmp_path / "nope", tmp_path / "c.json")
     assert code == 2
     assert "cannot load CLIP model" in capsys.readouterr().err
 
@@ -132,20 +86,7 @@ def test_classify_top1_per_class(tmp_path, tiny_classifier):
         ],
     )
     out = tmp_path / "classify.json"
-    code = kscu_main(
-        [
-            "evaluate",
-            "classify",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tiny_classifier),
-            "--output",
-            str(out),
-        ]
-    )
+    code = run_evaluate("classify", tmp_path / "images", csv, tiny_classifier, out)
     assert code == 0
     result = json.loads(out.read_text())
     assert result["metric"] == "classify" and result["images"] == 4
@@ -162,19 +103,12 @@ def test_classify_top1_per_class(tmp_path, tiny_classifier):
 def test_classify_needs_class_column(tmp_path, tiny_classifier, capsys):
     make_images(tmp_path / "images", 1, size=(32, 32))
     csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a church"]])
-    code = kscu_main(
-        [
-            "evaluate",
-            "classify",
-            "--images",
-            str(tmp_path / "images"),
-            "--prompts",
-            str(csv),
-            "--model",
-            str(tiny_classifier),
-            "--output",
-            str(tmp_path / "c.json"),
-        ]
+    code = run_evaluate(
+        "classify",
+        tmp_path / "images",
+        csv,
+        tiny_classifier,
+        tmp_path / "c.json",
     )
     assert code == 2
     err = capsys.readouterr().err
