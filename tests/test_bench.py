@@ -65,7 +65,7 @@ def test_bench_scores_every_method_and_writes_its_files(tmp_path, capsys, monkey
             "--iterations",
             "150",
             "--lr",
-            "1e-4",
+            "5e-5",
             "--samples",
             "24",
             "--steps",
