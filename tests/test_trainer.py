@@ -78,12 +78,15 @@ def test_bf16_compute_keeps_every_update(tiny_pipe):
         concepts=["church"], dtype="bfloat16", iterations=3, num_steps=10, start_step=3, lr=1e-5
     )
     result = erase(pipe, cfg, progress=False)
-    for n in names:
-        assert (result.tensors[n] != before[n]).all(), n
+    total = sum(before[n].numel() for n in names)
+    changed = sum((result.tensors[n] != before[n]).sum().item() for n in names) / total
+    # An element whose gradient is exactly zero in all three steps may legitimately stay put
+    # (seen: 1 of 48,956 with one CPU's bf16 kernels), hence issue #4's bar rather than "all".
+    assert changed >= 0.999, changed
     # the same updates stored in bf16 would mostly be lost: the failure mode we avoid
-    lost = sum(
-        (result.tensors[n].bfloat16().float() == before[n]).sum().item() for n in names
-    ) / sum(before[n].numel() for n in names)
+    lost = (
+        sum((result.tensors[n].bfloat16().float() == before[n]).sum().item() for n in names) / total
+    )
     assert lost > 0.5
     assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())
 
