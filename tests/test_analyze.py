@@ -26,7 +26,7 @@ import kscu.cli
 from kscu.analyze import cli as analyze_cli
 from kscu.analyze.analysis import AnalyzeSettings, analyze, auto_start_step, combine, summarize
 from kscu.analyze.core import isotonic, start_from_curve
-from kscu.models import encode_prompts
+from kscu.families import family_of
 
 A, B = 15, 30  # the window of step indices where the synthetic model sees its prompt
 
@@ -46,7 +46,7 @@ class LatentScorer:
 
 def window_eps(pipe, concept: str, mu: float = 1.0):
     alphas = pipe.scheduler.alphas_cumprod
-    concept_emb = encode_prompts(pipe, [concept]).float()
+    concept_emb = family_of(pipe).encode(pipe, [concept])["encoder_hidden_states"]
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -285,3 +285,29 @@ def test_world_scorer_reads_the_classifier():
     assert scorer.presence(circles, "striped").mean() > scorer.presence(squares, "striped").mean()
     with pytest.raises(KscuError):
         scorer.check("church")
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    """One list of defaults: the flags' defaults are AnalyzeSettings' (and the protocol's)."""
+    from kscu.analyze.settings import AnalyzeSettings, cap_for
+    from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
+
+    parser = argparse.ArgumentParser()
+    analyze_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--concept", "church", "--output", "x"])
+    assert analyze_cli.settings_from_args(args) == AnalyzeSettings()
+    assert (AnalyzeSettings().num_steps, AnalyzeSettings().guidance) == (EVAL_STEPS, EVAL_GUIDANCE)
+    assert cap_for(50) == 44 and cap_for(10) == 8
+
+
+def test_plot_is_a_matplotlib_png(tmp_path):
+    from PIL import Image
+
+    from kscu.analyze.plot import plot_curve
+
+    curve = [min(1.0, s / 30) for s in range(50)]
+    plot_curve(tmp_path / "analyze.png", curve, 3, {"class": 14}, 0.1, "t", curve, curve)
+    with Image.open(tmp_path / "analyze.png") as im:
+        assert im.format == "PNG" and im.size == (720, 420)
+        assert len(set(im.convert("RGB").getdata())) > 20  # lines and text drawn
+    assert [p.name for p in tmp_path.iterdir()] == ["analyze.png"]  # no temporary left

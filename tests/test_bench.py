@@ -116,3 +116,19 @@ def test_step_ranges():
     assert parse_step_ranges("0:50,14:50,0:15") == [(0, 50), (14, 50), (0, 15)]
     with pytest.raises(KscuError, match="S:E"):
         parse_step_ranges("14-50")
+
+
+def test_feature_distance_against_closed_form():
+    """Two Gaussians with diagonal covariances: FD = |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
+    import numpy as np
+
+    from kscu.bench import feature_distance
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((200_000, 2))
+    a = z * np.sqrt([1.0, 4.0])
+    b = (z - z.mean(0)) / z.std(0) * np.sqrt([9.0, 1.0]) + [1.0, -2.0]
+    a = (a - a.mean(0)) / a.std(0) * np.sqrt([1.0, 4.0])
+    expected = 1.0 + 4.0 + (1 - 3) ** 2 + (2 - 1) ** 2
+    assert abs(feature_distance(a, b) - expected) < 0.05
+    assert abs(feature_distance(a, a)) < 1e-9

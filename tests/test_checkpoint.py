@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -83,3 +84,45 @@ def test_wrong_keys_or_shapes_are_refused_even_with_force(erased, tmp_path):
 def test_missing_files_are_clear(tmp_path, tiny_pipe):
     with pytest.raises(KscuError, match="missing"):
         load_erased(tiny_pipe, tmp_path)
+
+
+def test_bf16_erase_of_a_float32_checkpoint_is_exact_and_recorded(tiny_model_dir, tmp_path):
+    """kscu erase --dtype bfloat16 on a float32 checkpoint: the saved tensors are base + update
+    with no bf16 rounding of the base; kscu.json states family, timesteps and loss space; the
+    fingerprint check is exact (a base one float32 ulp away is refused)."""
+    from safetensors.torch import load_file
+
+    from kscu.checkpoint import load_erased
+    from kscu.models import load_pipeline
+
+    out = tmp_path / "bf16"
+    cfg = EraseConfig(
+        concepts=["church"], dtype="bfloat16", iterations=3, num_steps=10, start_step=3, lr=1e-5
+    )
+    erase_to_folder(cfg, str(tiny_model_dir), out, progress=False)
+    meta = json.loads((out / "kscu.json").read_text())
+    assert meta["family"] == "sd" and meta["loss_space"] == "epsilon"
+    assert meta["timesteps"] == [901 - 100 * s for s in range(10)]
+    saved = load_file(str(out / "weights.safetensors"))
+    base = load_pipeline(str(tiny_model_dir))
+    params = dict(base.unet.named_parameters())
+    rounded_base = sum(
+        (t == params[n].detach().bfloat16().float()).sum().item() for n, t in saved.items()
+    )
+    sub_ulp = sum(
+        ((t != params[n]) & (t.bfloat16().float() == params[n].detach().bfloat16().float()))
+        .sum()
+        .item()
+        for n, t in saved.items()
+    )
+    assert sub_ulp > 0  # changes a bf16 base could not hold
+    assert rounded_base < 0.01 * sum(t.numel() for t in saved.values())
+    load_erased(base, out)  # the exact base: accepted
+    load_erased(load_pipeline(str(tiny_model_dir), dtype="bfloat16"), out)  # same base, bf16
+    other = load_pipeline(str(tiny_model_dir))
+    name = next(iter(meta["base_fingerprint"]))
+    with torch.no_grad():
+        p = dict(other.unet.named_parameters())[name].view(-1)
+        p[0] = torch.nextafter(p[0], torch.tensor(1.0))
+    with pytest.raises(KscuError, match="differ"):
+        load_erased(other, out)

@@ -273,3 +273,16 @@ def test_start_step_auto_is_refused_for_esd(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "auto is for --method kscu" in err
+
+
+def test_esd_augmentation_flags():
+    from kscu.cli import build_parser, erase_config_from_args
+    from kscu.config import resolve
+
+    def augment(*flags):
+        args = build_parser().parse_args(["erase", "--concept", "c", "--output", "o", *flags])
+        return resolve(erase_config_from_args(args)).augment
+
+    assert augment("--method", "esd") is False
+    assert augment("--method", "esd", "--augment") is True
+    assert augment() is True and augment("--no-augment") is False

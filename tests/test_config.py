@@ -74,3 +74,15 @@ def test_unknown_preset_key_is_refused():
 def test_round_trip_through_dict():
     cfg = resolve(EraseConfig(concepts=["x"], mode="style"))
     assert EraseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_esd_runs_without_augmentation_unless_asked():
+    assert resolve(EraseConfig(concepts=["c"], method="esd")).augment is False
+    assert resolve(EraseConfig(concepts=["c"], method="esd", augment=True)).augment is True
+    assert resolve(EraseConfig(concepts=["c"])).augment is True
+
+
+def test_loss_space_defaults_to_epsilon_and_is_checked():
+    assert resolve(EraseConfig(concepts=["c"])).loss_space == "epsilon"
+    with pytest.raises(KscuError, match="loss space"):
+        resolve(EraseConfig(concepts=["c"], loss_space="v"))

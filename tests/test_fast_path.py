@@ -1,4 +1,8 @@
-"""kscu.trainer (batched calls, no module copies) against the plain reference loop."""
+"""kscu.trainer (batched calls, no module copies) against the plain, independent reference loop.
+
+benchmarks/plain_erase.py shares nothing with the package but the resolved config: its own key
+step table, DDIM walk, loss and augmentation choice, written from KSCU_METHOD.md.
+"""
 
 import copy
 import sys
@@ -7,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kscu.config import EraseConfig
+from kscu.config import EraseConfig, resolve
+from kscu.prompts import augmented_prompts
 from kscu.trainer import erase
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -15,24 +20,32 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from plain_erase import plain_erase  # noqa: E402
 
 
-@pytest.mark.parametrize("scope", ["noxattn", "xattn"])
-def test_fast_path_matches_the_plain_loop(tiny_pipe, scope):
-    cfg = EraseConfig(
-        concepts=["church", "cat"],
-        scope=scope,
-        lr=1e-3,
-        iterations=40,
-        num_steps=10,
-        start_step=4,
-        loops=2,
-        seed=3,
+@pytest.mark.parametrize(
+    "scope,method", [("noxattn", "kscu"), ("xattn", "kscu"), ("noxattn", "esd")]
+)
+def test_fast_path_matches_the_plain_loop(tiny_pipe, scope, method):
+    cfg = resolve(
+        EraseConfig(
+            concepts=["church", "cat"],
+            method=method,
+            scope=scope,
+            lr=1e-3,
+            iterations=40,  # the last 2 iterations are augmented (kscu)
+            num_steps=10,
+            start_step=4 if method == "kscu" else None,
+            loops=2,
+            seed=3,
+        )
     )
+    variants = {
+        c: augmented_prompts(c, cfg.mode, cfg.augment_variants, cfg.seed) for c in cfg.concepts
+    }
     plain_pipe = copy.deepcopy(tiny_pipe)
     base = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
 
     plain_seen, fast_seen = [], []
     plain = plain_erase(
-        plain_pipe, cfg, callback=lambda i, e, x, loss: plain_seen.append((e, loss))
+        plain_pipe, cfg, variants, callback=lambda i, e, x, loss: plain_seen.append((e, loss))
     )
     fast = erase(
         tiny_pipe, cfg, progress=False, callback=lambda i, e, x, loss: fast_seen.append((e, loss))

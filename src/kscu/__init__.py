@@ -16,6 +16,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from kscu.torchvision_compat import ensure_torchvision  # noqa: E402
+
+ensure_torchvision()  # PyPI's torchvision beside a CPU torch (see there); nothing without it
+
 _API = {
     "EraseConfig": "kscu.config",
     "resolve": "kscu.config",

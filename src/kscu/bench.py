@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kscu.config import EraseConfig
+from kscu.config import EraseConfig, settings_label
 from kscu.errors import KscuError
 from kscu.fileio import write_json, write_text
 from kscu.preview import save_png
+from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 ATTRIBUTES = ("shape", "color", "texture")
 
@@ -47,6 +48,7 @@ class BenchRow:
     end_step: int | None = None
     iterations: int | None = None
     final_loss: float | None = None
+    settings: str | None = None  # what was really run: iterations, lr, scope, augmentation
 
 
 def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
@@ -96,6 +98,23 @@ def bench_prompts(concept: str, samples: int, seed: int) -> dict[str, Any]:
     }
 
 
+def feature_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between two sets of world-classifier features (rows are images).
+
+    The FID formula |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) on the classifier's small
+    feature space; numpy only, because ``kscu bench`` must not need the FID extras
+    (pytorch-fid, torchvision). Tr((S1 S2)^(1/2)) is computed as Tr((S1^(1/2) S2 S1^(1/2))^(1/2))
+    with symmetric eigendecompositions, stable when a covariance is singular.
+    """
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root @ s2 @ root
+    covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * covmean)
+
+
 def _accuracy(pred: list[str], labels: list[dict[str, str]], attribute: str) -> float:
     return float(np.mean([p == lab[attribute] for p, lab in zip(pred, labels, strict=True)]))
 
@@ -117,8 +136,6 @@ class Judge:
         return generate(pipe, prompts, self.seed + offset, self.steps, self.guidance)
 
     def score(self, pipe: Any) -> dict[str, float]:
-        from kscu.evaluate.fid import fid_from_features
-
         p, kind = self.p, self.p["kind"]
         target = self.classifier.predict(self.images(pipe, p["target_prompts"], 0))
         retain_images = self.images(pipe, p["retain_prompts"], 10_000)
@@ -131,7 +148,7 @@ class Judge:
             "UA": 1.0 - _accuracy(target[kind], p["target_labels"], kind),
             "IRA": _accuracy(retain[kind], p["retain_labels"], kind),
             "CRA": float(np.mean([_accuracy(retain[a], p["retain_labels"], a) for a in cross])),
-            "FD": max(0.0, fid_from_features(self.reference_features, features)),
+            "FD": max(0.0, feature_distance(self.reference_features, features)),
         }
 
 
@@ -144,8 +161,8 @@ def run_bench(
     iterations: int | None = None,
     seed: int = 0,
     samples: int = 64,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int = EVAL_STEPS,
+    guidance: float = EVAL_GUIDANCE,
     step_ranges: list[tuple[int, int]] | None = None,
     start_step: int | str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -185,7 +202,8 @@ def run_bench(
     for method, label, cfg in runs:
         pipe.unet.load_state_dict(original)
         started = time.perf_counter()
-        result, _ = erase_to_folder(cfg, model, output / _folder(label), progress, pipe=pipe)
+        folder = output / _folder(label)  # the bench owns its run folders: a rerun replaces them
+        result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
         seconds = time.perf_counter() - started
         rc = result.config
         rows.append(
@@ -198,6 +216,7 @@ def run_bench(
                 end_step=rc.end_step,
                 iterations=rc.iterations,
                 final_loss=result.losses[-1],
+                settings=settings_label(rc.to_dict()),
             )
         )
     pipe.unet.load_state_dict(original)
@@ -229,13 +248,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"guidance {report['guidance']}, seed {report['seed']}.\n\n"
     )
     lines = [
-        "| method | steps S:E | iterations | UA ↑ | IRA ↑ | CRA ↑ | FD ↓ | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | settings | UA ↑ | IRA ↑ | CRA ↑ | FD ↓ | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        window = f"{r['start_step']}:{r['end_step']}" if r["start_step"] is not None else "-"
+        settings = (r.get("settings") or "-").split(": ", 1)[-1]
         lines.append(
-            f"| {r['label']} | {window} | {r['iterations'] or '-'} | {r['UA']:.3f} | "
+            f"| {r['label']} | {settings} | {r['UA']:.3f} | "
             f"{r['IRA']:.3f} | {r['CRA']:.3f} | {r['FD']:.2f} | {r['seconds']:.1f} |"
         )
     return head + "\n".join(lines) + "\n"

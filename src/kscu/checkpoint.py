@@ -16,16 +16,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kscu.errors import KscuError
+from kscu.families import family_of
 from kscu.fileio import atomic_target, write_json
 
 WEIGHTS = "weights.safetensors"
 METADATA = "kscu.json"
-_FINGERPRINT_TENSORS = 4
-_FINGERPRINT_VALUES = 8
+_FINGERPRINT_TENSORS = 8
+_FINGERPRINT_VALUES = 16
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """A few base-weight values at fixed positions: enough to tell two base models apart."""
+    """Base-weight values at fixed positions, exactly (float32 holds every stored value).
+
+    Enough to tell two base models apart, and to tell a base from a rounded copy of itself.
+    """
     out = {}
     for name in sorted(tensors)[:_FINGERPRINT_TENSORS]:
         flat = tensors[name].detach().reshape(-1)
@@ -35,18 +39,52 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
 
 
 def _fingerprint_matches(expected: dict[str, list[float]], params: dict[str, Any]) -> bool:
+    """Exact: every recorded value equals the pipeline's, in the pipeline's own precision.
+
+    A float32 base must match to the bit; a base loaded in bf16 for generation matches the
+    recorded values rounded to bf16 (the same base, loaded in lower precision), nothing looser.
+    """
     if any(name not in params for name in expected):
         return False
     current = fingerprint({name: params[name] for name in expected})
-    # bf16 rounding of the same base is ~0.4% relative; another model differs far more.
-    return all(
-        torch.allclose(torch.tensor(current[k]), torch.tensor(v), rtol=1e-2, atol=1e-5)
-        for k, v in expected.items()
-    )
+    for name, values in expected.items():
+        dtype = params[name].dtype
+        want = torch.tensor(values, dtype=torch.float32).to(dtype)
+        if not torch.equal(torch.tensor(current[name], dtype=torch.float32).to(dtype), want):
+            return False
+    return True
+
+
+def check_output(output: str | Path, overwrite: bool = False) -> None:
+    """Refuse an erase output folder that would lose work; cheap, so it runs before any load.
+
+    A missing or empty folder is fine. A folder holding a run (``kscu.json`` or
+    ``weights.safetensors``) is replaced as a whole, and only with ``overwrite``: whatever else
+    is in it (images, evaluations) describes the old weights. Any other non-empty folder is never
+    replaced: kscu does not delete a folder it cannot recognise as a run.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise KscuError(f"--output {output} is a file; give a folder")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not (output / WEIGHTS).exists() and not (output / METADATA).exists():
+        raise KscuError(
+            f"--output {output} is not empty and holds no kscu run; give a new or empty folder"
+        )
+    if not overwrite:
+        raise KscuError(
+            f"--output {output} already holds a run; give a new folder, or pass --overwrite / "
+            "overwrite=True to replace it (the old run stays until the new one is complete)"
+        )
 
 
 def save_erased(output: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Write the edited tensors and the run's record, each atomically (weights first)."""
+    """Write the edited tensors and the run's record into ``output``, each atomically.
+
+    ``erase_to_folder`` calls it on a fresh hidden folder that is renamed into place afterwards,
+    so a run's files are never seen half-replaced.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -67,10 +105,11 @@ def read_metadata(directory: str | Path) -> dict:
 
 
 def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
-    """Put an erase's edited tensors into ``pipe.unet`` (in place); returns its metadata.
+    """Put an erase's edited tensors into the pipeline's denoiser (in place); returns its metadata.
 
-    Refuses keys or shapes that do not match the UNet (always), and a checkpoint made from
-    another base model (unless ``force``: e.g. a deliberate transfer to a fine-tune).
+    Refuses a checkpoint of another model family, keys or shapes that do not match the
+    denoiser (always), and a checkpoint made from another base model (unless ``force``: e.g. a
+    deliberate transfer to a fine-tune).
     """
     directory = Path(directory)
     weights = directory / WEIGHTS
@@ -82,17 +121,25 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
     except (SafetensorError, OSError) as e:
         raise KscuError(f"cannot read {weights} ({e}); the checkpoint is damaged") from None
 
-    params = dict(pipe.unet.named_parameters())
+    family = family_of(pipe)
+    made_for = meta.get("family", "sd")
+    if made_for != family.name:
+        raise KscuError(
+            f"{directory} was erased from a {made_for} model, but this pipeline is {family.name}; "
+            f"load a {made_for} base model"
+        )
+    params = dict(family.denoiser(pipe).named_parameters())
+    what = f"this {family.denoiser_attr}"
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise KscuError(
-            f"{weights} has {len(unknown)} tensors this UNet lacks (e.g. {unknown[0]}); "
+            f"{weights} has {len(unknown)} tensors {what} lacks (e.g. {unknown[0]}); "
             "it was made for another architecture"
         )
     bad = [k for k, v in tensors.items() if tuple(v.shape) != tuple(params[k].shape)]
     if bad:
         raise KscuError(
-            f"{weights}: {len(bad)} tensors differ in shape from this UNet "
+            f"{weights}: {len(bad)} tensors differ in shape from {what} "
             f"(e.g. {bad[0]}: {tuple(tensors[bad[0]].shape)} vs {tuple(params[bad[0]].shape)}); "
             "it was made for another architecture"
         )

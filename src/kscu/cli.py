@@ -7,13 +7,15 @@ file is touched. Defaults shown in ``--help`` come from ``kscu.config``, the onl
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kscu.config import DEFAULTS, DTYPES, METHODS, MODE_DEFAULTS, SCOPES, EraseConfig
+from kscu.config import DEFAULTS, DTYPES, METHODS, MODE_DEFAULTS, EraseConfig
 from kscu.errors import KscuError
+from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -26,7 +28,12 @@ _OVERRIDES: list[tuple[str, type | str, str]] = [
     ("iterations", int, "training iterations (per mode: {modes})"),
     ("start_step", "int_or_auto", "first key step S (per mode: {modes}); auto: measured"),
     ("end_step", int, "end step E, exclusive (default: --num-steps)"),
-    ("scope", str, "trainable parameters: " + ", ".join(SCOPES) + " (per mode: {modes})"),
+    (
+        "scope",
+        str,
+        "trainable parameters: xattn, noxattn, selfattn, full; FLUX: attn, full "
+        "(per mode: {modes})",
+    ),
     ("lr", float, "Adam learning rate (default {default})"),
     ("negative_guidance", float, "eta of the erase target (default {default})"),
     ("lambda1_alpha", float, "lambda1 = (T - t) * alpha (default {default})"),
@@ -35,6 +42,8 @@ _OVERRIDES: list[tuple[str, type | str, str]] = [
     ("loops", int, "complete runs before S moves on (default {default})"),
     ("num_steps", int, "DDIM steps of the trajectory (default {default})"),
     ("resolution", int, "image size in pixels (default: the model's own)"),
+    ("loss_space", str, "epsilon (default) or model: the model's own output space (v for SD 2.x)"),
+    ("max_sequence_length", int, "FLUX: T5 tokens per prompt (default 512; schnell: <= 256)"),
 ]
 
 
@@ -70,12 +79,25 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="rebuild the trajectory from noise every iteration (the paper-era code)",
     )
-    p.add_argument("--no-augment", action="store_true", help="no prompt augmentation")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prompt augmentation in the last iterations (default: on for kscu, off for esd)",
+    )
+    p.add_argument(
+        "--family", default=None, help="model family: sd, sdxl, flux (default: from the model)"
+    )
     p.add_argument(
         "--preview",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="write preview.png, before/after images (default: on for the bundled model)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --output (only once the new one is complete)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_erase)
@@ -92,7 +114,8 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         dtype=args.dtype,
         device=args.device,
         reuse_trajectory=not args.no_reuse_trajectory,
-        augment=not args.no_augment,
+        augment=args.augment,
+        family=args.family,
         **overrides,
     )
 
@@ -102,10 +125,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
     config = erase_config_from_args(args)
     prepare(config, args.model)  # validate everything before loading weights
-    if args.output.exists() and not args.output.is_dir():
-        raise KscuError(f"--output {args.output} is a file; give a folder")
     result, _ = erase_to_folder(
-        config, args.model, args.output, progress=not args.quiet, preview_prompts=_preview(args)
+        config,
+        args.model,
+        args.output,
+        progress=not args.quiet,
+        preview_prompts=_preview(args),
+        overwrite=args.overwrite,
     )
     print(
         f"erased {', '.join(result.config.concepts)} in {result.seconds:.1f} s "
@@ -142,13 +168,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "case_number), or a Hub dataset id such as AIML-TUDA/i2p",
     )
     p.add_argument("--output", required=True, type=Path, help="folder for the PNGs")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (default: the family's; SD/SDXL {EVAL_STEPS}, FLUX 28)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"CFG scale, FLUX: guidance embedding (default: SD {EVAL_GUIDANCE}, SDXL 5, FLUX 3.5)",
+    )
+    p.add_argument("--family", default=None, help="sd, sdxl, flux (default: from the model)")
     p.add_argument("--seed", type=int, default=0, help="row seed = seed + case_number if unset")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:N (accelerate picks its own)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again: delete the images, manifest and generate.json in --output first",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -156,11 +198,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from kscu.checkpoint import load_erased
     from kscu.distributed import process_state
+    from kscu.families import family_of
     from kscu.generate import generate_images, write_manifest
     from kscu.models import load_pipeline, resolve_device
     from kscu.promptfile import PromptRow, load_prompts
 
-    if args.steps <= 0 or args.batch_size <= 0:
+    if (args.steps is not None and args.steps <= 0) or args.batch_size <= 0:
         raise KscuError("--steps and --batch-size must be > 0")
     if args.prompt is not None:
         if not args.prompt.strip():
@@ -170,25 +213,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rows = load_prompts(args.prompts)
     state = process_state()
     device = state.device if state.num_processes > 1 else resolve_device(args.device)
-    pipe = load_pipeline(args.model, args.dtype, device)
+    pipe = load_pipeline(args.model, args.dtype, device, family=args.family)
     if args.weights is not None:
         load_erased(pipe, args.weights, force=args.force)
+    family = family_of(pipe)
+    steps = family.eval_steps if args.steps is None else args.steps
+    guidance = family.eval_guidance if args.guidance is None else args.guidance
     written = generate_images(
         pipe,
         rows,
         args.output,
-        steps=args.steps,
-        guidance=args.guidance,
+        steps=steps,
+        guidance=guidance,
         seed=args.seed,
         batch_size=args.batch_size,
         resolution=args.resolution,
         progress=not args.quiet,
         process_index=state.process_index,
         num_processes=state.num_processes,
+        weights=args.weights,
+        overwrite=args.overwrite,
+        wait_for_everyone=state.wait_for_everyone,
     )
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(rows, args.output, args.seed, args.guidance)
+        manifest = write_manifest(rows, args.output, args.seed, guidance)
         print(f"wrote {len(written)} new images (process 0) -> {args.output}; manifest {manifest}")
     return 0
 
@@ -255,10 +304,22 @@ def _subpackage_commands():
     return [world, evaluate, analyze]
 
 
+def _log_to_stderr() -> None:
+    """kscu's own notices (e.g. what the pinned sampler changed) as plain lines on stderr."""
+    log = logging.getLogger("kscu")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Library notices (e.g. "torchvision not installed") would break the one-line error promise.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -38,10 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "augment_fraction": 0.05,  # prompt augmentation in the last 5% of iterations
     "augment_variants": 10,
     "embedding_noise_std": 1e-5,
+    "loss_space": "epsilon",  # "epsilon", or "model": the model's own output space (v for SD 2.x)
 }
 
 METHODS = ("kscu", "esd")
-SCOPES = ("xattn", "noxattn", "selfattn", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,12 +66,15 @@ class EraseConfig:
     augment_fraction: float | None = None
     augment_variants: int | None = None
     embedding_noise_std: float | None = None
+    loss_space: str | None = None
+    max_sequence_length: int | None = None  # FLUX: T5 tokens of the prompt (512)
     resolution: int | None = None  # None: the model's native size
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
     reuse_trajectory: bool = True
-    augment: bool = True
+    augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
+    family: str | None = None  # None: detected from the model (model_index.json)
     preset: dict[str, Any] = field(default_factory=dict)  # what a model preset applied
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +89,22 @@ class EraseConfig:
         return cls(**data)
 
 
+def settings_label(config: dict[str, Any]) -> str:
+    """The settings a reader needs to judge a row (bench, report): what was really run.
+
+    E.g. "esd: 750 it, lr 1e-05, scope noxattn, steps 0:50, augment off".
+    """
+    c = config
+    parts = [
+        f"{c.get('iterations')} it",
+        f"lr {c.get('lr'):g}" if isinstance(c.get("lr"), int | float) else None,
+        f"scope {c.get('scope')}",
+        f"steps {c.get('start_step')}:{c.get('end_step')}",
+        f"augment {'on' if c.get('augment') else 'off'}",
+    ]
+    return f"{c.get('method', 'kscu')}: " + ", ".join(p for p in parts if p)
+
+
 def parse_concepts(text: str | list[str]) -> list[str]:
     """Split "A,B,C" into concepts; an empty or blank concept is an error, not a silent skip."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -97,8 +116,18 @@ def parse_concepts(text: str | list[str]) -> list[str]:
     return concepts
 
 
-def resolve(config: EraseConfig, preset: dict[str, Any] | None = None) -> EraseConfig:
-    """Fill every ``None`` (user > model preset > mode default > global default) and validate."""
+def resolve(
+    config: EraseConfig, preset: dict[str, Any] | None = None, family: Any = None
+) -> EraseConfig:
+    """Fill every ``None`` (user > model preset > mode default > global default) and validate.
+
+    A model family's own table (e.g. FLUX's 28 steps and lr 1e-4) overrides the mode and global
+    rows it names, so the defaults of every family are resolved the same way and recorded.
+    """
+    if family is None:
+        from kscu.families import get_family
+
+        family = get_family(config.family or "sd")
     if config.mode not in MODE_DEFAULTS:
         raise KscuError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
     if config.start_step == "auto":
@@ -107,30 +136,34 @@ def resolve(config: EraseConfig, preset: dict[str, Any] | None = None) -> EraseC
         raise KscuError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     concepts = parse_concepts(config.concepts)
     preset = _preset_for_mode(preset or {}, config.mode)
-    mode_row = dict(MODE_DEFAULTS[config.mode])
+    mode_row = {**MODE_DEFAULTS[config.mode], **family.mode_defaults.get(config.mode, {})}
     if config.mode == "instance" and len(concepts) > 1:
         mode_row["iterations"] = INSTANCE_MULTI_ITERATIONS
+    defaults = {**DEFAULTS, **family.defaults}
     values = config.to_dict()
     applied: dict[str, Any] = {}
-    for name in [*mode_row, *DEFAULTS, "end_step"]:
+    for name in [*mode_row, *defaults, "end_step"]:
         if values.get(name) is not None:
             continue
         if name in preset:
             values[name] = applied[name] = preset[name]
         elif name in mode_row:
             values[name] = mode_row[name]
-        elif name in DEFAULTS:
-            values[name] = DEFAULTS[name]
+        elif name in defaults:
+            values[name] = defaults[name]
     if values["end_step"] is None:
         values["end_step"] = values["num_steps"]
     if config.method == "esd":
         # ESD: no key-step restriction and no leakage term (KSCU_METHOD.md section 3).
         values["start_step"] = 0 if config.start_step is None else config.start_step
         values["lambda2"] = 0.0 if config.lambda2 is None else config.lambda2
+    if values["augment"] is None:
+        values["augment"] = config.method == "kscu"
+    values["family"] = family.name
     values["concepts"] = concepts
     values["preset"] = {**config.preset, **applied}  # resolving twice keeps the record
     out = EraseConfig(**values)
-    _validate(out)
+    _validate(out, family)
     return out
 
 
@@ -151,12 +184,20 @@ def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     return flat
 
 
-def _validate(c: EraseConfig) -> None:
+def _validate(c: EraseConfig, family: Any) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise KscuError(message)
 
-    need(c.scope in SCOPES, f"unknown scope {c.scope!r}; choose one of {', '.join(SCOPES)}")
+    scopes = ("full", *family.scope_rules)
+    need(
+        c.scope in scopes,
+        f"unknown scope {c.scope!r} for {family.name}; choose one of {', '.join(scopes)}",
+    )
+    need(
+        c.loss_space in ("epsilon", "model"),
+        f"unknown loss space {c.loss_space!r}; choose epsilon or model",
+    )
     need(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}; choose one of {', '.join(DTYPES)}")
     need(c.iterations > 0, f"--iterations must be > 0 (got {c.iterations})")
     need(c.num_steps > 0, f"--num-steps must be > 0 (got {c.num_steps})")

@@ -1,14 +1,66 @@
-"""Atomic file writes: a crash or an error never leaves a half-written output behind."""
+"""Atomic, durable writes: a crash or an error never leaves a half-written output behind.
+
+A file or folder is written under a hidden name beside its target, flushed to disk, then renamed
+into place, so a reader sees the old version or the complete new one. New files and folders get
+the user's umask permissions (``tempfile.mkstemp`` would make them 0600, unreadable to the lab
+sharing a results folder).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from kscu.errors import KscuError
+
+
+def _hidden_sibling(path: Path, kind: str, create: Callable[[Path], None]) -> Path:
+    """A fresh hidden name beside ``path``, created exclusively by ``create``."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{kind}")
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+
+
+def _new_folder(path: Path) -> None:
+    os.mkdir(path, 0o777)  # the umask applies
+
+
+def _unused(path: Path) -> None:
+    if os.path.lexists(path):
+        raise FileExistsError(path)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (so a rename in it survives a power cut)."""
+    if os.name == "nt" and Path(path).is_dir():
+        return  # Windows cannot open a folder to flush it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 @contextlib.contextmanager
@@ -16,14 +68,56 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _hidden_sibling(path, "tmp", _new_file)
+    wanted = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file
     try:
-        yield Path(tmp)
+        yield tmp
+        if stat.S_IMODE(tmp.stat().st_mode) != wanted:
+            os.chmod(tmp, wanted)  # the writer made its own file (safetensors makes it 0600)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    ``path`` may be missing or an empty folder. With ``replace`` it may also hold an earlier
+    version: that one is moved aside, the new one moved in, and only then the old one deleted,
+    so a crash at any point leaves one complete version (at worst under its hidden name).
+    Whether a folder may be replaced is the caller's decision, taken before the work starts.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _hidden_sibling(path, "tmp", _new_folder)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        _swap_in(tmp, path, replace)
+    finally:
+        _remove(tmp)
+
+
+def _swap_in(new: Path, path: Path, replace: bool) -> None:
+    old = None
+    if path.exists() or path.is_symlink():
+        if not replace and not (path.is_dir() and not any(path.iterdir())):
+            raise KscuError(f"{path} was filled by something else meanwhile; nothing was replaced")
+        old = _hidden_sibling(path, "old", _unused)
+        os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    fsync_path(path.parent)
+    if old is not None:
+        _remove(old)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -33,3 +127,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object kscu wrote earlier; a damaged one is a one-line error ending in ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KscuError(f"cannot read {path} ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise KscuError(f"{path} does not hold a JSON object; {fix}")
+    return data

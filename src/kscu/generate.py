@@ -4,25 +4,37 @@ Built for benchmark-size runs (I2P's 4,703 prompts, COCO-30k): every row has a f
 own ``evaluation_seed`` or ``seed + case_number``), so an image does not depend on batching or on
 how many processes share the work; files that exist are skipped, so an interrupted run resumes;
 under ``accelerate launch`` each process takes every n-th row, so no image is made twice.
+Skipping is only safe if the images were made the same way: ``generate.json`` records what
+decides the pixels before the first image, and a rerun with other settings is refused.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from kscu.fileio import atomic_target, write_text
-from kscu.models import native_resolution
+import kscu
+from kscu.checkpoint import WEIGHTS
+from kscu.errors import KscuError
+from kscu.families import family_of
+from kscu.fileio import atomic_target, read_json_object, write_text
+from kscu.models import is_bundled_model, native_resolution
 from kscu.promptfile import PromptRow
+from kscu.sampling import sample_images, to_pil
 
 MANIFEST = "manifest.csv"
+SETTINGS = "generate.json"
+# Recorded, not compared: moving the weights folder or upgrading kscu leaves the images valid
+# (a sampler that changes shows up in "scheduler"/"scheduler_config").
+_NOT_COMPARED = ("weights", "kscu_version")
 
 
 def image_name(row: PromptRow) -> str:
@@ -54,34 +66,55 @@ def generate_images(
     pipe: Any,
     rows: list[PromptRow],
     output: str | Path,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 1,
     resolution: int | None = None,
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
+    weights: str | Path | None = None,
+    overwrite: bool = False,
+    wait_for_everyone: Callable[[], None] | None = None,
 ) -> list[Path]:
-    """Make the missing images of this process's share of ``rows``; returns the files written."""
+    """Make the missing images of this process's share of ``rows``; returns the files written.
+
+    Sampling is the family's own (``kscu.sampling``: SD's pinned DDIM with CFG, FLUX's
+    flow-matching Euler with its guidance embedding); ``steps`` and ``guidance`` default to the
+    family's protocol (SD 50 / 7.5, SDXL 50 / 5.0, FLUX.1-dev 28 / 3.5).
+    ``weights`` (the ``kscu erase`` folder loaded into ``pipe``) is fingerprinted into
+    ``generate.json``. A folder made with other settings is refused unless ``overwrite``, which
+    deletes its images first. Several processes pass their accelerate ``wait_for_everyone``.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the field's protocol
+    family = family_of(pipe)
+    steps = family.eval_steps if steps is None else steps
+    guidance = family.eval_guidance if guidance is None else guidance
     size = resolution or native_resolution(pipe)
+    record = generation_record(pipe, steps, guidance, size, seed, weights)
+    check_resume(output, record, overwrite)  # every process, before any image
+    if process_index == 0:
+        start_folder(output, record, overwrite)
+    if wait_for_everyone is not None:
+        wait_for_everyone()  # no process lists the missing images before old ones are cleared
     mine = rows[process_index::num_processes]
     todo = [r for r in mine if not (output / image_name(r)).exists()]
     written: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"generate[{process_index}]", disable=not progress)
     for batch in _batches(todo, batch_size, guidance):
-        generators = [torch.Generator("cpu").manual_seed(row_seed(r, seed)) for r in batch]
-        images = pipe(
-            prompt=[r.prompt for r in batch],
-            num_inference_steps=steps,
-            guidance_scale=_g(batch[0], guidance),
-            generator=generators,
-            height=size,
-            width=size,
-        ).images
+        images = to_pil(
+            sample_images(
+                pipe,
+                [r.prompt for r in batch],
+                [row_seed(r, seed) for r in batch],
+                steps,
+                _g(batch[0], guidance),
+                size,
+                batch_size=len(batch),
+            )
+        )
         for row, image in zip(batch, images, strict=True):
             path = output / image_name(row)
             with atomic_target(path) as tmp:
@@ -103,3 +136,122 @@ def write_manifest(rows: list[PromptRow], output: str | Path, seed: int, guidanc
             w.writerow([r.case_number, r.prompt, row_seed(r, seed), _g(r, guidance), image_name(r)])
     write_text(output / MANIFEST, buf.getvalue())
     return output / MANIFEST
+
+
+def generation_record(
+    pipe: Any,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    seed: int,
+    weights: str | Path | None = None,
+) -> dict[str, Any]:
+    """What decides a folder's pixels: the model, weights and the family's sampler as used."""
+    family = family_of(pipe)
+    return {
+        "model": _model_id(getattr(pipe, "name_or_path", None)),
+        "weights": None if weights is None else str(weights),
+        "weights_sha256": None if weights is None else _sha256(Path(weights) / WEIGHTS),
+        "steps": steps,
+        "guidance": guidance,
+        "resolution": resolution,
+        "seed": seed,
+        "dtype": str(family.denoiser(pipe).dtype).removeprefix("torch."),
+        "family": family.name,
+        "sampler": family.sampler(pipe, steps, resolution, guidance=guidance).record(),
+        "kscu_version": kscu.__version__,
+    }
+
+
+def _model_id(name: str | None) -> str | None:
+    """The hub id, or the absolute folder (a relative path must not look like another model)."""
+    if not name:
+        return None
+    if is_bundled_model(name):
+        from kscu.runner import BUNDLED_MODEL
+
+        return BUNDLED_MODEL
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume(output: str | Path, record: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse to add images to a folder made another way: the manifest would mislabel the old ones.
+
+    Reads only ``record`` and the folder, so every process of a launch reaches the same answer.
+    """
+    output = Path(output)
+    if overwrite:
+        return
+    if (output / SETTINGS).is_file():
+        diffs = _differences(
+            read_json_object(output / SETTINGS, "pass --overwrite to start again"),
+            json.loads(_dumps(record)),
+        )
+        if diffs:
+            raise KscuError(
+                f"{output} holds images made with other settings (folder vs now: "
+                f"{', '.join(diffs)}); rerun with the folder's settings to resume, pass "
+                "--overwrite to start again, or give another --output"
+            )
+    elif output.is_dir() and any(_is_generated(p) for p in output.iterdir()):
+        raise KscuError(
+            f"{output} holds images but no {SETTINGS} (made by an older kscu), so how they were "
+            "made is unknown; pass --overwrite to start again, or give another --output"
+        )
+
+
+def start_folder(output: str | Path, record: dict[str, Any], overwrite: bool = False) -> None:
+    """Main process: clear an earlier run (``overwrite``), then record the settings.
+
+    The record is written before the first image, so an interrupted run is checked on resume.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for path in output.iterdir():
+            if path.name == SETTINGS or _is_generated(path):
+                path.unlink()
+    if not (output / SETTINGS).exists():  # a resumed folder keeps the record it started with
+        write_text(output / SETTINGS, _dumps(record))
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2, default=str) + "\n"
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``steps 50 vs 20`` for every compared setting that differs (nested dicts by key)."""
+    out = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(key), new.get(key)
+        if (not prefix and key in _NOT_COMPARED) or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key} {_show(key, a)} vs {_show(key, b)}")
+    return out
+
+
+def _show(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    return value[:12] if key.endswith("sha256") and isinstance(value, str) else str(value)
+
+
+def _is_generated(path: Path) -> bool:
+    """A file ``kscu generate`` writes: ``{case_number}.png`` or the manifest."""
+    if path.name == MANIFEST:
+        return True
+    return path.suffix == ".png" and path.stem.lstrip("-").isdigit() and path.is_file()

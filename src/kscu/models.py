@@ -69,11 +69,19 @@ def _looks_local(model: str) -> bool:
 
 
 def load_pipeline(
-    model: str | None, dtype: str = "float32", device: str | torch.device = "cpu"
+    model: str | None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    family: str | None = None,
+    exact_denoiser: bool = False,
 ) -> Any:
-    """A ``StableDiffusionPipeline`` from a folder or hub id, safety checker off, on ``device``."""
+    """A pipeline of a supported family from a folder or hub id, safety checker off, on ``device``.
+
+    With ``exact_denoiser`` the denoiser is loaded in float32 whatever ``dtype``: its weights are
+    then exactly the checkpoint's (upcast), so an erase's masters start from the true base and the
+    saved weights are base + update, not round_bf16(base) + update.
+    """
     import diffusers
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from packaging.version import Version
     from transformers.utils import logging as transformers_logging
@@ -81,6 +89,53 @@ def load_pipeline(
     model = default_model() if model is None else str(model)
     if dtype not in TORCH_DTYPES:
         raise KscuError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    fam = model_family(model, family)
+    path = Path(model).expanduser()
+    source = str(path) if path.exists() else model
+    hint = (
+        "check the id or folder (offline? point --model at a local copy with safetensors weights)"
+    )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice is expected
+    diffusers_logging.disable_progress_bar()  # loading bars would bury our own output
+    transformers_logging.disable_progress_bar()
+    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    try:
+        kwargs = fam.load_kwargs()
+        if exact_denoiser and dtype != "float32":
+            kwargs[fam.denoiser_attr] = load_or_explain(
+                lambda: fam.denoiser_class().from_pretrained(
+                    source,
+                    subfolder=fam.denoiser_attr,
+                    use_safetensors=True,
+                    **{dtype_key: torch.float32},
+                ),
+                f"the {fam.denoiser_attr} of {model}",
+                hint,
+            )
+        pipe = load_or_explain(
+            lambda: fam.pipeline_class().from_pretrained(
+                source, use_safetensors=True, **kwargs, **{dtype_key: TORCH_DTYPES[dtype]}
+            ),
+            f"model {model}",
+            hint,
+        )
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._kscu_family = fam.name
+    return pipe.to(device)
+
+
+def model_family(model: str | None, family: str | None = None) -> Any:
+    """The family of ``model`` (named, or read from its ``model_index.json``), before loading."""
+    import diffusers
+
+    from kscu.families import detect_family, get_family
+
+    if family is not None:
+        return get_family(family)
+    model = default_model() if model is None else str(model)
     path = Path(model).expanduser()
     if not path.exists() and _looks_local(model):
         raise KscuError(f"model folder {model} does not exist; give a folder or a hub id")
@@ -89,28 +144,14 @@ def load_pipeline(
             f"{model} is not a diffusers pipeline folder (no model_index.json); "
             "give the folder that holds model_index.json"
         )
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice is expected
-    diffusers_logging.disable_progress_bar()  # loading bars would bury our own output
-    transformers_logging.disable_progress_bar()
-    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
-    try:
-        pipe = load_or_explain(
-            lambda: StableDiffusionPipeline.from_pretrained(
-                str(path) if path.exists() else model,
-                safety_checker=None,
-                requires_safety_checker=False,
-                use_safetensors=True,
-                **{dtype_key: TORCH_DTYPES[dtype]},
-            ),
-            f"model {model}",
-            "check the id or folder (offline? point --model at a local copy with safetensors "
-            "weights)",
-        )
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    if path.exists():
+        return detect_family(path)
+    config = load_or_explain(
+        lambda: diffusers.DiffusionPipeline.load_config(model),
+        f"model {model}",
+        "check the id (offline? point --model at a local copy, or name --family)",
+    )
+    return detect_family(None, config.get("_class_name"))
 
 
 def read_preset(model: str | None) -> dict[str, Any]:
@@ -125,35 +166,24 @@ def read_preset(model: str | None) -> dict[str, Any]:
 
 
 def native_resolution(pipe: Any) -> int:
-    """The image size the UNet was trained for (sample_size times the VAE's downscale)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The image size the model was trained for."""
+    from kscu.families import family_of
 
-
-@torch.no_grad()
-def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings as SD computes them (padded to the tokenizer's max length)."""
-    tok = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    return family_of(pipe).native_resolution(pipe)
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
     """DDIM with Stable Diffusion's schedule (timesteps 981, 961, ..., 1 at 50 steps)."""
     from diffusers import DDIMScheduler
 
+    from kscu.protocol import SD_DDIM_SETTINGS
+
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
         prediction_type=prediction_type,
+        **SD_DDIM_SETTINGS,
     )
 
 

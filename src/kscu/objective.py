@@ -4,7 +4,8 @@ The first term is ESD's negative guidance: the edited conditional prediction is 
 classifier-free guidance would steer *away* from the concept. The second term keeps the edited
 model's unconditional prediction close to the frozen one, nudged slightly away from the concept,
 so the concept does not leak back in through the unconditional branch of CFG. Its weight grows
-as t falls (lambda1 = (T - t) * alpha), i.e. toward the detail-forming late steps.
+as t falls (SD: lambda1 = (T - t) * alpha), i.e. toward the detail-forming late steps; the
+family's sampler gives lambda1 of each step.
 """
 
 from __future__ import annotations
@@ -18,32 +19,25 @@ def erase_target(p: torch.Tensor, n: torch.Tensor, eta: float) -> torch.Tensor:
     return n - eta * (p - n)
 
 
-def leak_weight(t: int, alpha: float, num_train_timesteps: int = 1000) -> float:
-    """lambda1 of the method: 0.006 at t=701, 0.02 at t=1 with the defaults."""
-    return (num_train_timesteps - t) * alpha
-
-
 def kscu_loss(
     e: torch.Tensor,
     u: torch.Tensor | None,
     p: torch.Tensor,
     n: torch.Tensor,
-    t: int,
     eta: float,
-    lambda1_alpha: float,
+    lambda1: float,
     lambda2: float,
-    num_train_timesteps: int = 1000,
 ) -> torch.Tensor:
     """MSE(e, n - eta (p - n)) + lambda2 * MSE(u, n - lambda1 (p - n)), in float32.
 
-    ``u`` may be None when ``lambda2 == 0`` (ESD): the second term is then exactly zero, so the
-    edited unconditional prediction need not be computed at all.
+    ``lambda1`` is the family's weight for this step (SD: (T - t) * 2e-5). ``u`` may be None
+    when ``lambda2 == 0`` (ESD): the second term is then exactly zero, so the edited
+    unconditional prediction need not be computed at all.
     """
     e, p, n = e.float(), p.float(), n.float()
     loss = F.mse_loss(e, erase_target(p, n, eta))
     if lambda2 != 0:
         if u is None:
             raise ValueError("lambda2 != 0 needs the edited unconditional prediction u")
-        lam1 = leak_weight(t, lambda1_alpha, num_train_timesteps)
-        loss = loss + lambda2 * F.mse_loss(u.float(), erase_target(p, n, lam1))
+        loss = loss + lambda2 * F.mse_loss(u.float(), erase_target(p, n, lambda1))
     return loss

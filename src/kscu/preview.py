@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw
 
 from kscu.fileio import atomic_target
@@ -26,17 +25,14 @@ def world_prompts(concept: str, count: int = 4) -> list[str]:
     return [concept.strip().lower(), *others, cross]
 
 
-@torch.no_grad()
-def sample(pipe: Any, prompts: list[str], seed: int, steps: int = 50, guidance: float = 7.5):
+def sample(pipe: Any, prompts: list[str], seed: int, steps: int | None = None, guidance=None):
     """``PER_PROMPT`` images per prompt; the same seeds before and after an erase."""
-    rows = []
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator("cpu").manual_seed(seed + i)
-        out = pipe(
-            [prompt] * PER_PROMPT, num_inference_steps=steps, guidance_scale=guidance, generator=g
-        )
-        rows.append(out.images)
-    return rows
+    from kscu.sampling import sample_images, to_pil
+
+    every = [p for p in prompts for _ in range(PER_PROMPT)]
+    seeds = [seed + i for i in range(len(every))]
+    images = to_pil(sample_images(pipe, every, seeds, steps, guidance))
+    return [images[i : i + PER_PROMPT] for i in range(0, len(images), PER_PROMPT)]
 
 
 def compose(prompts: list[str], before: list[list], after: list[list], title: str) -> Image.Image:

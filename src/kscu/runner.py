@@ -16,17 +16,21 @@ import torch
 
 import kscu
 from kscu import preview
-from kscu.checkpoint import save_erased
+from kscu.checkpoint import check_output, save_erased
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
-from kscu.models import load_pipeline, read_preset, resolve_device
+from kscu.families import family_of
+from kscu.fileio import atomic_folder
+from kscu.models import load_pipeline, model_family, read_preset, resolve_device
 from kscu.trainer import EraseResult, erase
 
 BUNDLED_MODEL = "kscu-tiny-world"  # base_model name recorded for the default model
 
 
-def prepare(config: EraseConfig, model: str | None) -> EraseConfig:
+def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseConfig:
     """Resolve ``config`` against the model's preset; fails fast, before any weights load.
+
+    The family comes from ``pipe`` when one is given, else from the model's folder or hub id.
 
     ``start_step="auto"`` is checked as step 0 here (every other flag fully);
     ``erase_to_folder`` replaces it with the measured step once the model is loaded.
@@ -36,7 +40,8 @@ def prepare(config: EraseConfig, model: str | None) -> EraseConfig:
             raise KscuError("--start-step auto is for --method kscu (ESD draws every step)")
         config = dataclasses.replace(config, start_step=0)  # any valid step, for the checks
     resolve(config)  # a bad flag is reported before a missing model
-    return resolve(config, read_preset(model))
+    family = family_of(pipe) if pipe is not None else model_family(model, config.family)
+    return resolve(config, read_preset(model), family=family)
 
 
 def run_record(result: EraseResult, base_model: str, device: torch.device) -> dict[str, Any]:
@@ -53,6 +58,7 @@ def run_record(result: EraseResult, base_model: str, device: torch.device) -> di
         "python_version": platform.python_version(),
         "device": str(device),
         "trainable_elements": trainable,
+        **result.record,  # "family", "timesteps" (the sampler's, in step order), "loss_space"
         "schedule": [[c, s] for c, s in result.schedule],
         "losses": result.losses,
         "final_loss": result.losses[-1] if result.losses else None,
@@ -67,16 +73,21 @@ def erase_to_folder(
     progress: bool = True,
     pipe: Any = None,
     preview_prompts: list[str] | None = None,
+    overwrite: bool = False,
 ) -> tuple[EraseResult, Any]:
     """Erase and write ``output/weights.safetensors`` + ``output/kscu.json``.
 
     With ``preview_prompts``, also ``output/preview.png``: the same seeds before and after.
     Returns the result and the (now edited) pipeline. Pass ``pipe`` to reuse a loaded one.
+    The files are written into a hidden sibling folder renamed to ``output`` at the end, so
+    ``output`` holds a complete run or nothing new; an existing run there is replaced only with
+    ``overwrite`` (see ``kscu.checkpoint.check_output``).
     """
-    cfg = prepare(config, model)
+    cfg = prepare(config, model, pipe)
+    check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
-        pipe = load_pipeline(model, cfg.dtype, device)
+        pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     base = model if model is not None else BUNDLED_MODEL
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit
@@ -92,16 +103,17 @@ def erase_to_folder(
             progress=progress,
         )
         auto = dataclasses.replace(config, start_step=analysis["recommended_start_step"])
-        cfg = prepare(auto, model)
+        cfg = prepare(auto, model, pipe)
     before = preview.sample(pipe, preview_prompts, cfg.seed) if preview_prompts else None
     result = erase(pipe, cfg, progress=progress)
     record = run_record(result, str(base), device)
     if analysis is not None:
         record["start_step_analysis"] = analysis
-    save_erased(output, result.tensors, record)
-    if preview_prompts:
-        after = preview.sample(pipe, preview_prompts, cfg.seed)
-        title = f"{cfg.method} ({cfg.mode} mode): erased {', '.join(cfg.concepts)}"
-        grid = preview.compose(preview_prompts, before, after, title)
-        preview.save_png(grid, Path(output) / "preview.png")
+    with atomic_folder(output, replace=overwrite) as folder:
+        save_erased(folder, result.tensors, record)
+        if preview_prompts:
+            after = preview.sample(pipe, preview_prompts, cfg.seed)
+            title = f"{cfg.method} ({cfg.mode} mode): erased {', '.join(cfg.concepts)}"
+            grid = preview.compose(preview_prompts, before, after, title)
+            preview.save_png(grid, folder / "preview.png")
     return result, pipe

@@ -1,16 +1,19 @@
-"""The KSCU erase loop, in one place (KSCU_METHOD.md sections 2-5).
+"""The KSCU erase loop, in one place (KSCU_METHOD.md sections 2-5). It knows no model family.
 
 For each entry (concept c, step index s) of the schedule:
-  1. get x_s: the edited model's own CFG-3 DDIM trajectory for c from seeded noise, advanced one
+  1. get x_s: the edited model's own guided trajectory for c from seeded noise, advanced one
      step from the previous iteration's x when the schedule moved exactly one step on;
   2. frozen predictions p = eps(x_s, t, c), n = eps(x_s, t, "") from the original weights;
   3. edited predictions e = eps*(x_s, t, c'), u = eps*(x_s, t, "");
   4. one Adam step on MSE(e, n - eta (p - n)) + lambda2 MSE(u, n - lambda1 (p - n)).
 
-The frozen model is the same UNet called with the original values of the trainable tensors
-(``torch.func.functional_call``), so no module is copied. Trainable tensors are float32 master
-weights whatever the compute dtype: bf16/fp16 only change the arithmetic (autocast), never the
-precision of the updates (KSCU_METHOD.md section 8).
+Everything that differs between SD, SDXL and FLUX (prompt encoding, the denoiser call, guidance,
+the sampler, lambda1, the loss space) comes from the pipeline's family (``kscu.families``).
+The frozen model is the same network called with the original values of the trainable tensors
+(``torch.func.functional_call``), kept in the compute dtype, so no module is copied. Trainable
+tensors are float32 master weights, upcast exactly from the weights as loaded, whatever the
+compute dtype: bf16/fp16 only change the arithmetic (autocast), never the precision of the
+updates (KSCU_METHOD.md section 8), so the saved weights are exactly base + update.
 """
 
 from __future__ import annotations
@@ -20,18 +23,18 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
-from kscu.models import TORCH_DTYPES, encode_prompts, native_resolution
+from kscu.families import family_of
+from kscu.families.base import Cond, cond_cat, cond_pick
+from kscu.models import TORCH_DTYPES
 from kscu.objective import kscu_loss
 from kscu.prompts import augmented_prompts
 from kscu.schedule import Entry, key_step_table, uniform_table
@@ -43,11 +46,12 @@ class EraseResult:
     """What an erase produced: the edited tensors and the record of how."""
 
     config: EraseConfig
-    tensors: dict[str, torch.Tensor]  # edited UNet parameters, float32, on the CPU
+    tensors: dict[str, torch.Tensor]  # edited denoiser parameters, float32, on the CPU
     schedule: list[Entry]
     losses: list[float]
     seconds: float
     base_fingerprint: dict[str, list[float]]  # see kscu.checkpoint.fingerprint
+    record: dict[str, Any] = field(default_factory=dict)  # family, timesteps, loss space
 
 
 def build_schedule(cfg: EraseConfig) -> list[Entry]:
@@ -57,37 +61,26 @@ def build_schedule(cfg: EraseConfig) -> list[Entry]:
     return key_step_table(cfg.concepts, cfg.start_step, cfg.end_step, cfg.iterations, cfg.loops)
 
 
-class Trajectory:
-    """The edited model's own sampling path: x_0 from seeded noise, then CFG DDIM steps."""
+class _Restore:
+    """The caller's network as it was: training flag, requires_grad, trainable values/dtypes."""
 
-    def __init__(self, pipe: Any, cfg: EraseConfig, unet_call: Callable[..., torch.Tensor]):
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(cfg.num_steps)
-        self.timesteps = [int(t) for t in self.scheduler.timesteps]
-        size = (cfg.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
-        self.shape = (1, pipe.unet.config.in_channels, size, size)
-        self.guidance = cfg.trajectory_guidance
-        self.unet_call = unet_call
-        self.device = pipe.device
+    def __init__(self, module: torch.nn.Module, params: dict, names: list[str], exact: dict):
+        self.module, self.params, self.exact = module, params, exact
+        self.training = module.training
+        self.requires_grad = {n: p.requires_grad for n, p in params.items()}
+        self.dtypes = {n: params[n].dtype for n in names}
 
-    def noise(self, seed: int) -> torch.Tensor:
-        """Drawn on the CPU so a seed gives the same x_0 on every device."""
-        g = torch.Generator("cpu").manual_seed(seed)
-        x = torch.randn(self.shape, generator=g) * self.scheduler.init_noise_sigma
-        return x.to(self.device)
+    def put(self, values: dict[str, torch.Tensor]) -> None:
+        """Write ``values`` into the trainable tensors in their own dtypes; flags as they were."""
+        for n, v in values.items():
+            p = self.params[n]
+            p.data = v.detach().to(p.device, self.dtypes[n])
+        for n, p in self.params.items():
+            p.requires_grad_(self.requires_grad[n])
+        self.module.train(self.training)
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, s: int, cond: torch.Tensor, uncond: torch.Tensor):
-        """x_s -> x_{s+1}: one DDIM step with CFG at the trajectory guidance scale."""
-        t = self.timesteps[s]
-        out = self.unet_call(torch.cat([x, x]), t, torch.cat([uncond, cond]))
-        n, p = out.chunk(2)
-        return self.scheduler.step(n + self.guidance * (p - n), t, x).prev_sample
-
-    def run(self, x: torch.Tensor, start: int, stop: int, cond, uncond) -> torch.Tensor:
-        for s in range(start, stop):
-            x = self.step(x, s, cond, uncond)
-        return x
+    def undo(self) -> None:
+        self.put(self.exact)
 
 
 def erase(
@@ -96,95 +89,105 @@ def erase(
     progress: bool = True,
     callback: Callable[[int, Entry, torch.Tensor, float], None] | None = None,
 ) -> EraseResult:
-    """Erase ``config.concepts`` from ``pipe.unet`` in place; returns the edited tensors.
+    """Erase ``config.concepts`` from the pipeline's denoiser in place; returns the edited tensors.
 
     ``config`` is resolved here (idempotent); model presets are applied by ``kscu.runner``.
-    ``callback(i, (concept, s), x_s, loss)`` sees every iteration (tests use it).
+    ``callback(i, (concept, s), x_s, loss)`` sees every iteration (tests use it). On any error
+    the pipeline is left as it was; the global torch RNG is never touched.
     """
-    cfg = resolve(config)
+    family = family_of(pipe)
+    cfg = resolve(config, family=family)
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    unet, device = pipe.unet, pipe.device
+    net = family.denoiser(pipe)
     compute_dtype = TORCH_DTYPES[cfg.dtype]
-    if compute_dtype == torch.float32 and unet.dtype != torch.float32:
+    params = dict(net.named_parameters())
+    names = trainable_names(net, cfg.scope, family)
+    if compute_dtype == torch.float32 and any(p.dtype != torch.float32 for p in params.values()):
         raise KscuError(
-            f"the pipeline is {unet.dtype} but the compute dtype is float32; "
-            f"load it in float32 or set dtype to {str(unet.dtype).removeprefix('torch.')}"
+            f"the {family.denoiser_attr} holds {net.dtype} weights but the compute dtype is "
+            f"float32; load it in float32 or set dtype to {str(net.dtype).removeprefix('torch.')}"
         )
-    unet.eval()
-    unet.requires_grad_(False)
-
-    params = dict(unet.named_parameters())
-    names = trainable_names(unet, cfg.scope)
-    stored_dtype = {n: params[n].dtype for n in names}
-    original = {n: params[n].detach().clone() for n in names}
-    for n in names:  # float32 master weights: lr-sized steps must not round away
-        params[n].data = params[n].data.float()
-        params[n].requires_grad_(True)
-    # fused: one kernel for all tensors on CUDA; the same Adam update up to float rounding
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam([params[n] for n in names], lr=cfg.lr, fused=fused)
-    scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
-
-    def autocast():
-        if compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=compute_dtype)
-
-    def edited(x, t, emb):
-        with autocast():
-            return unet(x.to(compute_dtype), t, emb).sample.float()
-
-    def frozen(x, t, emb):
-        with autocast():
-            return functional_call(unet, original, (x.to(compute_dtype), t, emb)).sample.float()
-
-    def embed(prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(pipe, prompts).to(compute_dtype)
-
-    uncond = embed([""])
-    cond = {c: embed([c]) for c in cfg.concepts}
-    variants = {
-        c: embed(augmented_prompts(c, cfg.mode, cfg.augment_variants, cfg.seed))
-        for c in cfg.concepts
-    }
-    augment_from = cfg.iterations - math.ceil(cfg.augment_fraction * cfg.iterations)
-    rng = random.Random(cfg.seed)
-    emb_noise = torch.Generator("cpu").manual_seed(cfg.seed)
-
-    trajectory = Trajectory(pipe, cfg, edited)
-    table = build_schedule(cfg)
-    num_train = int(pipe.scheduler.config.num_train_timesteps)
-    losses: list[float] = []
-    x, previous = None, None
-    bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
+    base_fp = fingerprint({n: params[n] for n in names})
+    original = {n: params[n].detach().to(compute_dtype, copy=True) for n in names}
+    lossy = any(params[n].dtype != compute_dtype for n in names)  # the frozen copy is rounded
+    exact = {n: params[n].detach().to("cpu", copy=True) for n in names} if lossy else original
+    restore = _Restore(net, params, names, exact)
+    bar, offloaded = None, {}
     try:
+        net.eval()
+        net.requires_grad_(False)
+        for n in names:  # float32 masters, exact upcasts: lr-sized steps must not round away
+            params[n].data = params[n].data.float()
+            params[n].requires_grad_(True)
+        # fused: one kernel for all tensors on CUDA; the same Adam update up to float rounding
+        optimizer = torch.optim.Adam(
+            [params[n] for n in names], lr=cfg.lr, fused=pipe.device.type == "cuda"
+        )
+        scaler = torch.amp.GradScaler(pipe.device.type) if cfg.dtype == "float16" else None
+
+        def autocast():
+            if compute_dtype == torch.float32:
+                return contextlib.nullcontext()
+            return torch.autocast(pipe.device.type, dtype=compute_dtype)
+
+        sampler = family.sampler(
+            pipe, cfg.num_steps, cfg.resolution, cfg.loss_space, guidance=cfg.trajectory_guidance
+        )
+
+        def raw(x, s, cond, frozen: bool = False) -> torch.Tensor:
+            """The denoiser's output for rows x at step s, in the sampler's own space."""
+            with autocast():
+                return sampler.raw(net, x, s, cond, params=original if frozen else None)
+
+        def pair(x, s, first, second, frozen: bool = False):
+            """Loss-space predictions for two prompts at the same x, in one batched call."""
+            xx = torch.cat([x, x])
+            out = raw(xx, s, cond_cat(first, second), frozen)
+            return sampler.to_loss_space(out, xx, s).chunk(2)
+
+        def encode(prompts: list[str]):
+            return family.encode(pipe, prompts, cfg.max_sequence_length)
+
+        uncond = encode([""])  # every prompt is encoded once, here
+        cond = {c: encode([c]) for c in cfg.concepts}
+        variants = {
+            c: encode(augmented_prompts(c, cfg.mode, cfg.augment_variants, cfg.seed))
+            for c in cfg.concepts
+        }
+        offloaded.update(family.offload_encoders(pipe))
+        augment_from = cfg.iterations - math.ceil(cfg.augment_fraction * cfg.iterations)
+        rng = random.Random(cfg.seed)
+        emb_noise = torch.Generator("cpu").manual_seed(cfg.seed)
+
+        def walk(x, s, c):  # x_s -> x_{s+1} with the edited model and the family's guidance
+            with torch.no_grad():
+                return sampler.guided_step(raw, x, s, cond[c], uncond, cfg.trajectory_guidance)
+
+        table = build_schedule(cfg)
+        losses: list[float] = []
+        x, previous = None, None
+        bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
         for i, (c, s) in enumerate(bar):
             if cfg.reuse_trajectory and previous == (c, s - 1):
-                x = trajectory.step(x, s - 1, cond[c], uncond)
+                x = walk(x, s - 1, c)
             else:
-                x = trajectory.run(trajectory.noise(cfg.seed + i), 0, s, cond[c], uncond)
-            t = trajectory.timesteps[s]
+                x = sampler.noise(cfg.seed + i)
+                for k in range(s):
+                    x = walk(x, k, c)
 
             with torch.no_grad():
-                p, n = frozen(torch.cat([x, x]), t, torch.cat([cond[c], uncond])).chunk(2)
+                p, n = pair(x, s, cond[c], uncond, frozen=True)
             cond_e = cond[c]
             if cfg.augment and i >= augment_from:
-                cond_e = variants[c][rng.randrange(len(variants[c]))][None]
-                noise = torch.randn(cond_e.shape, generator=emb_noise) * cfg.embedding_noise_std
-                cond_e = cond_e + noise.to(cond_e.device, cond_e.dtype)
+                cond_e = _variant(variants[c], rng, emb_noise, cfg.embedding_noise_std)
             if cfg.lambda2 == 0:  # ESD: the leakage term is zero, skip its forward pass
-                e, u = edited(x, t, cond_e), None
+                e, u = sampler.to_loss_space(raw(x, s, cond_e), x, s), None
             else:
-                e, u = edited(torch.cat([x, x]), t, torch.cat([cond_e, uncond])).chunk(2)
-            loss = kscu_loss(
-                e, u, p, n, t, cfg.negative_guidance, cfg.lambda1_alpha, cfg.lambda2, num_train
-            )
+                e, u = pair(x, s, cond_e, uncond)
+            lambda1 = sampler.lambda1(s, cfg.lambda1_alpha)
+            loss = kscu_loss(e, u, p, n, cfg.negative_guidance, lambda1, cfg.lambda2)
             if not torch.isfinite(loss):
-                raise KscuError(
-                    f"loss became {loss.item()} at iteration {i} (step {s}); "
-                    "lower --lr or use --dtype float32"
-                )
+                raise KscuError(_nonfinite(loss.item(), i, s, cfg.dtype))
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -199,20 +202,39 @@ def erase(
                 callback(i, (c, s), x, losses[-1])
             previous = (c, s)
     except BaseException:
-        _put(params, original, stored_dtype)  # leave the pipeline as it was
+        restore.undo()  # leave the pipeline as it was
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        for name, device in offloaded.items():  # encoders back where the caller had them
+            getattr(pipe, name).to(device)
 
-    tensors = {n: params[n].detach().to("cpu", torch.float32).clone() for n in names}
-    _put(params, {n: params[n].detach() for n in names}, stored_dtype)
-    return EraseResult(
-        cfg, tensors, table, losses, time.perf_counter() - started, fingerprint(original)
-    )
+    tensors = {n: params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
+    restore.put({n: params[n] for n in names})
+    record = {"family": family.name, **sampler.record()}
+    seconds = time.perf_counter() - started
+    return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
 
 
-def _put(params: dict[str, torch.nn.Parameter], values, dtypes) -> None:
-    """Write ``values`` into the UNet in its own dtypes, and freeze them again."""
-    for n, v in values.items():
-        params[n].data = v.detach().to(dtypes[n])
-        params[n].requires_grad_(False)
+def _variant(variants: Cond, rng: random.Random, gen: torch.Generator, std: float) -> Cond:
+    """One augmented prompt, with Gaussian noise on its text embedding (KSCU_METHOD.md 5).
+
+    The noise is added to the float32 embedding, which enters the network in float32: under
+    bf16/fp16 autocast the first projection rounds it, so only elements near a rounding boundary
+    change there (measured in tests/test_trainer.py); in float32 every element changes.
+    """
+    row = rng.randrange(len(variants["encoder_hidden_states"]))
+    picked = cond_pick(variants, row)
+    emb = picked["encoder_hidden_states"]
+    noise = torch.randn(emb.shape, generator=gen) * std
+    return {**picked, "encoder_hidden_states": emb + noise.to(emb.device)}
+
+
+def _nonfinite(value: float, i: int, s: int, dtype: str) -> str:
+    if dtype == "float16":
+        return (
+            f"float16 overflowed in the forward pass (loss {value} at iteration {i}, step {s}); "
+            "use --dtype bfloat16 (float32's range at float16's cost) or float32"
+        )
+    return f"loss became {value} at iteration {i} (step {s}); lower --lr or use --dtype float32"

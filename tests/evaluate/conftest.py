@@ -10,6 +10,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _own_caches(monkeypatch):
+    """Per-image caches beside each test's images, never in a developer's $KSCU_CACHE."""
+    monkeypatch.delenv("KSCU_CACHE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     """A random ResNet image classifier with ImageNet-style labels (stands in for resnet-50)."""

@@ -101,3 +101,55 @@ def run_kscu(
     )
     cmd = (launcher or [sys.executable, "-m"]) + ["kscu", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launcher() -> list[str]:
+    """``accelerate launch`` with 2 CPU processes (``--multi_gpu``: 2 torchrun workers, which
+    form a gloo group on a machine without a GPU; ``--cpu`` would start only one)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"] + (
+        "--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no "
+        f"--main_process_port {free_port()} -m"
+    ).split()
+
+
+def spawn_ranks(args: list[str], n: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
+    """``python -m kscu ARGS`` as ``n`` ranks of one CPU process group, started the way torchrun
+    starts them (its environment variables), so each rank's own exit code and stderr are seen.
+    Returns (exit code, stderr) per rank; fails if they do not all end within ``timeout``."""
+    port = str(free_port())
+    procs = []
+    for rank in range(n):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(n),
+            LOCAL_WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "kscu", *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -44,7 +44,8 @@ def test_clip_score_is_deterministic_and_pairs_by_case_number(tmp_path, tiny_cli
     make_images(tmp_path / "images", 2, size=(32, 32), start=5)
     csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[6, "b"], [5, "a"]])
     one = evaluate_clip(tmp_path / "images", csv, str(tiny_clip))
-    two = evaluate_clip(tmp_path / "images", csv, str(tiny_clip), batch_size=1)
+    two = evaluate_clip(tmp_path / "images", csv, str(tiny_clip), batch_size=1, use_cache=False)
+    assert one["computed_images"] == two["computed_images"] == 2
     assert one["per_image"] == pytest.approx(two["per_image"], abs=1e-3)
 
 

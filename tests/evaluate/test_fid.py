@@ -1,84 +1,129 @@
-"""FID: the statistic against a hand computation, and the image path end to end."""
+"""FID through pytorch-fid: its network with random weights, its statistic against hand sums."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 from evalkit import kscu_main, make_images
 
-from kscu.evaluate.fid import (
-    WEIGHTS_FILE,
-    FIDInception,
-    fid_from_features,
-    frechet_distance,
-)
-
-
-def test_fid_matches_hand_computation():
-    # Set 1: corners of a square of side 2 -> mean (1, 1), unbiased covariance 4/3 I.
-    a = np.array([[0, 0], [2, 0], [0, 2], [2, 2]], float)
-    # Set 2: corners of a square of side 4 -> mean (3, 3), covariance 16/3 I.
-    b = np.array([[1, 1], [5, 1], [1, 5], [5, 5]], float)
-    # |mu1-mu2|^2 = 8; Tr(S1 + S2 - 2 sqrt(S1 S2)) = 2 * (4/3 + 16/3 - 2 * 8/3) = 8/3
-    assert fid_from_features(a, b) == pytest.approx(8 + 8 / 3, rel=1e-9)
-    assert fid_from_features(a, a) == pytest.approx(0, abs=1e-9)
-
-
-def test_frechet_distance_one_dimension():
-    # In 1-D the distance is (m1 - m2)^2 + (s1 - s2)^2.
-    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
-
-
-def test_frechet_distance_non_diagonal():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 3)) @ np.array([[1, 0.5, 0], [0, 1, 0.3], [0, 0, 2]])
-    y = rng.normal(size=(300, 3)) + 1
-    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = v @ np.diag(np.sqrt(w)) @ v.T  # S1^(1/2)
-    w2 = np.linalg.eigvalsh(r1 @ s2 @ r1)  # Tr((S1 S2)^(1/2)) = Tr((S1^½ S2 S1^½)^½)
-    d = x.mean(0) - y.mean(0)
-    want = d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(w2).sum()
-    assert fid_from_features(x, y) == pytest.approx(want, rel=1e-8)
+from kscu.errors import KscuError
+from kscu.evaluate import fid
 
 
 @pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    """The FID network with random weights, saved the way a converted weight file would be."""
+def lib():
+    """pytorch-fid's modules; CI installs them (there a miss fails), elsewhere a miss skips."""
+    try:
+        return fid.library()
+    except KscuError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {e}")
+        pytest.skip(f"pytorch-fid is not importable here: {e}")
+
+
+def test_frechet_distance_two_dimensions_closed_form(lib):
+    # (1-D sets are out of reach: scipy's sqrtm special-cases 1x1 matrices in a way pytorch-fid
+    # 0.3.0 cannot unpack.) Diagonal covariances:
+    # |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 = 5 + 1 + 1.
+    d = fid.frechet_distance([0.0, 0.0], np.diag([1.0, 4.0]), [1.0, 2.0], np.diag([4.0, 9.0]))
+    assert d == pytest.approx(7.0)
+    # The same Gaussians rotated by 30 degrees: the distance does not change.
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    r = np.array([[c, -s], [s, c]])
+    rotated = fid.frechet_distance(
+        r @ [0.0, 0.0], r @ np.diag([1.0, 4.0]) @ r.T, r @ [1.0, 2.0], r @ np.diag([4.0, 9.0]) @ r.T
+    )
+    assert rotated == pytest.approx(7.0)
+
+
+def test_statistics_of_known_features(lib):
+    # Corners of a square of side 2: mean (1, 1), unbiased covariance 4/3 I; side 4 around (3, 3):
+    # 16/3 I. FID = |(2, 2)|^2 + 2 (sqrt(4/3) - sqrt(16/3))^2 = 8 + 8/3.
+    a = np.array([[0, 0], [2, 0], [0, 2], [2, 2]], float)
+    b = np.array([[1, 1], [5, 1], [1, 5], [5, 5]], float)
+    mu, sigma = fid.statistics(a)
+    assert mu.tolist() == [1, 1] and sigma == pytest.approx(np.eye(2) * 4 / 3)
+    assert fid.frechet_distance(*fid.statistics(a), *fid.statistics(b)) == pytest.approx(8 + 8 / 3)
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(KscuError, match="at least 2 images"):
+        fid.statistics(a[:1])
+
+
+@pytest.fixture(scope="module")
+def random_weights(lib, tmp_path_factory):
+    """pytorch-fid's FID Inception, built by its own fid_inception_v3, with random weights."""
     import torch
     from safetensors.torch import save_file
 
+    inception, _ = lib
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in FIDInception().state_dict().items()}, str(path))
+    with pytest.MonkeyPatch.context() as m:  # build without any weight file: keep the init
+        m.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
+        net = inception.fid_inception_v3()
+    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
 
 
-def test_fid_end_to_end(tmp_path, random_inception):
-    make_images(tmp_path / "a", 2, size=(48, 48), seed=1)
-    make_images(tmp_path / "b", 2, size=(64, 64), seed=2)
+def _fid(tmp_path, images, reference, weights, *flags) -> dict:
     out = tmp_path / "fid.json"
-    args = [
-        "evaluate",
-        "fid",
-        "--images",
-        str(tmp_path / "a"),
-        "--reference",
-        str(tmp_path / "b"),
-        "--output",
-        str(out),
-        "--inception-weights",
-        str(random_inception),
-    ]
-    assert kscu_main(args) == 0
-    result = json.loads(out.read_text())
-    assert result["metric"] == "fid" and result["images"] == 2
-    assert result["reference_images"] == 2 and result["fid"] > 0
-    assert "versions" in result and WEIGHTS_FILE in result["feature_extractor"]
+    argv = ["evaluate", "fid", "--images", str(images), "--reference", str(reference)]
+    argv += ["--output", str(out), "--inception-weights", str(weights), *flags]
+    assert kscu_main(argv) == 0
+    return json.loads(out.read_text())
 
 
-def test_missing_weights_offline_names_the_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # empty cache
+def test_fid_goes_through_pytorch_fid(tmp_path, lib, random_weights):
+    images, ref = tmp_path / "a", tmp_path / "b"
+    make_images(images, 3, size=(48, 48), seed=1)
+    make_images(ref, 3, size=(64, 64), seed=2)
+    stats = tmp_path / "ref.npz"
+    result = _fid(tmp_path, images, ref, random_weights, "--save-reference-stats", str(stats))
+    assert result["protocol"] == "pytorch-fid" and result["library_version"] == "0.3.0"
+    assert "299x299" in result["resize"] and result["dims"] == 2048
+    assert (result["images"], result["reference_images"]) == (3, 3) and result["fid"] > 0
+    assert "pytorch-fid" in result["versions"] and "torchvision" in result["versions"]
+
+    # the saved statistics (pytorch-fid's .npz format) are what pytorch-fid itself computes
+    # for the reference folder with the same network and its own image loading
+    _, fid_score = lib
+    model = fid.load_inception(random_weights)
+    mu, sigma = fid_score.calculate_activation_statistics(
+        sorted(ref.glob("*.png")), model, batch_size=3, num_workers=0
+    )
+    with np.load(stats, allow_pickle=False) as saved:
+        assert saved["mu"] == pytest.approx(mu, rel=1e-6, abs=1e-9)
+        assert saved["sigma"] == pytest.approx(sigma, rel=1e-6, abs=1e-9)
+
+
+def test_rerun_computes_only_new_images(tmp_path, lib, random_weights):
+    """64-d features (pytorch-fid's first block) keep this quick: sqrtm of 2048x2048 is not."""
+    images, ref = tmp_path / "a", tmp_path / "b"
+    make_images(images, 3, size=(32, 32), seed=1)
+    make_images(ref, 3, size=(32, 32), seed=2)
+    stats = tmp_path / "ref.npz"
+    quick = ("--dims", "64")
+    first = _fid(
+        tmp_path, images, ref, random_weights, *quick, "--save-reference-stats", str(stats)
+    )
+    assert (first["computed_images"], first["cached_images"], first["dims"]) == (6, 0, 64)
+    again = _fid(tmp_path, images, ref, random_weights, *quick)
+    assert (again["computed_images"], again["cached_images"]) == (0, 6)
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    make_images(images, 2, size=(32, 32), start=3, seed=3)
+    more = _fid(tmp_path, images, ref, random_weights, *quick)
+    assert (more["computed_images"], more["cached_images"], more["images"]) == (2, 6, 5)
+    from_stats = _fid(tmp_path, images, stats, random_weights, *quick)
+    assert from_stats["fid"] == pytest.approx(more["fid"], rel=1e-6)
+    assert from_stats["computed_images"] == 0 and from_stats["reference_images"] == 3
+    other_dims = _fid(tmp_path, images, ref, random_weights, "--dims", "192")
+    assert other_dims["computed_images"] == 8  # features of another block: another cache
+
+
+def test_missing_weights_offline_names_the_file_and_folder(tmp_path, lib, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     import torch.hub
 
     def offline(*a, **k):
@@ -87,40 +132,52 @@ def test_missing_weights_offline_names_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     make_images(tmp_path / "a", 2, size=(16, 16))
     make_images(tmp_path / "b", 2, size=(16, 16), seed=3)
-    code = kscu_main(
-        [
-            "evaluate",
-            "fid",
-            "--images",
-            str(tmp_path / "a"),
-            "--reference",
-            str(tmp_path / "b"),
-            "--output",
-            str(tmp_path / "fid.json"),
-        ]
-    )
-    assert code == 2
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b")]
+    assert kscu_main([*argv, "--output", str(tmp_path / "fid.json")]) == 2
     err = capsys.readouterr().err
-    assert WEIGHTS_FILE in err and "--inception-weights" in err
+    assert len(err.strip().splitlines()) == 1
+    assert fid.WEIGHTS_FILE in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert not (tmp_path / "fid.json").exists()
 
 
-def test_mixed_sizes_are_a_clear_error(tmp_path, capsys):
+def test_wrong_weights_are_a_clear_error(tmp_path, lib, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(bad))
+    make_images(tmp_path / "a", 2, size=(16, 16))
+    make_images(tmp_path / "b", 2, size=(16, 16), seed=3)
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b")]
+    argv += ["--output", str(tmp_path / "fid.json"), "--inception-weights", str(bad)]
+    assert kscu_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not pytorch-fid's FID Inception" in err and len(err.strip().splitlines()) == 1
+    bad.write_bytes(b"garbage")
+    assert kscu_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot read Inception weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mixed_sizes_are_a_clear_error(tmp_path, lib, capsys):
     make_images(tmp_path / "a", 2, size=(32, 32))
     make_images(tmp_path / "a", 1, size=(64, 64), start=2)
     make_images(tmp_path / "b", 2, size=(32, 32))
-    code = kscu_main(
-        [
-            "evaluate",
-            "fid",
-            "--images",
-            str(tmp_path / "a"),
-            "--reference",
-            str(tmp_path / "b"),
-            "--output",
-            str(tmp_path / "fid.json"),
-        ]
-    )
-    assert code == 2
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b")]
+    assert kscu_main([*argv, "--output", str(tmp_path / "fid.json")]) == 2
     err = capsys.readouterr().err
     assert "mixes image sizes" in err and "32x32" in err and "64x64" in err
+
+
+def test_reference_stats_file_is_checked(tmp_path, lib, capsys):
+    make_images(tmp_path / "a", 2, size=(16, 16))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(3), sigma=np.eye(3))
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(bad)]
+    assert kscu_main([*argv, "--output", str(tmp_path / "fid.json")]) == 2
+    assert "not of 2048-d features" in capsys.readouterr().err
+    np.savez(bad, sigma=np.eye(3))
+    assert kscu_main([*argv, "--output", str(tmp_path / "fid.json")]) == 2
+    assert "with mu and sigma" in capsys.readouterr().err
+    assert kscu_main([*argv, "--dims", "100", "--output", str(tmp_path / "fid.json")]) == 2
+    assert "64, 192, 768, 2048" in capsys.readouterr().err

@@ -158,3 +158,16 @@ def test_cli_registers_world_train(tmp_path):
     )
     with pytest.raises(KscuError, match="init-from"):
         bad.func(bad)
+
+
+def test_world_train_cli_defaults_are_the_settings_defaults(tmp_path):
+    from dataclasses import fields
+
+    from kscu.world.cli import register
+    from kscu.world.settings import WorldTrainSettings
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["world", "train", "--output", str(tmp_path)])
+    got = {f.name: getattr(args, f.name) for f in fields(WorldTrainSettings)}
+    assert WorldTrainSettings(**got) == WorldTrainSettings()

@@ -28,11 +28,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from kscu.analyze.core import (
     to_all_steps,
 )
 from kscu.analyze.scorers import Scorer, is_world_model, make_scorer
+from kscu.analyze.settings import AnalyzeSettings, cap_for
 from kscu.config import MODE_DEFAULTS, parse_concepts
 from kscu.errors import KscuError
 from kscu.fileio import write_json
@@ -58,62 +57,6 @@ TASK_DEFAULTS = {mode: row["start_step"] for mode, row in MODE_DEFAULTS.items()}
 DECODE_BATCH = 16
 
 
-@dataclass
-class AnalyzeSettings:
-    """Everything that determines a measurement (``threshold``/``min_contrast``: only the rule)."""
-
-    samples: int = 8
-    seed: int = 0
-    neutral: str = ""
-    guidance: float = 7.5  # CFG of the generated images: what users sample with
-    stride: int = 1  # measure every stride-th switch step, interpolate the rest
-    threshold: float = 0.1
-    min_contrast: float = 0.1
-    num_steps: int = 50
-    resolution: int | None = None  # None: the model's own
-    batch_size: int = 64  # UNet rows per call
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise KscuError(message)
-
-        need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
-        need(self.num_steps > 1, f"--num-steps must be > 1 (got {self.num_steps})")
-        need(
-            0 < self.stride < self.num_steps,
-            f"--stride must be in [1, {self.num_steps - 1}] (got {self.stride})",
-        )
-        need(0 < self.threshold < 1, f"--threshold must be in (0, 1) (got {self.threshold})")
-        need(
-            0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"
-        )
-        need(
-            math.isfinite(self.guidance) and self.guidance >= 0,
-            f"--guidance must be a finite number >= 0 (got {self.guidance})",
-        )
-        need(self.batch_size > 0, f"--batch-size must be > 0 (got {self.batch_size})")
-        need(
-            self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
-            f"--resolution must be a positive multiple of 8 (got {self.resolution})",
-        )
-
-    def measured_steps(self) -> list[int]:
-        return list(range(0, self.num_steps, self.stride))
-
-    def measurement_key(self) -> dict[str, Any]:
-        """The settings a measurement depends on (not the rule's parameters)."""
-        d = dataclasses.asdict(self)
-        for rule_only in ("threshold", "min_contrast", "batch_size"):
-            d.pop(rule_only)
-        return d
-
-
-def cap_for(num_steps: int) -> int:
-    """The latest start the Key Step Table reaches: ceil(0.9 N) - 1 (44 of 50)."""
-    return math.ceil(0.9 * num_steps) - 1
-
-
 def default_cache_dir() -> Path:
     if os.environ.get("KSCU_CACHE"):
         return Path(os.environ["KSCU_CACHE"]).expanduser() / "analyze"
@@ -121,24 +64,16 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "kscu" / "analyze"
 
 
-def unet_eps(pipe: Any) -> EpsFn:
-    """The pipeline's UNet as a float32 noise prediction."""
-    unet = pipe.unet
-
-    def eps(x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample.float()
-
-    return eps
-
-
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images (N,3,H,W) in [0, 1] on the CPU, decoded a few at a time."""
-    vae = pipe.vae
-    out = []
-    for i in range(0, len(latents), DECODE_BATCH):
-        z = latents[i : i + DECODE_BATCH].to(vae.device, vae.dtype) / vae.config.scaling_factor
-        out.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu())
+def decode_latents(pipe: Any, latents: torch.Tensor, sampler: Any = None) -> torch.Tensor:
+    """Images (N,3,H,W) in [0, 1] on the CPU, decoded a few at a time by the family's sampler."""
+    from kscu.families import family_of
+
+    sampler = sampler or family_of(pipe).sampler(pipe, 1)
+    out = [
+        sampler.decode(pipe, latents[i : i + DECODE_BATCH])
+        for i in range(0, len(latents), DECODE_BATCH)
+    ]
     return torch.cat(out)
 
 
@@ -156,39 +91,38 @@ def measure(
 
     ``eps`` and ``decode`` default to the pipeline's UNet and VAE; tests pass stand-ins.
     """
-    from kscu.models import encode_prompts, native_resolution
+    from kscu.families import family_of
 
     started = time.perf_counter()
-    unet = pipe.unet
-    emb = {p: encode_prompts(pipe, [p]).float() for p in {concept, settings.neutral, ""}}
-    stepper = GuidedStepper(
-        eps or unet_eps(pipe),
-        pipe.scheduler.config,
-        settings.num_steps,
-        settings.guidance,
-        emb[""],
-        settings.batch_size,
+    family = family_of(pipe)
+    sampler = family.sampler(
+        pipe, settings.num_steps, settings.resolution, guidance=settings.guidance
     )
-    size = (settings.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
-    shape = (1, unet.config.in_channels, size, size)
-    noise = (
-        torch.cat(
-            [
-                torch.randn(shape, generator=torch.Generator("cpu").manual_seed(settings.seed + i))
-                for i in range(settings.samples)
-            ]
-        )
-        * stepper.scheduler.init_noise_sigma
-    )
+    net = family.denoiser(pipe)
+    prompts = {
+        p: None if p == "" else family.encode(pipe, [p]) for p in {concept, settings.neutral}
+    }
+    if eps is None:
+
+        def raw(x, s, cond):
+            return sampler.raw(net, x, s, cond)
+    else:  # a stand-in noise prediction (tests): eps(x, t, text embeddings)
+
+        def raw(x, s, cond):
+            return eps(x, sampler.timesteps[s], cond["encoder_hidden_states"])
+
+    uncond = family.encode(pipe, [""])
+    stepper = GuidedStepper(sampler, raw, settings.guidance, uncond, settings.batch_size)
+    noise = torch.cat([sampler.noise(settings.seed + i) for i in range(settings.samples)])
     steps = settings.measured_steps()
     finals = switch_finals(
-        stepper, noise.to(pipe.device), emb[concept], emb[settings.neutral], steps, progress
+        stepper, noise, prompts[concept], prompts[settings.neutral], steps, progress
     )
     k, n = len(finals.starts), settings.samples
     latents = torch.cat(
         [finals.forward.flatten(0, 1), finals.reverse.flatten(0, 1), finals.concept, finals.neutral]
     )
-    images = (decode or (lambda z: decode_latents(pipe, z)))(latents)
+    images = (decode or (lambda z: decode_latents(pipe, z, sampler)))(latents)
     scores = torch.cat(
         [
             scorer.presence(images[i : i + 256], concept).float().cpu()
@@ -327,6 +261,7 @@ def analyze(
 ) -> dict[str, Any]:
     """Measure (or read from the cache) every concept, and combine: the ``analyze.json`` body."""
     from kscu.checkpoint import fingerprint
+    from kscu.families import family_of
 
     started = time.perf_counter()
     settings = settings or AnalyzeSettings()
@@ -342,7 +277,7 @@ def analyze(
     base = {
         "version": VERSION,
         "model": model_key(model_id) if eps is None else "custom-eps",
-        "weights": fingerprint(dict(pipe.unet.named_parameters())),
+        "weights": fingerprint(dict(family_of(pipe).denoiser(pipe).named_parameters())),
         "settings": settings.measurement_key(),
         "scorer": scorer.describe(),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from kscu.errors import KscuError
@@ -11,8 +12,12 @@ JSON_NAME, PNG_NAME = "analyze.json", "analyze.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``analyze`` to an argparse subparsers object."""
+    """Add ``analyze`` to an argparse subparsers object (defaults: ``AnalyzeSettings``)."""
+    from kscu.analyze.settings import AnalyzeSettings
     from kscu.config import MODE_DEFAULTS
+    from kscu.protocol import DEFAULT_CLIP
+
+    d = AnalyzeSettings()
 
     p = subparsers.add_parser(
         "analyze",
@@ -27,23 +32,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "start is marked, and CLIP's prompt template",
     )
     p.add_argument("--output", required=True, type=Path, help="folder for analyze.json/.png")
-    p.add_argument("--samples", type=int, default=8, help="seeded noises per step (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="noise of sample i: seed + i")
-    p.add_argument("--neutral", default="", help='prompt switched to/from (default "")')
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
-    p.add_argument(
-        "--stride",
-        type=int,
-        default=1,
-        help="measure every n-th switch step and interpolate (default 1: all 50)",
-    )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=0.1,
-        help="rule: S = last step with commitment <= this (default 0.1)",
-    )
-    p.add_argument("--num-steps", type=int, default=50, help="DDIM steps (default 50)")
+    # Flags named after AnalyzeSettings fields: their types and defaults are the fields'.
+    for name, text in (
+        ("samples", "seeded noises per step"),
+        ("seed", "noise of sample i: seed + i"),
+        ("neutral", "prompt switched to/from"),
+        ("guidance", "CFG scale"),
+        ("stride", "measure every n-th switch step and interpolate"),
+        ("threshold", "rule: S = last step with commitment <= this"),
+        ("num_steps", "DDIM steps"),
+        ("batch_size", "UNet rows per call"),
+        ("resolution", "image size in pixels; None: the model's own"),
+    ):
+        default = getattr(d, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int if default is None else type(default),
+            default=default,
+            help=f"{text} (default {default!r})",
+        )
     p.add_argument(
         "--scorer",
         default="auto",
@@ -52,10 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clip-model",
         default=None,
-        help="CLIP hub id or folder (default $KSCU_CLIP_MODEL or openai/clip-vit-large-patch14)",
+        help=f"CLIP hub id or folder (default $KSCU_CLIP_MODEL or {DEFAULT_CLIP})",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="UNet rows per call (default 64)")
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--no-cache", action="store_true", help="measure again, ignore the cache")
@@ -64,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kscu.analyze.analysis import AnalyzeSettings, analyze
+    from kscu.analyze.analysis import analyze
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
     from kscu.config import MODE_DEFAULTS, parse_concepts
@@ -74,17 +79,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     concepts = parse_concepts(args.concept)
     if args.mode not in MODE_DEFAULTS:
         raise KscuError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
-    settings = AnalyzeSettings(
-        samples=args.samples,
-        seed=args.seed,
-        neutral=args.neutral,
-        guidance=args.guidance,
-        stride=args.stride,
-        threshold=args.threshold,
-        num_steps=args.num_steps,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-    )
+    settings = settings_from_args(args)
     settings.validate()
     if args.output.exists() and not args.output.is_dir():
         raise KscuError(f"--output {args.output} is a file; give a folder")
@@ -120,6 +115,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         f"{result['seconds']:.1f} s) -> {args.output / JSON_NAME}"
     )
     return 0
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The ``AnalyzeSettings`` the flags give (every field that has a flag of its name)."""
+    from kscu.analyze.settings import AnalyzeSettings
+
+    names = [f.name for f in dataclasses.fields(AnalyzeSettings) if hasattr(args, f.name)]
+    return AnalyzeSettings(**{name: getattr(args, name) for name in names})
 
 
 def _single_extras(result: dict) -> tuple:

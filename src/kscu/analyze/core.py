@@ -27,11 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
+
+from kscu.families.base import Cond, RawFn, Sampler
 
 # eps(x (B,C,H,W), timestep, text embeddings (B,L,D)) -> noise prediction (B,C,H,W), float32
 EpsFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+# A prompt for the stepper: a family's conditioning, or None for the empty prompt.
+Prompt = Cond | None
 
 
 @dataclass
@@ -46,42 +49,26 @@ class Finals:
 
 
 class GuidedStepper:
-    """CFG DDIM steps over arbitrarily many rows, in UNet calls of at most ``batch_size`` rows."""
+    """The family's guided steps over arbitrarily many rows, at most ``batch_size`` per call."""
 
     def __init__(
-        self,
-        eps: EpsFn,
-        scheduler_config,
-        num_steps: int,
-        guidance: float,
-        uncond: torch.Tensor,
-        batch_size: int,
+        self, sampler: Sampler, raw: RawFn, guidance: float, uncond: Cond, batch_size: int
     ):
-        self.scheduler = DDIMScheduler.from_config(scheduler_config)
-        self.scheduler.set_timesteps(num_steps)
-        self.timesteps = [int(t) for t in self.scheduler.timesteps]
-        self.eps, self.guidance, self.uncond, self.batch_size = eps, guidance, uncond, batch_size
+        self.sampler, self.raw, self.guidance = sampler, raw, guidance
+        self.uncond, self.batch_size = uncond, batch_size
+        self.timesteps = sampler.timesteps
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, s: int, cond: torch.Tensor) -> torch.Tensor:
-        """x_s -> x_{s+1} for every row, all with prompt ``cond`` (1, L, D)."""
-        t = self.timesteps[s]
-        plain = torch.equal(cond, self.uncond)  # CFG of "" against "" is just the "" call
-        rows = self.batch_size if plain else max(1, self.batch_size // 2)
-        out = []
-        for i in range(0, len(x), rows):
-            xb = x[i : i + rows]
-            n = len(xb)
-            if plain:
-                e = self.eps(xb, t, self.uncond.expand(n, -1, -1))
-            else:
-                emb = torch.cat([self.uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-                un, co = self.eps(torch.cat([xb, xb]), t, emb).chunk(2)
-                e = un + self.guidance * (co - un)
-            out.append(self.scheduler.step(e, t, xb).prev_sample)
+    def step(self, x: torch.Tensor, s: int, cond: Cond | None) -> torch.Tensor:
+        """x_s -> x_{s+1} for every row, all with prompt ``cond`` (None: the empty prompt)."""
+        rows = self.batch_size if cond is None else max(1, self.batch_size // 2)
+        out = [
+            self.sampler.guided_step(self.raw, x[i : i + rows], s, cond, self.uncond, self.guidance)
+            for i in range(0, len(x), rows)
+        ]
         return torch.cat(out)
 
-    def prefix(self, x0: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+    def prefix(self, x0: torch.Tensor, cond: Prompt) -> list[torch.Tensor]:
         """[x_0, x_1, ..., x_N]: every state of one prompt's trajectory."""
         xs = [x0]
         for s in range(len(self.timesteps)):
@@ -89,7 +76,7 @@ class GuidedStepper:
         return xs
 
     def branches(
-        self, prefix: list[torch.Tensor], starts: list[int], cond: torch.Tensor, bar=None
+        self, prefix: list[torch.Tensor], starts: list[int], cond: Prompt, bar=None
     ) -> torch.Tensor:
         """Finish from x_s (taken from ``prefix``) with ``cond``, for every s in ``starts``."""
         if not starts:
@@ -108,8 +95,8 @@ class GuidedStepper:
 def switch_finals(
     stepper: GuidedStepper,
     noise: torch.Tensor,
-    concept: torch.Tensor,
-    neutral: torch.Tensor,
+    concept: Prompt,
+    neutral: Prompt,
     steps: list[int],
     progress: bool = False,
 ) -> Finals:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from kscu.errors import KscuError
+from kscu.protocol import DEFAULT_CLIP
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # $KSCU_CLIP_MODEL overrides (offline copies)
 # (concept text, neutral text) per mode: the neutral text names the same kind of picture.
 CLIP_TEXTS = {
     "class": ("a photo of a {}", "a photo"),
@@ -162,4 +162,4 @@ def make_scorer(
 
 
 def default_clip_model() -> str:
-    return os.environ.get("KSCU_CLIP_MODEL") or DEFAULT_CLIP
+    return os.environ.get("KSCU_CLIP_MODEL") or DEFAULT_CLIP  # the env: an offline copy

@@ -22,11 +22,14 @@ import torch
 from tqdm import tqdm
 
 from kscu.errors import KscuError
+from kscu.evaluate.cache import ImageCache, cached_map
 from kscu.evaluate.common import (
     Workers,
+    cache_counts,
     list_images,
     load_rgb,
     match_rows,
+    model_identity,
     read_csv_records,
     versions,
 )
@@ -83,6 +86,7 @@ def evaluate_classify(
     prompts: str | Path,
     model_id: str = DEFAULT_CLASSIFIER,
     batch_size: int = 32,
+    use_cache: bool = True,
 ) -> dict:
     """Top-1 accuracy, overall and per class, of the classes the prompt file names."""
     files = list_images(images)
@@ -95,20 +99,26 @@ def evaluate_classify(
     targets = {n: class_index(n, id2label, str(prompts)) for n in sorted(set(class_of.values()))}
 
     workers = Workers()
-    model = model.to(workers.device)
-    mine = workers.share(pairs)
-    out: list[tuple[str, int]] = []
-    for start in tqdm(
-        range(0, len(mine), batch_size), desc="classify", disable=not workers.is_main
-    ):
-        batch = mine[start : start + batch_size]
-        x = processor(images=[load_rgb(p) for p, _ in batch], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            logits = model(pixel_values=x.to(workers.device, model.dtype)).logits
-        out += [
-            (p.name, int(i)) for (p, _), i in zip(batch, logits.argmax(-1).tolist(), strict=True)
-        ]
-    predicted = dict(workers.gather(out))
+    lib = versions("transformers")
+    cache = ImageCache(images, "classify", {"model": model_identity(model_id), **lib})
+
+    def predict(share: list[tuple[Path, str]]) -> list[int]:
+        model.to(workers.device)
+        out: list[int] = []
+        for start in tqdm(
+            range(0, len(share), batch_size), desc="classify", disable=not workers.is_main
+        ):
+            batch = [load_rgb(p) for p, _ in share[start : start + batch_size]]
+            x = processor(images=batch, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                logits = model(pixel_values=x.to(workers.device, model.dtype)).logits
+            out += logits.argmax(-1).tolist()
+        return out
+
+    labels, computed = cached_map(
+        [(p, "") for p, _ in pairs], predict, cache if use_cache else None, workers
+    )
+    predicted = {p.name: label for (p, _), label in zip(pairs, labels, strict=True)}
 
     per_class: dict[str, dict] = {}
     correct_all = []
@@ -130,6 +140,7 @@ def evaluate_classify(
         "model": model_id,
         "images_dir": str(Path(images).resolve()),
         "prompts": str(prompts),
-        "versions": versions("transformers"),
+        **cache_counts(computed, len(files)),
+        "versions": lib,
         "per_image": {p.name: id2label[predicted[p.name]] for p, _ in pairs},
     }

@@ -29,7 +29,7 @@ def run_nudity(args: argparse.Namespace) -> int:
     from kscu.evaluate.nudity import evaluate_nudity, nudity_markdown
 
     output = check_output(args.output)
-    result = evaluate_nudity(args.images, args.threshold)
+    result = evaluate_nudity(args.images, args.threshold, use_cache=not args.no_cache)
     headline = (
         f"nudity: {result['flagged']}/{result['images']} images flagged, "
         f"{result['total']} exposed detections (NudeNet {result['nudenet_version']}, "
@@ -42,15 +42,26 @@ def run_fid(args: argparse.Namespace) -> int:
     from kscu.evaluate.fid import evaluate_fid
 
     output = check_output(args.output)
-    result = evaluate_fid(args.images, args.reference, args.inception_weights, args.batch_size)
-    return _finish(result, output, None, f"FID: {result['fid']:.3f}")
+    result = evaluate_fid(
+        args.images,
+        args.reference,
+        args.inception_weights,
+        args.batch_size,
+        args.save_reference_stats,
+        use_cache=not args.no_cache,
+        dims=args.dims,
+    )
+    headline = f"FID: {result['fid']:.3f} ({result['protocol']} {result['library_version']})"
+    return _finish(result, output, None, headline)
 
 
 def run_clip(args: argparse.Namespace) -> int:
     from kscu.evaluate.clip_score import evaluate_clip
 
     output = check_output(args.output)
-    result = evaluate_clip(args.images, args.prompts, args.model, args.batch_size)
+    result = evaluate_clip(
+        args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
+    )
     return _finish(result, output, None, f"CLIP score: {result['clip_score']:.3f}")
 
 
@@ -58,7 +69,9 @@ def run_classify(args: argparse.Namespace) -> int:
     from kscu.evaluate.classify import evaluate_classify
 
     output = check_output(args.output)
-    result = evaluate_classify(args.images, args.prompts, args.model, args.batch_size)
+    result = evaluate_classify(
+        args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
+    )
     per_class = json.dumps({k: round(v, 3) for k, v in result["per_class"].items()})
     return _finish(result, output, None, f"top-1: {result['top1']:.3f} {per_class}")
 
@@ -74,8 +87,7 @@ def run_report(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``evaluate`` (with nudity, fid, clip, classify) and ``report`` to the kscu CLI."""
     from kscu.evaluate.classify import DEFAULT_CLASSIFIER
-    from kscu.evaluate.clip_score import DEFAULT_CLIP
-    from kscu.evaluate.nudity import DEFAULT_THRESHOLD
+    from kscu.protocol import DEFAULT_CLIP, FID_DIMS, NUDENET_THRESHOLD
 
     ev = subparsers.add_parser(
         "evaluate",
@@ -88,20 +100,36 @@ def register(subparsers) -> None:
     def common(p, output_example: str) -> None:
         p.add_argument("--images", required=True, help="folder of images named {case_number}.png")
         p.add_argument("--output", required=True, help=f"result JSON, e.g. {output_example}")
+        p.add_argument(
+            "--no-cache",
+            action="store_true",
+            help="compute every image again (per-image results are cached in "
+            "IMAGES/.kscu-cache, or $KSCU_CACHE/evaluate, keyed by file content)",
+        )
 
     p = which.add_parser("nudity", help="NudeNet exposed-class detections (I2P protocol)")
     common(p, "RUN/eval/nudity.json")
     p.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
-        help=f"minimum detection score (default {DEFAULT_THRESHOLD})",
+        default=NUDENET_THRESHOLD,
+        help=f"minimum detection score (default {NUDENET_THRESHOLD})",
     )
     p.set_defaults(func=run_nudity)
 
-    p = which.add_parser("fid", help="FID against a reference image folder")
+    p = which.add_parser("fid", help="FID (pytorch-fid) against reference images or statistics")
     common(p, "RUN/eval/fid.json")
-    p.add_argument("--reference", required=True, help="folder of reference images (one size)")
+    p.add_argument(
+        "--reference",
+        required=True,
+        help="folder of reference images (one size), or an .npz of their statistics (mu, sigma)",
+    )
+    p.add_argument(
+        "--save-reference-stats",
+        default=None,
+        metavar="FILE.npz",
+        help="also write the reference folder's statistics here, for later --reference FILE.npz",
+    )
     p.add_argument(
         "--inception-weights",
         default=None,
@@ -109,6 +137,13 @@ def register(subparsers) -> None:
         "default: the torch hub cache, downloading once when online",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--dims",
+        type=int,
+        default=FID_DIMS,
+        help=f"Inception features: {FID_DIMS} (default; the published protocol), or 64, 192, "
+        "768 for quick checks that are not comparable with papers",
+    )
     p.set_defaults(func=run_fid)
 
     p = which.add_parser("clip", help="CLIP score of images against their prompts")

@@ -15,11 +15,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kscu.evaluate.common import Workers, list_images, load_rgb, match_rows, versions
+from kscu.evaluate.cache import ImageCache, cached_map
+from kscu.evaluate.common import (
+    Workers,
+    cache_counts,
+    list_images,
+    load_rgb,
+    match_rows,
+    model_identity,
+    versions,
+)
 from kscu.models import load_or_explain
 from kscu.promptfile import load_prompts
+from kscu.protocol import DEFAULT_CLIP
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFINITION = "mean over images of 100 * max(cos(image, own prompt), 0)"
 
 
 def load_clip(model_id: str):
@@ -64,29 +74,40 @@ def _tensor(out):
 
 
 def evaluate_clip(
-    images: str | Path, prompts: str | Path, model_id: str = DEFAULT_CLIP, batch_size: int = 16
+    images: str | Path,
+    prompts: str | Path,
+    model_id: str = DEFAULT_CLIP,
+    batch_size: int = 16,
+    use_cache: bool = True,
 ) -> dict:
     """Mean CLIP score of a folder of images against the prompts they were made from."""
     files = list_images(images)
     rows = load_prompts(prompts)
     pairs = match_rows(files, {r.case_number: r for r in rows}, str(prompts))
-    model, processor = load_clip(model_id)
     workers = Workers()
-    model = model.to(workers.device)
-    mine = workers.share(pairs)
-    out: list[tuple[str, float]] = []
-    for start in tqdm(range(0, len(mine), batch_size), desc="clip", disable=not workers.is_main):
-        batch = mine[start : start + batch_size]
-        scores = clip_scores(
-            model,
-            processor,
-            [load_rgb(p) for p, _ in batch],
-            [r.prompt for _, r in batch],
-            workers.device,
-        )
-        out += [(p.name, float(s)) for (p, _), s in zip(batch, scores, strict=True)]
-    per_image = dict(workers.gather(out))
-    values = np.array([per_image[p.name] for p in files])
+    lib = versions("transformers")
+    cache = ImageCache(
+        images, "clip", {"model": model_identity(model_id), "definition": DEFINITION, **lib}
+    )
+
+    def score(share: list[tuple[Path, str]]) -> list[float]:
+        if not share:
+            return []
+        model, processor = load_clip(model_id)
+        model = model.to(workers.device)
+        out: list[float] = []
+        for start in tqdm(
+            range(0, len(share), batch_size), desc="clip", disable=not workers.is_main
+        ):
+            batch = share[start : start + batch_size]
+            images_ = [load_rgb(p) for p, _ in batch]
+            texts = [text for _, text in batch]
+            out += [float(s) for s in clip_scores(model, processor, images_, texts, workers.device)]
+        return out
+
+    items = [(p, r.prompt) for p, r in pairs]
+    scores, computed = cached_map(items, score, cache if use_cache else None, workers)
+    values = np.array(scores)
     return {
         "metric": "clip",
         "clip_score": float(values.mean()),
@@ -94,9 +115,10 @@ def evaluate_clip(
         "images": len(files),
         "prompt_rows_without_image": len(rows) - len(files),
         "model": model_id,
-        "definition": "mean over images of 100 * max(cos(image, own prompt), 0)",
+        "definition": DEFINITION,
         "images_dir": str(Path(images).resolve()),
         "prompts": str(prompts),
-        "versions": versions("transformers"),
-        "per_image": {p.name: round(per_image[p.name], 4) for p in files},
+        **cache_counts(computed, len(files)),
+        "versions": lib,
+        "per_image": {p.name: round(v, 4) for p, v in zip(files, scores, strict=True)},
     }

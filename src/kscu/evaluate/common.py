@@ -100,6 +100,30 @@ def match_rows(images: list[Path], by_case: dict[int, Any], source: str) -> list
     return pairs
 
 
+def model_identity(model_id: str) -> dict[str, Any]:
+    """What tells one model's weights from another's, for the per-image caches.
+
+    A folder: its files' names, sizes and modification times (retraining into the same folder
+    changes them); a Hub id: the id (a new revision under the same id is not noticed: pass
+    ``--no-cache`` after updating a Hub model).
+    """
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return {"hub_id": model_id}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {
+        "files": [
+            [p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files
+        ]
+    }
+
+
+def cache_counts(computed: int, images: int) -> dict[str, int]:
+    """How many images went through the model in this run, and how many came from the cache."""
+    return {"computed_images": computed, "cached_images": images - computed}
+
+
 def versions(*packages: str) -> dict[str, str]:
     """Installed versions of the packages that shaped a number (recorded in every result)."""
     out = {"python": platform.python_version()}

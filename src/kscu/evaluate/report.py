@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kscu.config import settings_label
 from kscu.errors import KscuError
 from kscu.evaluate.common import case_number, list_images, load_rgb, markdown_table, write_atomic
 
@@ -38,6 +39,10 @@ SKIP = {
     "image_size",
     "reference_size",
     "classes_counted",
+    "computed_images",
+    "cached_images",
+    "dims",
+    "reference_stats_info",
 }
 # Which way is better, for the column headers.
 BETTER = {
@@ -47,7 +52,16 @@ BETTER = {
     "clip/clip_score": "higher",
 }
 # Settings shown under the table; differing values across runs are flagged.
-PROTOCOL = ("threshold", "nudenet_version", "model", "feature_extractor", "resize", "definition")
+PROTOCOL = (
+    "threshold",
+    "nudenet_version",
+    "model",
+    "protocol",
+    "library_version",
+    "feature_extractor",
+    "resize",
+    "definition",
+)
 
 
 @dataclass
@@ -72,7 +86,10 @@ class Run:
         if isinstance(concepts, list):
             concepts = ", ".join(map(str, concepts))
         bits = [f"erased: {concepts}" if concepts else "erased"]
-        bits += [f"{k}={cfg[k]}" for k in ("method", "mode") if cfg.get(k)]
+        if cfg.get("mode"):
+            bits.append(f"mode={cfg['mode']}")
+        if cfg.get("method"):
+            bits.append(settings_label(cfg))
         if self.info.get("base_model"):
             bits.append(f"from {self.info['base_model']}")
         return ", ".join(bits)

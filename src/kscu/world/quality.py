@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 from kscu.world.classifier import WorldClassifier, load_classifier
 from kscu.world.data import ATTRIBUTES, COLORS, HELDOUT_TEMPLATES, SHAPES, TEXTURES
 
@@ -34,36 +35,27 @@ def quality_prompts(
     return prompts, labels
 
 
-@torch.no_grad()
 def generate(
     pipe,
     prompts: list[str],
     seed: int,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int = EVAL_STEPS,
+    guidance: float = EVAL_GUIDANCE,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Images (N,3,H,W in [0,1]); batch ``i`` uses a generator seeded with ``seed + i``."""
-    images = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        gen = torch.Generator(device="cpu").manual_seed(seed + b)
-        out = pipe(
-            prompts[start : start + batch_size],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gen,
-            output_type="pt",
-        )
-        images.append(out.images.float().cpu())
-    return torch.cat(images)
+    """Images (N,3,H,W in [0,1]); image ``i`` starts from the noise of seed ``seed + i``."""
+    from kscu.sampling import sample_images
+
+    seeds = [seed + i for i in range(len(prompts))]
+    return sample_images(pipe, prompts, seeds, steps, guidance, batch_size=batch_size)
 
 
 def score_pipeline(
     pipe,
     n_images: int,
     seed: int,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int = EVAL_STEPS,
+    guidance: float = EVAL_GUIDANCE,
     templates: tuple[str, ...] = HELDOUT_TEMPLATES,
     classifier: WorldClassifier | None = None,
     batch_size: int = 64,
@@ -94,7 +86,11 @@ def score_pipeline(
 
 
 def time_generation(
-    pipe, n_images: int = 64, steps: int = 50, guidance: float = 7.5, seed: int = 0
+    pipe,
+    n_images: int = 64,
+    steps: int = EVAL_STEPS,
+    guidance: float = EVAL_GUIDANCE,
+    seed: int = 0,
 ) -> float:
     """Seconds to generate ``n_images`` in one batch (after a short warm-up)."""
     prompts, _ = quality_prompts(n_images, seed)

@@ -7,7 +7,8 @@ self- and cross-attention at 8x8 and 4x4, and a 3-layer CLIP text encoder (width
 The denoiser is trained with the standard epsilon loss on cached VAE latents, fresh captions
 every step (10% empty for classifier-free guidance) and an EMA of the weights.
 
-Run: ``kscu world train --output DIR [--device cpu|cuda] [--seed N] [--only classifier|model]``.
+Run: ``kscu world train --output DIR [--device cpu|cuda] [--seed N] [--only classifier|model]``
+(every flag: ``kscu.world.settings.WorldTrainSettings``).
 DIR receives ``classifier/``, ``model/`` (a StableDiffusionPipeline folder) and ``train.log``.
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from kscu.world import tokenizer as world_tokenizer
 from kscu.world.classifier import WorldClassifier, WorldCNN, save_classifier
 from kscu.world.data import ATTRIBUTES, label_indices, sample_batch, sample_caption
+from kscu.world.settings import WorldTrainSettings
 
 RESOLUTION = 32
 
@@ -333,41 +335,29 @@ def train_model(
     log(f"saved pipeline to {out / 'model'}")
 
 
-def run(
-    output: str,
-    device: str = "cpu",
-    seed: int = 0,
-    only: str | None = None,
-    classifier_steps: int = 1000,
-    vae_steps: int = 600,
-    unet_steps: int = 3000,
-    n_latents: int = 40000,
-    batch_size: int = 64,
-    snapshot_every: int = 500,
-    init_from: str | None = None,
-    lr: float = 6e-4,
-) -> None:
-    """Train the parts named by ``only`` (default: classifier and model) into ``output``."""
+def run(output: str, settings: WorldTrainSettings | None = None) -> None:
+    """Train the parts ``settings.only`` names (default: classifier and model) into ``output``."""
+    s = settings or WorldTrainSettings()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    if device == "cpu":
+    if s.device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     log = Logger(out / "train.log")
-    log(f"world train: output={out} device={device} seed={seed} only={only}")
-    if only in (None, "classifier"):
-        train_classifier(out, device, seed, classifier_steps, log)
-    if only in (None, "model"):
+    log(f"world train: output={out} device={s.device} seed={s.seed} only={s.only}")
+    if s.only in (None, "classifier"):
+        train_classifier(out, s.device, s.seed, s.classifier_steps, log)
+    if s.only in (None, "model"):
         train_model(
             out,
-            device,
-            seed,
-            vae_steps,
-            unet_steps,
-            n_latents,
-            batch_size,
-            snapshot_every,
+            s.device,
+            s.seed,
+            s.vae_steps,
+            s.unet_steps,
+            s.n_latents,
+            s.batch_size,
+            s.snapshot_every,
             log,
-            init_from=init_from,
-            lr=lr,
+            init_from=s.init_from,
+            lr=s.lr,
         )
     log("done")

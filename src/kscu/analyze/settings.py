@@ -1,0 +1,71 @@
+"""The settings of ``kscu analyze``: one dataclass whose defaults the CLI shows and uses.
+
+Kept apart from ``kscu.analyze.analysis`` (torch, the pipelines) so that registering the CLI
+command, which reads these defaults, stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kscu.errors import KscuError
+from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS, KEY_STEP_CAP_FRACTION
+
+
+@dataclass
+class AnalyzeSettings:
+    """Everything that determines a measurement (``threshold``/``min_contrast``: only the rule)."""
+
+    samples: int = 8
+    seed: int = 0
+    neutral: str = ""
+    guidance: float = EVAL_GUIDANCE  # CFG of the generated images: what users sample with
+    stride: int = 1  # measure every stride-th switch step, interpolate the rest
+    threshold: float = 0.1
+    min_contrast: float = 0.1
+    num_steps: int = EVAL_STEPS
+    resolution: int | None = None  # None: the model's own
+    batch_size: int = 64  # UNet rows per call
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise KscuError(message)
+
+        need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
+        need(self.num_steps > 1, f"--num-steps must be > 1 (got {self.num_steps})")
+        need(
+            0 < self.stride < self.num_steps,
+            f"--stride must be in [1, {self.num_steps - 1}] (got {self.stride})",
+        )
+        need(0 < self.threshold < 1, f"--threshold must be in (0, 1) (got {self.threshold})")
+        need(
+            0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"
+        )
+        need(
+            math.isfinite(self.guidance) and self.guidance >= 0,
+            f"--guidance must be a finite number >= 0 (got {self.guidance})",
+        )
+        need(self.batch_size > 0, f"--batch-size must be > 0 (got {self.batch_size})")
+        need(
+            self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+            f"--resolution must be a positive multiple of 8 (got {self.resolution})",
+        )
+
+    def measured_steps(self) -> list[int]:
+        return list(range(0, self.num_steps, self.stride))
+
+    def measurement_key(self) -> dict[str, Any]:
+        """The settings a measurement depends on (not the rule's parameters)."""
+        d = dataclasses.asdict(self)
+        for rule_only in ("threshold", "min_contrast", "batch_size"):
+            d.pop(rule_only)
+        return d
+
+
+def cap_for(num_steps: int) -> int:
+    """The latest start the Key Step Table reaches: ceil(0.9 N) - 1 (44 of 50)."""
+    return math.ceil(KEY_STEP_CAP_FRACTION * num_steps) - 1

@@ -1,0 +1,59 @@
+"""Model families: which one a model or pipeline belongs to.
+
+A family is found from ``model_index.json``'s ``_class_name`` (or a loaded pipeline's class), or
+named by the user (``--family``). Adding a family means adding its module and one line here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kscu.errors import KscuError
+from kscu.families.flux import FluxFamily
+from kscu.families.sd import SDFamily
+from kscu.families.sdxl import SDXLFamily
+
+FAMILIES: dict[str, Any] = {"sd": SDFamily(), "sdxl": SDXLFamily(), "flux": FluxFamily()}
+
+
+def get_family(name: str) -> Any:
+    if name not in FAMILIES:
+        raise KscuError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_for_class(class_name: str, where: str = "the model") -> Any:
+    """The family whose pipeline class is ``class_name``; an unsupported one is an error."""
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    supported = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    raise KscuError(
+        f"{where} is a {class_name}, which kscu does not support; supported: {supported} "
+        "(or name one with --family)"
+    )
+
+
+def family_of(pipe: Any) -> Any:
+    """The family of a loaded pipeline (its recorded family if kscu loaded it)."""
+    name = getattr(pipe, "_kscu_family", None)
+    if name is not None:
+        return get_family(name)
+    return family_for_class(type(pipe).__name__, "the pipeline")
+
+
+def detect_family(model_folder: Path | None, class_name: str | None = None) -> Any:
+    """From a local folder's ``model_index.json`` (or a class name read from the hub)."""
+    if class_name is None and model_folder is not None:
+        index = model_folder / "model_index.json"
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (OSError, json.JSONDecodeError) as e:
+            raise KscuError(
+                f"cannot read {index} ({e}); give a diffusers pipeline folder"
+            ) from None
+    if not class_name:
+        return FAMILIES["sd"]
+    return family_for_class(class_name, str(model_folder or "the model"))

@@ -1,0 +1,107 @@
+"""What every model family provides: the one interface the erase loop, generation and analysis use.
+
+KSCU itself (the Key Step Table, trajectory reuse, the two-term loss, augmentation, Adam) is the
+same for every text-to-image model whose sampler walks a fixed list of steps (KSCU_METHOD.md
+section 9). What differs (how a model is loaded, how prompts become conditioning, how the
+denoiser is called, how guidance is applied, the sampler, lambda1, the scopes and the default
+tables) lives behind this interface, one module per family.
+
+Conditioning is a ``Cond``: a dict of tensors whose first dimension is the batch (one row per
+prompt), so rows of different prompts can be concatenated for one batched denoiser call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from kscu.errors import KscuError
+
+Cond = dict[str, torch.Tensor]
+# raw(x, s, cond) -> the denoiser's output for rows x at step index s, float32
+RawFn = Callable[[torch.Tensor, int, Cond], torch.Tensor]
+
+
+def cond_cat(*conds: Cond) -> Cond:
+    """Rows of several conditionings, stacked in the given order."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_rows(cond: Cond, n: int) -> Cond:
+    """``cond`` for ``n`` rows: a one-row conditioning is repeated (views, no copies)."""
+    return {k: v if len(v) == n else v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def cond_pick(cond: Cond, index: int) -> Cond:
+    """Row ``index`` of a conditioning, kept as a batch of one."""
+    return {k: v[index : index + 1] for k, v in cond.items()}
+
+
+def call_module(module: nn.Module, params: dict[str, torch.Tensor] | None, **kwargs) -> Any:
+    """Call ``module`` with its own weights, or with ``params`` in place of some of them.
+
+    The frozen original is the edited module called with the original values of the trainable
+    tensors, so no copy of the network is ever made.
+    """
+    if params is None:
+        return module(**kwargs)
+    return functional_call(module, params, args=(), kwargs=kwargs, strict=False)
+
+
+class Sampler:
+    """A family's sampler for one model, step count and resolution.
+
+    ``timesteps[s]`` is what step index ``s`` means to the model; ``noise`` draws the seeded
+    start; ``raw`` makes one denoiser call; ``to_loss_space`` states the space the KSCU loss is
+    computed in; ``guided_step`` is one sampling step with the family's guidance. Every walk in
+    kscu (the erase trajectory, analysis, preview, generation for evaluation) goes through it.
+    """
+
+    timesteps: list[float]
+    loss_space: str
+
+    def noise(self, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def raw(
+        self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_loss_space(self, out: torch.Tensor, x: torch.Tensor, s: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def guided_step(
+        self, raw: RawFn, x: torch.Tensor, s: int, cond: Cond | None, uncond: Cond, scale: float
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lambda1(self, s: int, alpha: float) -> float:
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        """What the run's JSON states about the sampler (the timesteps actually used)."""
+        return {"timesteps": [_plain(t) for t in self.timesteps], "loss_space": self.loss_space}
+
+
+def _plain(t: float) -> float | int:
+    t = float(t)
+    return int(t) if t.is_integer() else t
+
+
+def key_step_cap(num_steps: int, fraction: float = 0.9) -> int:
+    """The latest start the Key Step Table reaches: ceil(0.9 E) - 1 (44 of 50, 25 of 28)."""
+    return math.ceil(fraction * num_steps) - 1
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise KscuError(message)

@@ -1,0 +1,217 @@
+"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``, a ``UNet2DConditionModel``).
+
+The sampler is DDIM with Stable Diffusion's settings made explicit (KSCU_METHOD.md section 1):
+a model's own scheduler config (often PNDM, sometimes without ``clip_sample``, sometimes with
+trailing spacing or zero-SNR betas) would otherwise change silently which timestep a step index
+means or clip x0. Only the noise schedule (betas) and the prediction type come from the model.
+
+Guidance is classifier-free: ``n + g (p - n)`` from one batched call of the unconditional and the
+conditional rows. The loss is computed in epsilon space by default: for a v-prediction model
+(SD 2.x) the output is converted with the scheduler's alphas, because an MSE on v weights step t
+by about 1/abar_t (KSCU_METHOD.md section 9).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from kscu.errors import KscuError
+from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_cat, cond_rows
+from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
+
+log = logging.getLogger("kscu")
+
+LOSS_SPACES = ("epsilon", "model")
+
+
+class SDFamily:
+    """Stable Diffusion 1.x/2.x: everything kscu needs to know about these pipelines."""
+
+    name = "sd"
+    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
+    denoiser_attr = "unet"
+    # Per-mode and global defaults that differ from kscu.config's tables (SD is the reference).
+    mode_defaults: dict[str, dict[str, Any]] = {}
+    defaults: dict[str, Any] = {}
+    scope_layers: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+    scope_rules = {
+        "xattn": lambda name: "attn2" in name,
+        "noxattn": lambda name: "attn2" not in name,
+        "selfattn": lambda name: "attn1" in name,
+    }
+    eval_steps = 50
+    eval_guidance = 7.5
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        return getattr(pipe, self.denoiser_attr)
+
+    def denoiser_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def native_resolution(self, pipe: Any) -> int:
+        """The image size the UNet was trained for (sample_size times the VAE's downscale)."""
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def default_resolution(self, pipe: Any) -> int:
+        return self.native_resolution(pipe)
+
+    @torch.no_grad()
+    def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int | None = None) -> Cond:
+        """Text embeddings as SD computes them (padded to the tokenizer's max length), float32."""
+        ids = _token_ids(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
+        emb = pipe.text_encoder(ids)[0].float()
+        return {"encoder_hidden_states": emb.to(self.denoiser(pipe).device)}
+
+    def sampler(
+        self,
+        pipe: Any,
+        num_steps: int,
+        resolution: int | None = None,
+        loss_space: str = "epsilon",
+        guidance: float | None = None,
+    ) -> DDIMSampler:
+        """``guidance`` is unused: SD's guidance is CFG, applied per step (``guided_step``)."""
+        return DDIMSampler(self, pipe, num_steps, resolution, loss_space)
+
+    def offload_encoders(self, pipe: Any) -> dict[str, torch.device]:
+        """Nothing to gain for SD's small encoders: they stay where they are."""
+        return {}
+
+    def pipeline_scheduler(self, pipe: Any) -> Any:
+        """The scheduler ``pipe(...)`` should sample with for evaluation images: pinned DDIM."""
+        return pinned_ddim(pipe.scheduler.config, announce=False)
+
+    def unet_kwargs(self, cond: Cond, rows: int, resolution: int) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+
+def _token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def pinned_ddim(model_config: Any, announce: bool = True) -> Any:
+    """DDIM with SD's settings; the model contributes only its betas and prediction type.
+
+    Says in one log line what differs from the model's own scheduler config.
+    """
+    from diffusers import DDIMScheduler
+
+    config = dict(model_config)
+    own = {k: config[k] for k in SD_DDIM_FROM_MODEL if config.get(k) is not None}
+    scheduler = DDIMScheduler(**own, **SD_DDIM_SETTINGS)
+    if announce:
+        changed = [
+            f"{k} {config.get(k, 'unset')} -> {v}"
+            for k, v in SD_DDIM_SETTINGS.items()
+            if config.get(k) != v
+        ]
+        kind = config.get("_class_name", "scheduler")
+        if kind != "DDIMScheduler" or changed:
+            log.info(
+                "sampler: DDIM with SD's settings instead of the model's %s (%s)",
+                kind,
+                ", ".join(changed) or "same settings",
+            )
+    return scheduler
+
+
+class DDIMSampler(Sampler):
+    """DDIM over ``num_steps`` steps with classifier-free guidance (SD, SDXL)."""
+
+    def __init__(
+        self,
+        family: SDFamily,
+        pipe: Any,
+        num_steps: int,
+        resolution: int | None,
+        loss_space: str = "epsilon",
+    ):
+        if loss_space not in LOSS_SPACES:
+            raise KscuError(f"unknown loss space {loss_space!r}; choose one of {LOSS_SPACES}")
+        self.family = family
+        self.scheduler = pinned_ddim(pipe.scheduler.config)
+        self.scheduler.set_timesteps(num_steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.loss_space = "epsilon" if loss_space == "epsilon" else self.prediction_type
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.resolution = resolution or family.default_resolution(pipe)
+        size = self.resolution // pipe.vae_scale_factor
+        self.shape = (1, family.denoiser(pipe).config.in_channels, size, size)
+        self.device = family.denoiser(pipe).device
+        self.extra_record: dict[str, Any] = {}
+
+    def noise(self, seed: int) -> torch.Tensor:
+        """Drawn on the CPU so a seed gives the same x_0 on every device."""
+        g = torch.Generator("cpu").manual_seed(seed)
+        x = torch.randn(self.shape, generator=g) * self.scheduler.init_noise_sigma
+        return x.to(self.device)
+
+    def raw(self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None):
+        dtype = module.dtype  # float inputs in the network's dtype (autocast may cast again)
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        kwargs = self.family.unet_kwargs(cond, len(x), self.resolution)
+        t = self.timesteps[s]
+        out = call_module(
+            module, params, sample=x.to(dtype), timestep=t, return_dict=False, **kwargs
+        )
+        return out[0].float()
+
+    def to_loss_space(self, out: torch.Tensor, x: torch.Tensor, s: int) -> torch.Tensor:
+        if self.loss_space == self.prediction_type:
+            return out
+        abar = self.scheduler.alphas_cumprod[self.timesteps[s]].double()
+        a, b = abar.sqrt().item(), (1 - abar).sqrt().item()
+        out64, x64 = out.double(), x.double()  # cheap next to the network; keeps it exact
+        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+            return (a * out64 + b * x64).float()
+        if self.prediction_type == "sample":  # eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+            return ((x64 - a * out64) / b).float()
+        return out
+
+    def guided_step(
+        self, raw: RawFn, x: torch.Tensor, s: int, cond: Cond | None, uncond: Cond, scale: float
+    ) -> torch.Tensor:
+        """x_s -> x_{s+1}; ``cond=None`` means the unconditional prompt alone (one call)."""
+        n = len(x)
+        if cond is None:
+            direction = raw(x, s, cond_rows(uncond, n))
+        else:
+            rows = cond_cat(cond_rows(uncond, n), cond_rows(cond, n))
+            un, co = raw(torch.cat([x, x]), s, rows).chunk(2)
+            direction = un + scale * (co - un)
+        return self.scheduler.step(direction, self.timesteps[s], x).prev_sample
+
+    def lambda1(self, s: int, alpha: float) -> float:
+        """(T - t) * alpha: 0.006 at t = 701, 0.02 at t = 1 with the defaults."""
+        return (self.num_train_timesteps - self.timesteps[s]) * alpha
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), **self.extra_record}
+
+    @torch.no_grad()
+    def decode(self, pipe: Any, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1], float32 on the CPU."""
+        vae = pipe.vae
+        z = x.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu()

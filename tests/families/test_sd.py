@@ -1,0 +1,118 @@
+"""The Stable Diffusion family: the pinned DDIM sampler and the loss space of v-prediction."""
+
+import copy
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kscu.config import EraseConfig
+from kscu.families import family_of
+from kscu.families.sd import pinned_ddim
+from kscu.trainer import erase
+
+SD_50 = [981 - 20 * s for s in range(50)]
+
+
+def test_pinned_ddim_ignores_a_pndm_config_without_clip_sample(caplog):
+    from diffusers import PNDMScheduler
+
+    pndm = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True
+    )
+    config = {k: v for k, v in pndm.config.items() if k != "clip_sample"}
+    config["_class_name"] = "PNDMScheduler"
+    with caplog.at_level(logging.INFO, logger="kscu"):
+        ddim = pinned_ddim(config)
+    assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+    assert torch.equal(ddim.betas, pndm.betas)
+    ddim.set_timesteps(50)
+    assert [int(t) for t in ddim.timesteps] == SD_50
+    lines = [r.getMessage() for r in caplog.records]
+    assert (
+        len(lines) == 1 and "PNDMScheduler" in lines[0] and "clip_sample unset -> False" in lines[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "setting", [{"timestep_spacing": "trailing"}, {"rescale_betas_zero_snr": True}]
+)
+def test_pinned_ddim_keeps_sd_timesteps_whatever_the_model_config(tiny_pipe, setting, caplog):
+    from diffusers import DDIMScheduler
+
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, **setting)
+    with caplog.at_level(logging.INFO, logger="kscu"):
+        sampler = family_of(tiny_pipe).sampler(tiny_pipe, 50)
+    assert sampler.timesteps == SD_50
+    assert next(iter(setting)) in caplog.text
+    # the noise schedule is SD's (zero-SNR rescaling is not applied behind the user's back)
+    assert sampler.scheduler.alphas_cumprod[-1] > 0
+
+
+def test_the_model_prediction_type_and_betas_are_kept(tiny_pipe):
+    from diffusers import DDIMScheduler
+
+    tiny_pipe.scheduler = DDIMScheduler.from_config(
+        tiny_pipe.scheduler.config, prediction_type="v_prediction", beta_end=0.02
+    )
+    sampler = family_of(tiny_pipe).sampler(tiny_pipe, 50)
+    assert sampler.prediction_type == "v_prediction"
+    assert sampler.scheduler.config.beta_end == 0.02
+
+
+def v_twin(pipe):
+    """The same network with its output converted to v: v = (eps - sqrt(1-abar) x) / sqrt(abar)."""
+    from kscu.models import sd_ddim_scheduler
+
+    twin = copy.deepcopy(pipe)
+    twin.scheduler = sd_ddim_scheduler("v_prediction")
+    abar = twin.scheduler.alphas_cumprod
+
+    def to_v(module, args, kwargs, out):
+        x, t = kwargs["sample"], int(kwargs["timestep"])
+        a = abar[t]
+        v = (out[0].double() - (1 - a).sqrt() * x.double()) / a.sqrt()
+        return (v.to(out[0].dtype),)
+
+    twin.unet.register_forward_hook(to_v, with_kwargs=True)
+    return twin
+
+
+def first_gradients(pipe, cfg, monkeypatch):
+    """The gradient of every trainable tensor at the first Adam step, and the run."""
+    grads = {}
+    step = torch.optim.Adam.step
+
+    def capture(self, *args, **kwargs):
+        if not grads:
+            for group in self.param_groups:
+                grads.update({id(p): p.grad.detach().clone() for p in group["params"]})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", capture)
+    result = erase(pipe, cfg, progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return torch.cat([g.flatten() for g in grads.values()]), result
+
+
+def test_v_twin_gives_the_same_losses_and_updates_in_epsilon_space(tiny_pipe, monkeypatch):
+    """Same losses and gradients to 1e-5; the total update to 1e-4 (measured 5.7e-5 after 5
+    iterations): Adam's first steps are about lr * sign(g) for any nonzero gradient, so float
+    noise in near-zero gradients shows up as lr-sized differences of single elements."""
+    twin = v_twin(tiny_pipe)
+    base = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
+    cfg = EraseConfig(concepts=["church"], lr=1e-3, iterations=5, num_steps=10, start_step=3)
+    g_eps, eps_run = first_gradients(tiny_pipe, cfg, monkeypatch)
+    g_v, v_run = first_gradients(twin, cfg, monkeypatch)
+    assert eps_run.record["loss_space"] == v_run.record["loss_space"] == "epsilon"
+    a, b = torch.tensor(eps_run.losses), torch.tensor(v_run.losses)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-9), (a - b).abs().max()
+    assert ((g_eps - g_v).norm() / g_eps.norm()).item() < 1e-5
+    d_eps = torch.cat([(t - base[n]).flatten() for n, t in eps_run.tensors.items()])
+    d_v = torch.cat([(v_run.tensors[n] - base[n]).flatten() for n in eps_run.tensors])
+    assert ((d_eps - d_v).norm() / d_eps.norm()).item() < 1e-4
+    # in the model's own space the v twin's loss is larger: v reweights the steps by ~1/abar_t
+    model_space = erase(v_twin(tiny_pipe), replace(cfg, loss_space="model"), progress=False)
+    assert model_space.record["loss_space"] == "v_prediction"
+    assert model_space.losses[0] > 2 * eps_run.losses[0]

@@ -1,0 +1,109 @@
+"""Written files get the umask's permissions, reach the disk before the rename, never half exist."""
+
+import os
+import stat
+import sys
+
+import pytest
+
+from kscu.cli import main
+from kscu.errors import KscuError
+from kscu.evaluate.common import write_result
+from kscu.fileio import atomic_folder, atomic_target, write_json
+
+
+@pytest.fixture(params=[0o022, 0o007])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_and_folders_get_the_umask_permissions(umask, tmp_path):
+    write_json(tmp_path / "a.json", {"x": 1})
+    with atomic_target(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"data")
+    with atomic_folder(tmp_path / "run") as folder:
+        write_json(folder / "c.json", {})
+    for name in ("a.json", "b.bin", "run/c.json"):
+        assert mode(tmp_path / name) == 0o666 & ~umask, name
+    assert mode(tmp_path / "run") == 0o777 & ~umask
+
+
+def test_every_file_kscu_writes_gets_the_umask_permissions(umask, tiny_model_dir, tmp_path, capsys):
+    run, images = tmp_path / "run", tmp_path / "run" / "images"
+    short = ["--iterations", "2", "--num-steps", "4", "--start-step", "1", "--quiet"]
+    common = ["--model", tiny_model_dir, "--quiet"]
+    steps = [
+        ["erase", "--concept", "church", *common, "--output", run, *short, "--preview"],
+        ["generate", *common, "--prompt", "a church", "--steps", "2", "--output", images],
+    ]
+    for args in steps:
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+    write_result({"fid": 1.0}, run / "eval" / "fid.json", markdown="| fid |\n")  # evaluate's path
+    written = {
+        "weights.safetensors",
+        "kscu.json",
+        "preview.png",
+        "images/0.png",
+        "images/manifest.csv",
+        "images/generate.json",
+        "eval/fid.json",
+        "eval/fid.md",
+    }
+    found = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    assert found == written
+    for name in written:
+        assert mode(run / name) == 0o666 & ~umask, name
+    for folder in (run, images, run / "eval"):
+        assert mode(folder) == 0o777 & ~umask, folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_file_is_flushed_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out.json"
+    with atomic_target(target) as tmp:
+        tmp.write_text("{}")
+    assert events == [("fsync", str(tmp)), ("replace", str(target)), ("fsync", str(tmp_path))]
+
+
+def test_a_failed_block_leaves_nothing(tmp_path):
+    (tmp_path / "keep.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_target(tmp_path / "keep.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "run") as folder:
+        (folder / "weights").write_text("half")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
+    assert (tmp_path / "keep.json").read_text() == "old"
+
+
+def test_folder_replace_swaps_whole_folders(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stale.png").write_text("old")
+    with pytest.raises(KscuError, match="nothing was replaced"), atomic_folder(run) as folder:
+        (folder / "new.json").write_text("new")  # without replace, a filled folder stays
+    assert sorted(p.name for p in run.iterdir()) == ["stale.png"]
+    with atomic_folder(run, replace=True) as folder:
+        (folder / "new.json").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == ["new.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

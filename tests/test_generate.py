@@ -1,0 +1,171 @@
+"""`kscu generate` resumes only what was made the same way: generate.json is checked first."""
+
+import json
+
+import pytest
+
+from kscu.checkpoint import save_erased
+from kscu.cli import main
+from kscu.errors import KscuError
+from kscu.generate import SETTINGS, generate_images
+from kscu.promptfile import PromptRow
+
+
+def generate(capsys, model, output, *extra, prompts=None):
+    source = ["--prompts", prompts] if prompts else ["--prompt", "a church"]
+    args = ["generate", "--model", model, *source, "--output", output, "--quiet", *extra]
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("case_number,prompt\n0,a church\n1,a cat\n2,a tree\n")
+    return path
+
+
+@pytest.fixture
+def folder(tiny_model_dir, tmp_path, prompts, capsys):
+    """Three images made with --steps 2, and their mtimes."""
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", prompts=prompts)
+    assert code == 0, err
+    return out
+
+
+def mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+
+def test_settings_are_recorded(folder, tiny_model_dir):
+    record = json.loads((folder / SETTINGS).read_text())
+    assert record["model"] == str(tiny_model_dir.resolve())
+    assert record["weights"] is None and record["weights_sha256"] is None
+    assert (record["steps"], record["guidance"], record["seed"]) == (2, 7.5, 0)
+    assert record["resolution"] == 16 and record["dtype"] == "float32"
+    assert record["family"] == "sd"
+    assert record["sampler"]["timesteps"] == [501, 1]  # the pinned DDIM at 2 steps
+    assert "kscu_version" in record
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--steps", "3"], "steps 2 vs 3"),
+        (["--steps", "2", "--guidance", "5", "--seed", "4"], "guidance 7.5 vs 5.0, seed 0 vs 4"),
+        (["--steps", "2", "--resolution", "8"], "resolution 16 vs 8"),
+    ],
+)
+def test_other_settings_are_refused_and_nothing_changes(
+    folder, tiny_model_dir, prompts, capsys, extra, words
+):
+    before = mtimes(folder)
+    (folder / "1.png").unlink()  # a missing image must not be made with the wrong settings
+    code, _, err = generate(capsys, tiny_model_dir, folder, *extra, prompts=prompts)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert words in err and "--overwrite" in err
+    assert mtimes(folder) == {k: v for k, v in before.items() if k != "1.png"}
+
+
+def test_other_weights_are_refused(folder, tiny_model_dir, tiny_pipe, prompts, capsys, tmp_path):
+    name, param = next(iter(tiny_pipe.unet.named_parameters()))
+    save_erased(tmp_path / "erased", {name: param.detach() + 0.1}, {"base_model": "tiny"})
+    code, _, err = generate(
+        capsys,
+        tiny_model_dir,
+        folder,
+        "--steps",
+        "2",
+        "--weights",
+        tmp_path / "erased",
+        prompts=prompts,
+    )
+    assert code == 2 and "weights_sha256 none vs " in err, err
+
+
+def test_same_settings_make_only_the_missing_images(folder, tiny_model_dir, prompts, capsys):
+    (folder / "1.png").unlink()
+    before = mtimes(folder)
+    code, out, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=prompts)
+    assert code == 0 and "wrote 1 new" in out, err
+    after = mtimes(folder)
+    assert set(after) == {"0.png", "1.png", "2.png"}
+    assert all(after[k] == v for k, v in before.items())
+
+
+def test_overwrite_starts_again(folder, tiny_model_dir, capsys):
+    (folder / "notes.txt").write_text("mine")
+    code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "3", "--overwrite")
+    assert code == 0, err
+    # the single prompt is case 0: the old 1.png and 2.png are gone, not left to be evaluated
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "0.png",
+        "generate.json",
+        "manifest.csv",
+        "notes.txt",
+    ]
+    assert json.loads((folder / SETTINGS).read_text())["steps"] == 3
+    assert (folder / "manifest.csv").read_text().count("\n") == 2  # header + one row
+
+
+def test_images_without_a_record_are_refused(folder, tiny_model_dir, prompts, capsys):
+    (folder / SETTINGS).unlink()  # a folder from a kscu that did not write generate.json
+    code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=prompts)
+    assert code == 2 and f"no {SETTINGS}" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = generate(
+        capsys, tiny_model_dir, folder, "--steps", "2", "--overwrite", prompts=prompts
+    )
+    assert code == 0 and (folder / SETTINGS).is_file(), err
+
+
+def test_every_process_checks_and_only_the_main_one_records(tiny_pipe, tmp_path):
+    rows = [PromptRow(case_number=c, prompt=f"p{c}") for c in range(4)]
+    out = tmp_path / "img"
+    at_barrier = []
+
+    def wait_for_everyone():  # what the folder holds when this process reaches the barrier
+        at_barrier.append(sorted(p.name for p in out.iterdir()))
+
+    made = generate_images(
+        tiny_pipe,
+        rows,
+        out,
+        steps=2,
+        progress=False,
+        process_index=1,
+        num_processes=2,
+        wait_for_everyone=wait_for_everyone,
+    )
+    assert at_barrier == [[]]  # no image before the barrier, and no record from process 1
+    assert [p.name for p in made] == ["1.png", "3.png"] and not (out / SETTINGS).exists()
+    for path in made:
+        path.unlink()
+    generate_images(tiny_pipe, rows, out, steps=2, progress=False, process_index=0, num_processes=2)
+    assert json.loads((out / SETTINGS).read_text())["steps"] == 2
+    # a process that is not the main one refuses other settings before making anything
+    with pytest.raises(KscuError, match="steps 2 vs 4"):
+        generate_images(
+            tiny_pipe, rows, out, steps=4, progress=False, process_index=1, num_processes=2
+        )
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "2.png"]
+
+
+def test_a_damaged_record_is_a_clear_error(folder, tiny_model_dir, capsys):
+    (folder / SETTINGS).write_text("{not json")
+    code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "2")
+    assert code == 2 and "cannot read" in err and "--overwrite" in err, err
+
+
+def test_weights_fingerprint_is_the_file_hash(tiny_pipe, tmp_path):
+    import hashlib
+
+    name, param = next(iter(tiny_pipe.unet.named_parameters()))
+    save_erased(tmp_path / "w", {name: param.detach()}, {"base_model": "tiny"})
+    out = tmp_path / "img"
+    rows = [PromptRow(case_number=0, prompt="p")]
+    generate_images(tiny_pipe, rows, out, steps=2, progress=False, weights=tmp_path / "w")
+    record = json.loads((out / SETTINGS).read_text())
+    digest = hashlib.sha256((tmp_path / "w" / "weights.safetensors").read_bytes()).hexdigest()
+    assert record["weights_sha256"] == digest and record["model"] is None

@@ -1,0 +1,116 @@
+"""Erase output folders: a complete run or nothing new; a run is replaced only on request."""
+
+import json
+
+import pytest
+
+import kscu.checkpoint
+import kscu.runner
+from kscu.cli import main
+from kscu.config import EraseConfig
+from kscu.errors import KscuError
+from kscu.runner import erase_to_folder
+
+SHORT = ["--iterations", "2", "--num-steps", "4", "--start-step", "1", "--quiet"]
+
+
+def erase_cli(model, output, capsys, *extra):
+    args = ["erase", "--concept", "church", "--model", model, "--output", output, *SHORT, *extra]
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def hidden_siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def old_run(tiny_model_dir, tmp_path, capsys):
+    """A finished run with a preview, as a lab's results folder would hold."""
+    run = tmp_path / "run"
+    code, err = erase_cli(tiny_model_dir, run, capsys, "--preview", "--lr", "1e-3")
+    assert code == 0, err
+    assert {p.name for p in run.iterdir()} == {"weights.safetensors", "kscu.json", "preview.png"}
+    return run
+
+
+def test_existing_run_is_refused_before_any_model_loads(
+    old_run, tiny_model_dir, capsys, monkeypatch
+):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(kscu.runner, "load_pipeline", no_load)
+    before = snapshot(old_run)
+    code, err = erase_cli(tiny_model_dir, old_run, capsys, "--no-preview")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert snapshot(old_run) == before and hidden_siblings(old_run) == []
+
+
+def test_a_folder_of_other_files_is_never_replaced(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("mine")
+    code, err = erase_cli(tiny_model_dir, folder, capsys, "--no-preview", "--overwrite")
+    assert code == 2 and "holds no kscu run" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(folder) == {"todo.txt": b"mine"}
+
+
+def test_a_file_as_output_is_refused(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "weights"
+    path.write_text("x")
+    code, err = erase_cli(tiny_model_dir, path, capsys, "--no-preview")
+    assert code == 2 and "is a file" in err and path.read_text() == "x"
+
+
+def test_new_and_empty_folders_are_written(tiny_model_dir, tmp_path, capsys):
+    nested = tmp_path / "a" / "b" / "run"
+    assert erase_cli(tiny_model_dir, nested, capsys, "--no-preview")[0] == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert erase_cli(tiny_model_dir, empty, capsys, "--no-preview")[0] == 0
+    for run in (nested, empty):
+        assert {p.name for p in run.iterdir()} == {"weights.safetensors", "kscu.json"}
+        assert hidden_siblings(run) == []
+
+
+def test_crash_between_weights_and_json_leaves_the_old_run_intact(
+    old_run, tiny_model_dir, monkeypatch
+):
+    before = snapshot(old_run)
+    written = []
+
+    def crash(path, data):  # save_erased writes the weights, then the JSON through this
+        written.extend(p.name for p in path.parent.iterdir())
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(kscu.checkpoint, "write_json", crash)
+    cfg = EraseConfig(concepts=["church"], lr=5e-3, iterations=2, num_steps=4, start_step=1)
+    with pytest.raises(RuntimeError, match="power cut"):
+        erase_to_folder(cfg, str(tiny_model_dir), old_run, progress=False, overwrite=True)
+    assert written == ["weights.safetensors"]  # the crash came after the new weights
+    assert snapshot(old_run) == before
+    assert hidden_siblings(old_run) == []
+
+
+def test_overwrite_replaces_the_whole_run(old_run, tiny_model_dir, capsys):
+    old_weights = (old_run / "weights.safetensors").read_bytes()
+    code, err = erase_cli(
+        tiny_model_dir, old_run, capsys, "--no-preview", "--overwrite", "--lr", "2e-3"
+    )
+    assert code == 0, err
+    assert {p.name for p in old_run.iterdir()} == {"weights.safetensors", "kscu.json"}  # no stale
+    assert (old_run / "weights.safetensors").read_bytes() != old_weights
+    assert json.loads((old_run / "kscu.json").read_text())["config"]["lr"] == 2e-3
+    assert hidden_siblings(old_run) == []
+
+
+def test_python_api_refuses_without_overwrite(old_run, tiny_model_dir):
+    cfg = EraseConfig(concepts=["church"], iterations=2, num_steps=4, start_step=1)
+    with pytest.raises(KscuError, match="overwrite=True"):
+        erase_to_folder(cfg, str(tiny_model_dir), old_run, progress=False)
