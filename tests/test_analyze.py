@@ -26,7 +26,7 @@ import kscu.cli
 from kscu.analyze import cli as analyze_cli
 from kscu.analyze.analysis import AnalyzeSettings, analyze, auto_start_step, combine, summarize
 from kscu.analyze.core import isotonic, start_from_curve
-from kscu.families import family_of
+from kscu.families import FAMILIES, family_of
 
 A, B = 15, 30  # the window of step indices where the synthetic model sees its prompt
 
@@ -296,7 +296,10 @@ def test_cli_defaults_are_the_settings_defaults():
     analyze_cli.register(parser.add_subparsers())
     args = parser.parse_args(["analyze", "--concept", "church", "--output", "x"])
     assert analyze_cli.settings_from_args(args) == AnalyzeSettings()
-    assert (AnalyzeSettings().num_steps, AnalyzeSettings().guidance) == (EVAL_STEPS, EVAL_GUIDANCE)
+    sd = AnalyzeSettings().for_family(FAMILIES["sd"])  # unset: the family's protocol
+    assert (sd.num_steps, sd.guidance) == (EVAL_STEPS, EVAL_GUIDANCE)
+    flux = AnalyzeSettings().for_family(FAMILIES["flux"])
+    assert (flux.num_steps, flux.guidance) == (28, 3.5)
     assert cap_for(50) == 44 and cap_for(10) == 8
 
 

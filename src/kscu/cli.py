@@ -80,6 +80,16 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         help="rebuild the trajectory from noise every iteration (the paper-era code)",
     )
     p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the edited forward's activations during backward (less memory, slower)",
+    )
+    p.add_argument(
+        "--no-optimizer-in-backward",
+        action="store_true",
+        help="hold every gradient, then one Adam step (same update; more memory)",
+    )
+    p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -99,6 +109,11 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace the run already in --output (only once the new one is complete)",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the trainable elements and the expected peak memory by component; no erase",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_erase)
 
@@ -114,6 +129,8 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         dtype=args.dtype,
         device=args.device,
         reuse_trajectory=not args.no_reuse_trajectory,
+        optimizer_in_backward=not args.no_optimizer_in_backward,
+        gradient_checkpointing=args.gradient_checkpointing,
         augment=args.augment,
         family=args.family,
         **overrides,
@@ -124,7 +141,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
     from kscu.runner import erase_to_folder, prepare
 
     config = erase_config_from_args(args)
-    prepare(config, args.model)  # validate everything before loading weights
+    resolved = prepare(config, args.model)  # validate everything before loading weights
+    if args.plan:
+        from kscu.runner import memory_plan
+
+        print(_plan_table(memory_plan(args.model, resolved)))
+        return 0
     result, _ = erase_to_folder(
         config,
         args.model,
@@ -138,6 +160,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
         f"({len(result.losses)} iterations, final loss {result.losses[-1]:.4g}) -> {args.output}"
     )
     return 0
+
+
+def _plan_table(plan: dict) -> str:
+    gib = 2**30
+    lines = [f"trainable elements: {plan['trainable_elements']:,}"]
+    lines += [f"  {name:<12} {n / gib:8.3f} GiB" for name, n in plan["bytes"].items()]
+    lines.append(f"  {'total':<12} {plan['total_bytes'] / gib:8.3f} GiB (expected peak)")
+    return "\n".join(lines)
 
 
 def _preview(args: argparse.Namespace) -> list[str] | None:

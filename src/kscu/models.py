@@ -19,6 +19,7 @@ from kscu.errors import KscuError
 PRESET_FILE = "kscu_preset.json"
 T = TypeVar("T")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def load_or_explain(load: Callable[[], T], what: str, hint: str) -> T:
@@ -77,9 +78,10 @@ def load_pipeline(
 ) -> Any:
     """A pipeline of a supported family from a folder or hub id, safety checker off, on ``device``.
 
-    With ``exact_denoiser`` the denoiser is loaded in float32 whatever ``dtype``: its weights are
-    then exactly the checkpoint's (upcast), so an erase's masters start from the true base and the
-    saved weights are base + update, not round_bf16(base) + update.
+    With ``exact_denoiser`` the denoiser's weights are exactly the checkpoint's: loaded in
+    ``dtype`` when the checkpoint stores that dtype (FLUX.1 ships bf16), else in float32 (an exact
+    upcast), so an erase's masters start from the true base and the saved weights are
+    base + update, not round_bf16(base) + update.
     """
     import diffusers
     from diffusers.utils import logging as diffusers_logging
@@ -102,7 +104,8 @@ def load_pipeline(
     dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
     try:
         kwargs = fam.load_kwargs()
-        if exact_denoiser and dtype != "float32":
+        stored = stored_dtype(source, fam) if exact_denoiser else None
+        if stored is not None and stored != TORCH_DTYPES[dtype]:
             kwargs[fam.denoiser_attr] = load_or_explain(
                 lambda: fam.denoiser_class().from_pretrained(
                     source,
@@ -125,6 +128,23 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe._kscu_family = fam.name
     return pipe.to(device)
+
+
+def stored_dtype(source: str, family: Any) -> torch.dtype:
+    """The dtype a checkpoint stores its denoiser in (read from a local safetensors header).
+
+    For a hub id without a local copy, the family's release dtype (SD/SDXL float32, FLUX bf16).
+    """
+    from safetensors import safe_open
+
+    folder = Path(source).expanduser() / family.denoiser_attr
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return family.release_dtype
+    with safe_open(str(files[0]), framework="pt") as f:
+        keys = list(f.keys())
+        name = f.get_slice(keys[0]).get_dtype() if keys else None
+    return _SAFETENSORS_DTYPES.get(name, torch.float32) if name else family.release_dtype
 
 
 def model_family(model: str | None, family: str | None = None) -> Any:

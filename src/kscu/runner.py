@@ -21,6 +21,7 @@ from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_folder
+from kscu.memory import peak_memory
 from kscu.models import load_pipeline, model_family, read_preset, resolve_device
 from kscu.trainer import EraseResult, erase
 
@@ -42,6 +43,14 @@ def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseCo
     resolve(config)  # a bad flag is reported before a missing model
     family = family_of(pipe) if pipe is not None else model_family(model, config.family)
     return resolve(config, read_preset(model), family=family)
+
+
+def memory_plan(model: str | None, cfg: EraseConfig) -> dict[str, Any]:
+    """``kscu erase --plan``'s figures for this configuration and model (see kscu.memory)."""
+    from kscu.memory import plan
+    from kscu.models import default_model
+
+    return plan(default_model() if model is None else model, cfg, model_family(model, cfg.family))
 
 
 def run_record(result: EraseResult, base_model: str, device: torch.device) -> dict[str, Any]:
@@ -105,8 +114,11 @@ def erase_to_folder(
         auto = dataclasses.replace(config, start_step=analysis["recommended_start_step"])
         cfg = prepare(auto, model, pipe)
     before = preview.sample(pipe, preview_prompts, cfg.seed) if preview_prompts else None
-    result = erase(pipe, cfg, progress=progress)
+    with peak_memory(device) as peak:
+        result = erase(pipe, cfg, progress=progress)
     record = run_record(result, str(base), device)
+    record["peak_memory_bytes"] = peak
+    record["memory_plan"] = memory_plan(model, cfg)
     if analysis is not None:
         record["start_step_analysis"] = analysis
     with atomic_folder(output, replace=overwrite) as folder:

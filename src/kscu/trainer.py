@@ -36,6 +36,7 @@ from kscu.families import family_of
 from kscu.families.base import Cond, cond_cat, cond_pick
 from kscu.models import TORCH_DTYPES
 from kscu.objective import kscu_loss
+from kscu.optim import AdamSteps
 from kscu.prompts import augmented_prompts
 from kscu.schedule import Entry, key_step_table, uniform_table
 from kscu.scope import trainable_names
@@ -67,6 +68,7 @@ class _Restore:
     def __init__(self, module: torch.nn.Module, params: dict, names: list[str], exact: dict):
         self.module, self.params, self.exact = module, params, exact
         self.training = module.training
+        self.checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
         self.requires_grad = {n: p.requires_grad for n, p in params.items()}
         self.dtypes = {n: params[n].dtype for n in names}
 
@@ -112,23 +114,22 @@ def erase(
     lossy = any(params[n].dtype != compute_dtype for n in names)  # the frozen copy is rounded
     exact = {n: params[n].detach().to("cpu", copy=True) for n in names} if lossy else original
     restore = _Restore(net, params, names, exact)
-    bar, offloaded = None, {}
+    bar, offloaded, adam = None, {}, None
     try:
         net.eval()
         net.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # recompute the edited forward's activations in backward
+            net.enable_gradient_checkpointing()
         for n in names:  # float32 masters, exact upcasts: lr-sized steps must not round away
             params[n].data = params[n].data.float()
             params[n].requires_grad_(True)
-        # fused: one kernel for all tensors on CUDA; the same Adam update up to float rounding
-        optimizer = torch.optim.Adam(
-            [params[n] for n in names], lr=cfg.lr, fused=pipe.device.type == "cuda"
-        )
-        scaler = torch.amp.GradScaler(pipe.device.type) if cfg.dtype == "float16" else None
+        scaler = torch.amp.GradScaler(net.device.type) if cfg.dtype == "float16" else None
+        adam = AdamSteps([params[n] for n in names], cfg.lr, cfg.optimizer_in_backward, scaler)
 
         def autocast():
             if compute_dtype == torch.float32:
                 return contextlib.nullcontext()
-            return torch.autocast(pipe.device.type, dtype=compute_dtype)
+            return torch.autocast(net.device.type, dtype=compute_dtype)
 
         sampler = family.sampler(
             pipe, cfg.num_steps, cfg.resolution, cfg.loss_space, guidance=cfg.trajectory_guidance
@@ -188,14 +189,7 @@ def erase(
             loss = kscu_loss(e, u, p, n, cfg.negative_guidance, lambda1, cfg.lambda2)
             if not torch.isfinite(loss):
                 raise KscuError(_nonfinite(loss.item(), i, s, cfg.dtype))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            adam.backward(loss)  # gradients and the Adam step (kscu.optim)
             losses.append(loss.item())
             bar.set_postfix(step=s, loss=f"{losses[-1]:.3g}")
             if callback is not None:
@@ -207,6 +201,10 @@ def erase(
     finally:
         if bar is not None:
             bar.close()
+        if adam is not None:
+            adam.close()
+        if cfg.gradient_checkpointing and not restore.checkpointing:
+            net.disable_gradient_checkpointing()
         for name, device in offloaded.items():  # encoders back where the caller had them
             getattr(pipe, name).to(device)
 

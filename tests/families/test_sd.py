@@ -84,10 +84,10 @@ def first_gradients(pipe, cfg, monkeypatch):
     grads = {}
     step = torch.optim.Adam.step
 
-    def capture(self, *args, **kwargs):
-        if not grads:
-            for group in self.param_groups:
-                grads.update({id(p): p.grad.detach().clone() for p in group["params"]})
+    def capture(self, *args, **kwargs):  # each tensor's first gradient (one Adam per tensor)
+        for group in self.param_groups:
+            for p in group["params"]:
+                grads.setdefault(id(p), p.grad.detach().clone())
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", capture)

@@ -50,10 +50,20 @@ from kscu.analyze.scorers import Scorer, is_world_model, make_scorer
 from kscu.analyze.settings import AnalyzeSettings, cap_for
 from kscu.config import MODE_DEFAULTS, parse_concepts
 from kscu.errors import KscuError
+from kscu.families import FAMILIES
 from kscu.fileio import write_json
 
 VERSION = 1  # of the measurement procedure: a change makes old cache entries miss
-TASK_DEFAULTS = {mode: row["start_step"] for mode, row in MODE_DEFAULTS.items()}
+
+
+def task_defaults(family: Any) -> dict[str, int]:
+    """The fixed start step of every mode for this family (SD: 14/14/24/40 of 50)."""
+    return {
+        mode: family.mode_defaults.get(mode, {}).get("start_step", row["start_step"])
+        for mode, row in MODE_DEFAULTS.items()
+    }
+
+
 DECODE_BATCH = 16
 
 
@@ -149,6 +159,7 @@ def measure(
 
 def summarize(m: dict[str, Any], settings: AnalyzeSettings) -> dict[str, Any]:
     """The curve and the per-concept start step from one measurement."""
+    settings = settings.for_family(FAMILIES["sd"])  # steps/guidance if unset: SD's
     n = settings.num_steps
     steps = m["measured_steps"]
     p_c, p_n = m["presence_concept"], m["presence_neutral"]
@@ -184,13 +195,18 @@ def rule_text(settings: AnalyzeSettings, several: bool) -> str:
     return text
 
 
-def combine(per: dict[str, dict[str, Any]], mode: str, settings: AnalyzeSettings) -> dict[str, Any]:
+def combine(
+    per: dict[str, dict[str, Any]], mode: str, settings: AnalyzeSettings, family: Any = None
+) -> dict[str, Any]:
     """One recommendation for all concepts: the minimum over those the scorer could see."""
+    family = family or FAMILIES["sd"]
+    settings = settings.for_family(family)
     n = settings.num_steps
     seen = [c for c, r in per.items() if r["reliable"]]
     curves = np.array([per[c]["curve"] for c in (seen or list(per))])
     curve = curves.max(axis=0)
-    default = TASK_DEFAULTS.get(mode, TASK_DEFAULTS["class"])
+    defaults = task_defaults(family)
+    default = defaults.get(mode, defaults["class"])
     if seen:
         start = start_from_curve(curve, settings.threshold, cap_for(n))
         rule = rule_text(settings, len(per) > 1)
@@ -217,7 +233,7 @@ def combine(per: dict[str, dict[str, Any]], mode: str, settings: AnalyzeSettings
         "reliable": bool(seen),
         "mode": mode,
         "mode_default_start_step": default,
-        "task_defaults": dict(TASK_DEFAULTS),
+        "task_defaults": defaults,
         "measured_steps": steps,
         "interpolated": len(steps) < n,
         "interpolation": (
@@ -264,7 +280,8 @@ def analyze(
     from kscu.families import family_of
 
     started = time.perf_counter()
-    settings = settings or AnalyzeSettings()
+    family = family_of(pipe)
+    settings = (settings or AnalyzeSettings()).for_family(family)
     settings.validate()
     concepts = parse_concepts(concepts)
     if mode not in MODE_DEFAULTS:
@@ -277,7 +294,7 @@ def analyze(
     base = {
         "version": VERSION,
         "model": model_key(model_id) if eps is None else "custom-eps",
-        "weights": fingerprint(dict(family_of(pipe).denoiser(pipe).named_parameters())),
+        "weights": fingerprint(dict(family.denoiser(pipe).named_parameters())),
         "settings": settings.measurement_key(),
         "scorer": scorer.describe(),
     }
@@ -297,7 +314,7 @@ def analyze(
         "kscu_version": kscu.__version__,
         "model": model_id if model_id is not None else "kscu-tiny-world",
         "concepts": concepts,
-        **combine(per, mode, settings),
+        **combine(per, mode, settings, family),
         "per_concept": per,
         "settings": dataclasses.asdict(settings),
         "scorer": scorer.describe(),

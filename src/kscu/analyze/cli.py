@@ -37,17 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("samples", "seeded noises per step"),
         ("seed", "noise of sample i: seed + i"),
         ("neutral", "prompt switched to/from"),
-        ("guidance", "CFG scale"),
+        ("guidance", "CFG scale (FLUX: guidance embedding); None: the family's"),
         ("stride", "measure every n-th switch step and interpolate"),
         ("threshold", "rule: S = last step with commitment <= this"),
-        ("num_steps", "DDIM steps"),
+        ("num_steps", "sampling steps; None: the family's (SD 50, FLUX 28)"),
         ("batch_size", "UNet rows per call"),
         ("resolution", "image size in pixels; None: the model's own"),
     ):
         default = getattr(d, name)
         p.add_argument(
             "--" + name.replace("_", "-"),
-            type=int if default is None else type(default),
+            type=float if name == "guidance" else int if default is None else type(default),
             default=default,
             help=f"{text} (default {default!r})",
         )
@@ -110,7 +110,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         *_single_extras(result),
     )
     print(
-        f"recommended start step {result['recommended_start_step']} of {settings.num_steps} "
+        f"recommended start step {result['recommended_start_step']} of {len(result['curve'])} "
         f"for {', '.join(concepts)} ({args.mode} default {result['mode_default_start_step']}; "
         f"{result['seconds']:.1f} s) -> {args.output / JSON_NAME}"
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kscu.errors import KscuError
-from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS, KEY_STEP_CAP_FRACTION
+from kscu.protocol import KEY_STEP_CAP_FRACTION
 
 
 @dataclass
@@ -22,13 +22,22 @@ class AnalyzeSettings:
     samples: int = 8
     seed: int = 0
     neutral: str = ""
-    guidance: float = EVAL_GUIDANCE  # CFG of the generated images: what users sample with
+    # None: the family's sampling protocol (SD 50 steps / CFG 7.5, SDXL 50 / 5, FLUX 28 / 3.5)
+    guidance: float | None = None  # of the generated images: what users sample with
     stride: int = 1  # measure every stride-th switch step, interpolate the rest
     threshold: float = 0.1
     min_contrast: float = 0.1
-    num_steps: int = EVAL_STEPS
+    num_steps: int | None = None
     resolution: int | None = None  # None: the model's own
     batch_size: int = 64  # UNet rows per call
+
+    def for_family(self, family: Any) -> AnalyzeSettings:
+        """These settings with the family's steps and guidance where none were given."""
+        return dataclasses.replace(
+            self,
+            num_steps=family.eval_steps if self.num_steps is None else self.num_steps,
+            guidance=family.eval_guidance if self.guidance is None else self.guidance,
+        )
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -36,17 +45,15 @@ class AnalyzeSettings:
                 raise KscuError(message)
 
         need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
-        need(self.num_steps > 1, f"--num-steps must be > 1 (got {self.num_steps})")
-        need(
-            0 < self.stride < self.num_steps,
-            f"--stride must be in [1, {self.num_steps - 1}] (got {self.stride})",
-        )
+        steps = self.num_steps if self.num_steps is not None else 28  # the fewest of a family
+        need(steps > 1, f"--num-steps must be > 1 (got {steps})")
+        need(0 < self.stride < steps, f"--stride must be in [1, {steps - 1}] (got {self.stride})")
         need(0 < self.threshold < 1, f"--threshold must be in (0, 1) (got {self.threshold})")
         need(
             0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"
         )
         need(
-            math.isfinite(self.guidance) and self.guidance >= 0,
+            self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
             f"--guidance must be a finite number >= 0 (got {self.guidance})",
         )
         need(self.batch_size > 0, f"--batch-size must be > 0 (got {self.batch_size})")

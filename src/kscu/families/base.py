@@ -64,6 +64,7 @@ class Sampler:
 
     timesteps: list[float]
     loss_space: str
+    resolution: int  # the image size the sampler works at, in pixels
 
     def noise(self, seed: int) -> torch.Tensor:
         raise NotImplementedError
@@ -89,7 +90,11 @@ class Sampler:
 
     def record(self) -> dict[str, Any]:
         """What the run's JSON states about the sampler (the timesteps actually used)."""
-        return {"timesteps": [_plain(t) for t in self.timesteps], "loss_space": self.loss_space}
+        return {
+            "timesteps": [_plain(t) for t in self.timesteps],
+            "loss_space": self.loss_space,
+            "resolution": self.resolution,
+        }
 
 
 def _plain(t: float) -> float | int:

@@ -39,6 +39,7 @@ class FluxFamily:
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
+    release_dtype = torch.bfloat16  # FLUX.1 [dev] and [schnell] ship bf16 weights
     mode_defaults: dict[str, dict[str, Any]] = {
         "nudity": {"start_step": 8, "scope": "attn"},
         "class": {"start_step": 8, "scope": "attn"},
@@ -84,7 +85,7 @@ class FluxFamily:
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int | None = None) -> Cond:
         """CLIP's pooled embedding and T5's sequence (padded to ``max_sequence_length``)."""
-        length = max_sequence_length or MAX_SEQUENCE_LENGTH
+        length = MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length
         if not 0 < length <= MAX_SEQUENCE_LENGTH:
             raise KscuError(f"--max-sequence-length must be in [1, 512] (got {length})")
         clip, t5 = pipe.text_encoder, pipe.text_encoder_2
@@ -97,6 +98,14 @@ class FluxFamily:
         return {
             "encoder_hidden_states": sequence.float().to(device),
             "pooled_projections": pooled.float().to(device),
+        }
+
+    def meta_cond(self, pipe: Any, rows: int, max_sequence_length: int | None = None) -> Cond:
+        length = max_sequence_length or MAX_SEQUENCE_LENGTH
+        t5, clip = pipe.text_encoder_2.config, pipe.text_encoder.config
+        return {
+            "encoder_hidden_states": torch.empty((rows, length, t5.d_model), device="meta"),
+            "pooled_projections": torch.empty((rows, clip.hidden_size), device="meta"),
         }
 
     def offload_encoders(self, pipe: Any) -> dict[str, torch.device]:

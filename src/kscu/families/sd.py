@@ -34,6 +34,7 @@ class SDFamily:
     name = "sd"
     pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
     denoiser_attr = "unet"
+    release_dtype = torch.float32  # SD v1.4, SD 2.x and SDXL base ship float32 weights
     # Per-mode and global defaults that differ from kscu.config's tables (SD is the reference).
     mode_defaults: dict[str, dict[str, Any]] = {}
     defaults: dict[str, Any] = {}
@@ -75,6 +76,12 @@ class SDFamily:
         ids = _token_ids(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
         emb = pipe.text_encoder(ids)[0].float()
         return {"encoder_hidden_states": emb.to(self.denoiser(pipe).device)}
+
+    def meta_cond(self, pipe: Any, rows: int, max_sequence_length: int | None = None) -> Cond:
+        """Conditioning of the right shapes on the meta device (memory planning)."""
+        te = pipe.text_encoder.config
+        shape = (rows, te.max_position_embeddings, te.hidden_size)
+        return {"encoder_hidden_states": torch.empty(shape, device="meta")}
 
     def sampler(
         self,

@@ -63,6 +63,16 @@ class SDXLFamily(SDFamily):
         device = self.denoiser(pipe).device
         return {k: v.to(device) for k, v in cond.items()}
 
+    def meta_cond(self, pipe: Any, rows: int, max_sequence_length: int | None = None) -> Cond:
+        one, two = pipe.text_encoder.config, pipe.text_encoder_2.config
+        width = one.hidden_size + two.hidden_size
+        return {
+            "encoder_hidden_states": torch.empty(
+                (rows, one.max_position_embeddings, width), device="meta"
+            ),
+            "text_embeds": torch.empty((rows, two.projection_dim), device="meta"),
+        }
+
     def unet_kwargs(self, cond: Cond, rows: int, resolution: int) -> dict[str, Any]:
         """SDXL's added conditioning at the training resolution: time_ids = (R, R, 0, 0, R, R)."""
         pooled = cond["text_embeds"]

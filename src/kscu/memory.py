@@ -1,0 +1,192 @@
+"""Memory of an erase: the plan before it (``kscu erase --plan``) and the peak measured during it.
+
+The plan counts every byte the erase holds, by component, from the model's configs alone (the
+networks are built on the meta device: no weights are read):
+
+- weights: the denoiser as loaded (the checkpoint's dtype, or float32 where an exact upcast is
+  needed), the text encoders and the VAE in the compute dtype;
+- masters: float32 copies of the trainable tensors (none extra when the denoiser is float32);
+- frozen: the original trainable tensors in the compute dtype (the frozen model's weights);
+- adam: Adam's two float32 moments per trainable element;
+- gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
+- activations: what autograd saves in the edited forward at the training resolution (measured
+  by running that forward on the meta device), at the compute dtype's width.
+
+The measured peak is CUDA's max allocated memory on a GPU, and on a CPU the growth of the
+process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kscu.config import EraseConfig
+from kscu.models import TORCH_DTYPES, stored_dtype
+from kscu.scope import trainable_names
+
+GRAD_DTYPE_BYTES = 4
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _meta_component(source: str, name: str, cls_name: str, library: str) -> torch.nn.Module:
+    """A pipeline component built from its config on the meta device (no weights read)."""
+    import importlib
+
+    module = importlib.import_module(library)
+    cls = getattr(module, cls_name)
+    with torch.device("meta"):
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(source, subfolder=name))
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(source, subfolder=name))
+
+
+def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:
+    """The networks of the pipeline at ``source`` (denoiser, text encoders, VAE), on meta."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source)
+    out = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list | tuple) or None in spec:
+            continue
+        library, cls_name = spec
+        if library in ("diffusers", "transformers") and re.search(
+            "Model|Transformer|UNet|Autoencoder", cls_name
+        ):
+            out[name] = _meta_component(source, name, cls_name, library)
+    return out
+
+
+def activation_bytes(family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype) -> int:
+    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution."""
+    net = family.denoiser(pipe_like)
+    params = {id(p) for p in net.parameters()}
+    for p in net.parameters():
+        p.requires_grad_(True)
+    sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
+    rows = 1 if cfg.lambda2 == 0 else 2
+    x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
+    cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
+    saved: list[int] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params:
+            saved.append(t.numel() * min(t.element_size(), _bytes(compute)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        sampler.raw(net, x, cfg.start_step, cond)
+    return sum(saved)
+
+
+class _MetaPipe:
+    """What a family's sampler reads from a pipeline, for networks built on the meta device."""
+
+    def __init__(self, components: dict[str, torch.nn.Module], scheduler_config: dict):
+        from types import SimpleNamespace
+
+        self.__dict__.update(components)
+        self.scheduler = SimpleNamespace(config=scheduler_config)
+        vae = components["vae"]
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.device = torch.device("meta")
+
+
+def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
+    """Expected bytes by component for ``cfg`` on ``model`` (a folder or hub id)."""
+    from diffusers import DiffusionPipeline
+
+    source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    import diffusers
+
+    components = _components(source, family)
+    scheduler_class = getattr(diffusers, DiffusionPipeline.load_config(source)["scheduler"][1])
+    scheduler = scheduler_class.load_config(source, subfolder="scheduler")
+    pipe_like = _MetaPipe(components, scheduler)
+    compute = TORCH_DTYPES[cfg.dtype]
+    net = family.denoiser(pipe_like)
+    loaded = stored_dtype(source, family)
+    loaded = loaded if loaded == compute else torch.float32
+    names = trainable_names(net, cfg.scope, family)
+    params = dict(net.named_parameters())
+    trainable = sum(params[n].numel() for n in names)
+    largest = max(params[n].numel() for n in names)
+    others = sum(
+        p.numel()
+        for name, m in components.items()
+        if name != family.denoiser_attr
+        for p in m.parameters()
+    )
+    parts = {
+        "weights": sum(p.numel() for p in net.parameters()) * _bytes(loaded)
+        + others * _bytes(compute),
+        "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
+        "frozen": trainable * _bytes(compute),
+        "adam": trainable * 8,
+        "gradients": (
+            largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
+        )
+        * GRAD_DTYPE_BYTES,
+        "activations": activation_bytes(family, pipe_like, cfg, compute),
+    }
+    return {
+        "trainable_elements": trainable,
+        "bytes": parts,
+        "total_bytes": sum(parts.values()),
+        "assumptions": "networks as configured; the erase's own buffers (latents, embeddings) "
+        "and allocator overhead not counted",
+    }
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
+    """Yields a dict filled at exit: ``{"bytes": peak, "kind": what was measured}``."""
+    record: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield record
+        record.update(
+            bytes=torch.cuda.max_memory_allocated(device),
+            kind="cuda_max_allocated",
+            start_bytes=start,
+        )
+        return
+    start = _status_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    yield record
+    peak = _status_bytes("VmHWM")
+    if reset and peak is not None and start is not None:
+        record.update(bytes=peak - start, kind="cpu_peak_rss_growth", start_bytes=start)
+    else:
+        record.update(bytes=None, kind="unavailable (no /proc/self/clear_refs)")
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

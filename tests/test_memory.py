@@ -1,0 +1,51 @@
+"""kscu.memory: the plan counts what the erase holds; the run records plan and measured peak."""
+
+import json
+
+import torch
+
+from kscu.cli import main
+from kscu.config import EraseConfig, resolve
+from kscu.families import FAMILIES
+from kscu.memory import peak_memory, plan
+
+
+def test_plan_counts_the_components(tiny_model_dir):
+    sd = FAMILIES["sd"]
+    cfg = resolve(EraseConfig(concepts=["church"], dtype="bfloat16"), family=sd)
+    p = plan(str(tiny_model_dir), cfg, sd)
+    n = p["trainable_elements"]
+    assert p["bytes"]["adam"] == 8 * n and p["bytes"]["frozen"] == 2 * n
+    assert p["bytes"]["masters"] == 0  # the float32 checkpoint's tensors are the masters
+    assert 0 < p["bytes"]["gradients"] < 4 * n  # optimizer-in-backward: one tensor at a time
+    assert p["bytes"]["activations"] > 0
+    held = resolve(EraseConfig(concepts=["church"], optimizer_in_backward=False), family=sd)
+    assert plan(str(tiny_model_dir), held, sd)["bytes"]["gradients"] == 4 * n
+
+
+def test_cli_plan_prints_and_erases_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--output", str(out)]
+    assert main([*args, "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "trainable elements" in text and "activations" in text and "expected peak" in text
+    assert not out.exists()
+
+
+def test_run_records_plan_and_measured_peak(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--output", str(out)]
+    assert (
+        main([*args, "--iterations", "2", "--num-steps", "4", "--start-step", "1", "--quiet"]) == 0
+    )
+    meta = json.loads((out / "kscu.json").read_text())
+    assert meta["memory_plan"]["trainable_elements"] == meta["trainable_elements"]
+    assert meta["peak_memory_bytes"]["kind"] == "cpu_peak_rss_growth"
+    assert meta["peak_memory_bytes"]["bytes"] >= 0
+
+
+def test_cpu_peak_growth_sees_an_allocation():
+    with peak_memory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert peak["bytes"] >= 60 * 2**20, peak

@@ -1,0 +1,65 @@
+"""kscu.optim: optimizer-in-backward takes the same Adam steps as holding every gradient."""
+
+import copy
+
+import torch
+
+from kscu.config import EraseConfig
+from kscu.trainer import erase
+
+
+def test_optimizer_in_backward_gives_the_plain_step_weights(tiny_pipe):
+    other = copy.deepcopy(tiny_pipe)
+    cfg = dict(concepts=["church"], lr=1e-3, iterations=12, num_steps=10, start_step=3)
+    hooked = erase(tiny_pipe, EraseConfig(**cfg), progress=False)
+    plain = erase(other, EraseConfig(optimizer_in_backward=False, **cfg), progress=False)
+    a, b = torch.tensor(hooked.losses), torch.tensor(plain.losses)
+    assert torch.allclose(a, b, rtol=1e-5), (a - b).abs().max()
+    for n, t in hooked.tensors.items():
+        assert torch.allclose(t, plain.tensors[n], rtol=0, atol=1e-6), n
+    # no gradient is left behind and no hook survives the erase
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+    before = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
+    for p in tiny_pipe.unet.parameters():
+        p.requires_grad_(True)
+    tiny_pipe.unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 16, 16)).sample.sum().backward()
+    after = dict(tiny_pipe.unet.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_frozen_copy_in_the_compute_dtype_predicts_as_the_float32_original(tiny_pipe):
+    """Under bf16 autocast Linear/Conv2d cast their weights to bf16 anyway: a bf16 frozen copy
+    of the trainable tensors gives bit-identical frozen predictions."""
+    from torch.func import functional_call
+
+    from kscu.scope import trainable_names
+
+    unet = tiny_pipe.unet
+    params = dict(unet.named_parameters())
+    names = trainable_names(unet, "noxattn")
+    x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = functional_call(unet, {n: params[n].detach() for n in names}, (x, 500, emb))
+        bf16 = functional_call(
+            unet, {n: params[n].detach().bfloat16() for n in names}, (x, 500, emb)
+        )
+    assert torch.equal(fp32.sample, bf16.sample)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_pipe, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+    other = copy.deepcopy(tiny_pipe)
+    cfg = dict(concepts=["church"], lr=1e-3, iterations=6, num_steps=10, start_step=3)
+    on = erase(tiny_pipe, EraseConfig(gradient_checkpointing=True, **cfg), progress=False)
+    assert calls  # diffusers' checkpointing really ran in the edited forward
+    off = erase(other, EraseConfig(**cfg), progress=False)
+    assert torch.allclose(torch.tensor(on.losses), torch.tensor(off.losses), rtol=1e-5)
+    for n, t in on.tensors.items():
+        assert torch.allclose(t, off.tensors[n], rtol=0, atol=1e-6), n
+    assert not tiny_pipe.unet.is_gradient_checkpointing  # switched back off
