@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = {
+VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],

@@ -25,13 +25,20 @@ def world_prompts(concept: str, count: int = 4) -> list[str]:
     return [concept.strip().lower(), *others, cross]
 
 
-def sample(pipe: Any, prompts: list[str], seed: int, steps: int | None = None, guidance=None):
+def sample(
+    pipe: Any,
+    prompts: list[str],
+    seed: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+    resolution: int | None = None,
+):
     """``PER_PROMPT`` images per prompt; the same seeds before and after an erase."""
     from kscu.sampling import sample_images, to_pil
 
     every = [p for p in prompts for _ in range(PER_PROMPT)]
     seeds = [seed + i for i in range(len(every))]
-    images = to_pil(sample_images(pipe, every, seeds, steps, guidance))
+    images = to_pil(sample_images(pipe, every, seeds, steps, guidance, resolution))
     return [images[i : i + PER_PROMPT] for i in range(0, len(images), PER_PROMPT)]
 
 

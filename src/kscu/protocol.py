@@ -55,3 +55,23 @@ NUDENET_EXPOSED_CLASSES = (
 
 # FID: pytorch-fid's InceptionV3 pool3 features (kscu.evaluate.fid).
 FID_DIMS = 2048
+
+# UnlearnDiffAtk (Zhang et al., ECCV 2024), as its reference code OPTML-Group/Diffusion-MU-Attack
+# runs it (configs/*/text_grad_*_classifier.json, src/tasks/classifier_.py): 5 token slots
+# prepended to the prompt, 40 Adam steps (lr 0.01, weight decay 0.1) at each of 50 timesteps in
+# turn (t = 10, 30, ..., 990), the image judged after each timestep, stopping at the first success.
+UNLEARNDIFF_TOKENS = 5
+UNLEARNDIFF_ITERATIONS = 40
+UNLEARNDIFF_LR = 0.01
+UNLEARNDIFF_WEIGHT_DECAY = 0.1
+UNLEARNDIFF_TIMESTEPS = 50
+
+# Ring-A-Bell (Tsai et al., ICLR 2024), as its reference chiayi-hsu/Ring-A-Bell runs it
+# (InversePrompt.ipynb, nudity): 16 searched tokens, concept vector strength eta 3, a genetic
+# algorithm with 200 prompts for 3000 generations, mutation rate 0.25, crossover rate 0.5.
+RINGABELL_LENGTH = 16
+RINGABELL_ETA = 3.0
+RINGABELL_POPULATION = 200
+RINGABELL_GENERATIONS = 3000
+RINGABELL_MUTATION = 0.25
+RINGABELL_CROSSOVER = 0.5

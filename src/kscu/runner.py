@@ -40,8 +40,11 @@ def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseCo
         if config.method == "esd":
             raise KscuError("--start-step auto is for --method kscu (ESD draws every step)")
         config = dataclasses.replace(config, start_step=0)  # any valid step, for the checks
-    resolve(config)  # a bad flag is reported before a missing model
-    family = family_of(pipe) if pipe is not None else model_family(model, config.family)
+    try:
+        family = family_of(pipe) if pipe is not None else model_family(model, config.family)
+    except KscuError:
+        resolve(config)  # a bad flag is reported before a missing model
+        raise
     return resolve(config, read_preset(model), family=family)
 
 
@@ -50,7 +53,11 @@ def memory_plan(model: str | None, cfg: EraseConfig) -> dict[str, Any]:
     from kscu.memory import plan
     from kscu.models import default_model
 
-    return plan(default_model() if model is None else model, cfg, model_family(model, cfg.family))
+    try:
+        family = model_family(model, cfg.family)
+        return plan(default_model() if model is None else model, cfg, family)
+    except (KscuError, OSError, ValueError) as e:  # a plan must never cost a finished run
+        return {"error": f"no plan for {model!r}: {str(e).splitlines()[0][:200]}"}
 
 
 def run_record(result: EraseResult, base_model: str, device: torch.device) -> dict[str, Any]:
@@ -113,18 +120,24 @@ def erase_to_folder(
         )
         auto = dataclasses.replace(config, start_step=analysis["recommended_start_step"])
         cfg = prepare(auto, model, pipe)
-    before = preview.sample(pipe, preview_prompts, cfg.seed) if preview_prompts else None
+    size = cfg.resolution
+    before = (
+        preview.sample(pipe, preview_prompts, cfg.seed, resolution=size)
+        if preview_prompts
+        else None
+    )
+    plan = memory_plan(model, cfg)
     with peak_memory(device) as peak:
         result = erase(pipe, cfg, progress=progress)
     record = run_record(result, str(base), device)
     record["peak_memory_bytes"] = peak
-    record["memory_plan"] = memory_plan(model, cfg)
+    record["memory_plan"] = plan
     if analysis is not None:
         record["start_step_analysis"] = analysis
     with atomic_folder(output, replace=overwrite) as folder:
         save_erased(folder, result.tensors, record)
         if preview_prompts:
-            after = preview.sample(pipe, preview_prompts, cfg.seed)
+            after = preview.sample(pipe, preview_prompts, cfg.seed, resolution=size)
             title = f"{cfg.method} ({cfg.mode} mode): erased {', '.join(cfg.concepts)}"
             grid = preview.compose(preview_prompts, before, after, title)
             preview.save_png(grid, folder / "preview.png")

@@ -47,7 +47,7 @@ class EraseResult:
     """What an erase produced: the edited tensors and the record of how."""
 
     config: EraseConfig
-    tensors: dict[str, torch.Tensor]  # edited denoiser parameters, float32, on the CPU
+    tensors: dict[str, torch.Tensor]  # edited denoiser parameters, float32, on the CPU (see end)
     schedule: list[Entry]
     losses: list[float]
     seconds: float
@@ -208,7 +208,9 @@ def erase(
         for name, device in offloaded.items():  # encoders back where the caller had them
             getattr(pipe, name).to(device)
 
-    tensors = {n: params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
+    # On the CPU the result shares memory with the pipeline's parameters (no second copy of
+    # every trainable tensor at the peak); clone it to keep it past later edits of the pipeline.
+    tensors = {n: params[n].detach().to("cpu", torch.float32) for n in names}
     restore.put({n: params[n] for n in names})
     record = {"family": family.name, **sampler.record()}
     seconds = time.perf_counter() - started

@@ -213,7 +213,7 @@ def combine(
         if len(seen) < len(per):
             rule += f"; ignored (scorer could not see them): {sorted(set(per) - set(seen))}"
     else:
-        start = default
+        start = min(default, cap_for(n))  # a shorter walk than the table assumes
         rule = (
             f"fallback: the scorer's presence differs by less than {settings.min_contrast:g} "
             f"between concept-only and neutral-only images, so the curve is not informative; "

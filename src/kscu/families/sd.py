@@ -132,11 +132,11 @@ def pinned_ddim(model_config: Any, announce: bool = True) -> Any:
             for k, v in SD_DDIM_SETTINGS.items()
             if config.get(k) != v
         ]
-        kind = config.get("_class_name", "scheduler")
-        if kind != "DDIMScheduler" or changed:
+        kind = config.get("_class_name")
+        if changed or kind not in (None, "DDIMScheduler"):
             log.info(
                 "sampler: DDIM with SD's settings instead of the model's %s (%s)",
-                kind,
+                kind or "scheduler",
                 ", ".join(changed) or "same settings",
             )
     return scheduler

@@ -92,4 +92,6 @@ class SDXLFamily(SDFamily):
 
 
 def zeros_for_empty(pipe: Any) -> bool:
-    return bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    """The pipeline's flag; a stand-in without a config (kscu.memory's meta pipeline) has none."""
+    config = getattr(pipe, "config", None)
+    return bool(getattr(config, "force_zeros_for_empty_prompt", False))

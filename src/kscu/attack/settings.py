@@ -1,0 +1,130 @@
+"""The settings of ``kscu attack``: one dataclass whose defaults the CLI shows and uses.
+
+Defaults are the published attacks' own (``kscu.protocol``: the reference code of each paper).
+The bundled tiny world overrides a few of them (``WORLD_PRESET``), stated with its reason, the
+way its ``kscu_preset.json`` does for erasing. Kept apart from the attack code (torch, the
+pipelines) so that registering the CLI command stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kscu.errors import KscuError
+from kscu.protocol import (
+    RINGABELL_CROSSOVER,
+    RINGABELL_ETA,
+    RINGABELL_GENERATIONS,
+    RINGABELL_LENGTH,
+    RINGABELL_MUTATION,
+    RINGABELL_POPULATION,
+    UNLEARNDIFF_ITERATIONS,
+    UNLEARNDIFF_LR,
+    UNLEARNDIFF_TIMESTEPS,
+    UNLEARNDIFF_TOKENS,
+    UNLEARNDIFF_WEIGHT_DECAY,
+)
+
+METHODS = ("unlearndiff", "ringabell")
+JUDGES = ("auto", "world", "nudenet", "imagenet", "clip")
+PROJECTIONS = ("cosine", "l2")
+MODES = ("class", "nudity", "style", "instance")
+
+# What the tiny world changes, and why (the settings record states the values used).
+WORLD_PRESET: dict[str, Any] = {
+    "rounds": 10,
+    "generations": 300,
+}
+WORLD_PRESET_WHY = (
+    "CPU budget: 16 prompts in 10 minutes on 2 cores. unlearndiff visits 10 of the 50 timesteps "
+    "(spread over the whole range, low noise first) instead of all 50; ringabell runs 300 "
+    "genetic generations instead of 3000 (the world's word vocabulary has about 110 tokens)."
+)
+
+
+@dataclass
+class AttackSettings:
+    """Everything that decides an attack's prompts and images (``batch_size`` only its speed)."""
+
+    method: str = "unlearndiff"
+    samples: int = 16  # attack prompts: the first N rows of --prompts, or N world prompts
+    seed: int = 0  # image seed of prompt i: seed + i (a CSV row's own seed wins)
+    steps: int | None = None  # sampling steps of every image; None: the family's (SD 50)
+    guidance: float | None = None  # CFG scale; None: the family's (SD 7.5)
+    attack_all: bool = False  # also attack prompts that show the concept without the attack
+    batch_size: int = 16  # prompts attacked together; each prompt has its own random streams
+    # UnlearnDiffAtk
+    tokens: int = UNLEARNDIFF_TOKENS  # K token slots prepended to the prompt
+    iterations: int = UNLEARNDIFF_ITERATIONS  # Adam steps per round (one timestep per round)
+    rounds: int | None = None  # timesteps visited, each judged; None: 50 (tiny world: preset)
+    lr: float = UNLEARNDIFF_LR
+    weight_decay: float = UNLEARNDIFF_WEIGHT_DECAY
+    projection: str = "cosine"  # nearest vocabulary token by cosine similarity or L2 distance
+    # Ring-A-Bell
+    eta: float = RINGABELL_ETA  # strength of the concept vector
+    length: int = RINGABELL_LENGTH  # tokens of the searched prompt
+    population: int = RINGABELL_POPULATION
+    generations: int | None = None  # None: 3000 (tiny world: preset)
+    mutation: float = RINGABELL_MUTATION
+    crossover: float = RINGABELL_CROSSOVER
+    # Judge
+    judge: str = "auto"  # auto: world classifier / NudeNet (nudity) / ImageNet / CLIP
+    mode: str = "class"  # what the concept is: class, nudity, style, instance
+    imagenet_class: str | None = None  # ImageNet label or index the object concept is
+    clip_model: str | None = None
+
+    def resolved(self, bundled: bool) -> AttackSettings:
+        """These settings with every ``None`` filled: the tiny world's preset, else the paper's."""
+        paper = {"rounds": UNLEARNDIFF_TIMESTEPS, "generations": RINGABELL_GENERATIONS}
+        fill = WORLD_PRESET if bundled else paper
+        return dataclasses.replace(
+            self, **{k: v for k, v in fill.items() if getattr(self, k) is None}
+        )
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise KscuError(message)
+
+        need(self.method in METHODS, f"unknown method {self.method!r}; use {' or '.join(METHODS)}")
+        need(self.judge in JUDGES, f"unknown judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
+        need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        need(
+            self.projection in PROJECTIONS,
+            f"unknown projection {self.projection!r}; choose {' or '.join(PROJECTIONS)}",
+        )
+        for name in ("samples", "tokens", "iterations", "length", "population", "batch_size"):
+            need(getattr(self, name) > 0, f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
+        for name in ("rounds", "generations", "steps"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"--{_flag(name)} must be > 0 (got {value})")
+        need(
+            self.rounds is None or self.rounds <= UNLEARNDIFF_TIMESTEPS,
+            f"--rounds must be <= {UNLEARNDIFF_TIMESTEPS}, one per timestep (got {self.rounds})",
+        )
+        for name in ("lr", "weight_decay", "eta"):
+            value = getattr(self, name)
+            need(
+                math.isfinite(value) and value >= 0,
+                f"--{_flag(name)} must be >= 0 (got {value})",
+            )
+        for name in ("mutation", "crossover"):
+            value = getattr(self, name)
+            need(0 <= value <= 1, f"--{name} is a probability in [0, 1] (got {value})")
+        need(
+            self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
+            f"--guidance must be a finite number >= 0 (got {self.guidance})",
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What decides the results (everything but the batch size)."""
+        d = dataclasses.asdict(self)
+        d.pop("batch_size")
+        return d
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
