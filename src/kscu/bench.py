@@ -13,6 +13,8 @@ generates the same prompts with the same seeds, and the world classifier judges 
 
 Higher UA/IRA/CRA and lower FD are better. ``--step-ranges S:E,...`` adds one KSCU row per
 key-step window (the paper's ablation: all steps 0:50, the last 70% 14:50, the first 30% 0:15).
+``--attack unlearndiff`` adds UA_attack, the UA left after an adversarial prompt attack
+(``kscu.attack``); ``--seeds 0,1,2`` runs everything per seed and reports mean and spread.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class BenchRow:
     iterations: int | None = None
     final_loss: float | None = None
     settings: str | None = None  # what was really run: iterations, lr, scope, augmentation
+    UA_attack: float | None = None  # UA after the attack (--attack), on the target prompts
 
 
 def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
@@ -65,6 +68,18 @@ def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
             raise KscuError(f"bad step range {part!r}; need 0 <= S < E")
         ranges.append((start, end))
     return ranges
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2]."""
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise KscuError(
+            f"bad --seeds {text!r}; write integers separated by commas, e.g. 0,1,2"
+        ) from None
 
 
 def bench_prompts(concept: str, samples: int, seed: int) -> dict[str, Any]:
@@ -167,38 +182,97 @@ def run_bench(
     start_step: int | str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    seeds: list[int] | None = None,
+    attack: str | None = None,
+    attack_settings: Any = None,
 ) -> dict[str, Any]:
-    """Erase with each method from the same start, score all models, write bench.json/md/png."""
-    from kscu.models import is_bundled_model, load_pipeline
-    from kscu.runner import erase_to_folder, prepare
+    """Erase with each method from the same start, score all models, write bench.json/md/png.
 
+    ``seeds`` runs the whole bench once per seed (erase seed, prompts and image seeds) and
+    reports each column's mean, its sample standard deviation (``UA_std``, 0 for one seed) and
+    the per-seed values (``UA_per_seed``). ``attack`` (``unlearndiff`` or ``ringabell``) adds
+    ``UA_attack``: UA on the target prompts after that attack (``kscu.attack``), with
+    ``attack_settings`` (an ``AttackSettings``; default: the attack's tiny-world defaults).
+    """
+    from kscu.models import is_bundled_model, load_pipeline
+    from kscu.runner import prepare
+
+    seeds = list(seeds) if seeds else [seed]
     if not is_bundled_model(model):
         raise KscuError("kscu bench scores with the tiny world's classifier; omit --model")
-    prompts = bench_prompts(concept, samples, seed)  # a concept outside the world fails here
+    bench_prompts(concept, samples, seeds[0])  # a concept outside the world fails here
     unknown = sorted(set(methods) - {"kscu", "esd"})
     if unknown or not methods:
         raise KscuError(f"unknown method(s) {unknown}; --methods takes kscu and/or esd")
     if samples <= 0 or steps <= 0:
         raise KscuError("--samples and --steps must be > 0")
+    if len(set(seeds)) != len(seeds):
+        raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
+    if attack is not None:
+        attack_settings = _attack_settings(attack, attack_settings)
 
-    runs: list[tuple[str, str, EraseConfig]] = []
-    common = dict(concepts=[concept], mode=mode, iterations=iterations, seed=seed)
-    common.update(overrides or {})
-    for method in methods:
-        s = start_step if method == "kscu" else None
-        label = "kscu(auto)" if s == "auto" else method
-        runs.append((method, label, EraseConfig(method=method, start_step=s, **common)))
-    for s, e in step_ranges or []:
-        cfg = EraseConfig(method="kscu", start_step=s, end_step=e, **common)
-        runs.append(("kscu", f"kscu[{s}:{e}]", cfg))
-    for _, _, cfg in runs:  # validate every run before the first one starts
+    def runs_for(seed: int) -> list[tuple[str, str, EraseConfig]]:
+        runs = []
+        common = dict(concepts=[concept], mode=mode, iterations=iterations, seed=seed)
+        common.update(overrides or {})
+        for method in methods:
+            s = start_step if method == "kscu" else None
+            label = "kscu(auto)" if s == "auto" else method
+            runs.append((method, label, EraseConfig(method=method, start_step=s, **common)))
+        for s, e in step_ranges or []:
+            cfg = EraseConfig(method="kscu", start_step=s, end_step=e, **common)
+            runs.append(("kscu", f"kscu[{s}:{e}]", cfg))
+        return runs
+
+    for _, _, cfg in runs_for(seeds[0]):  # validate every run before the first one starts
         prepare(cfg, model)
 
     output = Path(output)
     pipe = load_pipeline(model)
     original = copy.deepcopy(pipe.unet.state_dict())
-    judge = Judge(prompts, seed, steps, guidance)
-    rows = [BenchRow("original", "original", **judge.score(pipe), seconds=0.0)]
+    per_seed = []
+    for s in seeds:
+        folder = output if len(seeds) == 1 else output / f"seed{s}"
+        judge = Judge(bench_prompts(concept, samples, s), s, steps, guidance)
+        attacker = None
+        if attack is not None:
+            attacker = _Attacker(
+                pipe, original, concept, s, judge, attack_settings, folder, progress
+            )
+        per_seed.append(
+            _score_runs(pipe, original, model, runs_for(s), judge, attacker, folder, progress)
+        )
+    pipe.unet.load_state_dict(original)
+    prompts = bench_prompts(concept, samples, seeds[0])
+    report = {
+        "concept": prompts["target"],
+        "kind": prompts["kind"],
+        "mode": mode,
+        "seed": seeds[0],
+        "seeds": seeds,
+        "samples": samples,
+        "steps": steps,
+        "guidance": guidance,
+        "attack": None if attack is None else asdict(attack_settings),
+        "rows": aggregate(per_seed),
+    }
+    write_json(output / "bench.json", report)
+    write_text(output / "bench.md", markdown(report))
+    save_png(chart(report), output / "bench.png")
+    return report
+
+
+def _score_runs(pipe, original, model, runs, judge, attacker, output, progress) -> list[BenchRow]:
+    """The original row, then one row per erase, each from the original weights (one seed)."""
+    from kscu.runner import erase_to_folder
+
+    def scores(label: str) -> dict[str, float]:
+        out = judge.score(pipe)
+        if attacker is not None:
+            out["UA_attack"] = attacker.ua(label)
+        return out
+
+    rows = [BenchRow("original", "original", **scores("original"), seconds=0.0)]
     for method, label, cfg in runs:
         pipe.unet.load_state_dict(original)
         started = time.perf_counter()
@@ -210,7 +284,7 @@ def run_bench(
             BenchRow(
                 method,
                 label,
-                **judge.score(pipe),
+                **scores(label),
                 seconds=round(seconds, 2),
                 start_step=rc.start_step,
                 end_step=rc.end_step,
@@ -219,21 +293,90 @@ def run_bench(
                 settings=settings_label(rc.to_dict()),
             )
         )
-    pipe.unet.load_state_dict(original)
-    report = {
-        "concept": prompts["target"],
-        "kind": prompts["kind"],
-        "mode": mode,
-        "seed": seed,
-        "samples": samples,
-        "steps": steps,
-        "guidance": guidance,
-        "rows": [asdict(r) for r in rows],
-    }
-    write_json(output / "bench.json", report)
-    write_text(output / "bench.md", markdown(report))
-    save_png(chart(report), output / "bench.png")
-    return report
+    return rows
+
+
+def _attack_settings(method: str, settings: Any = None) -> Any:
+    """The attack's settings for the bench (checked before anything runs)."""
+    import dataclasses
+
+    from kscu.attack.settings import AttackSettings
+
+    settings = dataclasses.replace(settings or AttackSettings(), method=method)
+    settings.validate()
+    return settings.resolved(bundled=True)
+
+
+class _Attacker:
+    """Runs ``kscu attack`` on the bench's target prompts (same seeds, steps and guidance)."""
+
+    def __init__(self, pipe, original, concept, seed, judge, settings, output, progress):
+        import dataclasses
+
+        from kscu.attack.judges import WorldJudge
+        from kscu.attack.run import attack_targets
+
+        p = judge.p
+        self.settings = dataclasses.replace(
+            settings, samples=len(p["target_prompts"]), seed=seed, steps=judge.steps
+        )
+        self.targets = attack_targets(concept, self.settings, True, judge.guidance)
+        params = dict(pipe.unet.named_parameters())
+        self.original = {k: v for k, v in original.items() if k in params}
+        self.pipe, self.concept, self.output, self.progress = pipe, concept, output, progress
+        self.judge = WorldJudge(concept)
+
+    def ua(self, label: str) -> float:
+        """UA after the attack: share of target prompts whose attacked image lacks the concept."""
+        from kscu.attack.run import run_attack
+
+        s = self.settings
+        run = {
+            "bench_row": label,
+            "method": s.method,
+            "concept": self.concept,
+            "settings": s.record(),
+        }
+        result = run_attack(
+            self.pipe,
+            self.original,
+            self.concept,
+            self.targets,
+            self.judge,
+            s,
+            self.output / "attack" / _folder(label),
+            run,
+            s.steps,
+            bundled=True,
+            progress=self.progress,
+            overwrite=True,  # the bench owns its folders: a rerun replaces them
+        )
+        return 1.0 - result["asr"]
+
+
+# Columns averaged over seeds (each gains "_std" and "_per_seed").
+AGGREGATED = ("UA", "IRA", "CRA", "FD", "UA_attack", "seconds", "final_loss")
+
+
+def aggregate(per_seed: list[list[BenchRow]]) -> list[dict[str, Any]]:
+    """One row per label: the mean of each column over seeds, its sample std and the values.
+
+    Columns that are not averaged keep the first seed's value, plus ``_per_seed`` values when
+    they differ between seeds (e.g. an automatic start step).
+    """
+    rows = []
+    for same in zip(*per_seed, strict=True):
+        row = asdict(same[0])
+        for key in list(row):
+            values = [getattr(r, key) for r in same]
+            if key in AGGREGATED and all(v is not None for v in values):
+                row[key] = float(np.mean(values))
+                row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                row[f"{key}_per_seed"] = values
+            elif any(v != values[0] for v in values):
+                row[f"{key}_per_seed"] = values
+        rows.append(row)
+    return rows
 
 
 def _folder(label: str) -> str:
@@ -242,22 +385,43 @@ def _folder(label: str) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    seeds = report.get("seeds") or [report["seed"]]
+    several = len(seeds) > 1
+    which = (
+        f"seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds)"
+        if several
+        else f"seed {seeds[0]}"
+    )
+    attack = report.get("attack")
     head = (
         f"Erasing **{report['concept']}** ({report['kind']}, mode {report['mode']}), "
         f"{report['samples']} images per prompt set, {report['steps']} DDIM steps, "
-        f"guidance {report['guidance']}, seed {report['seed']}.\n\n"
+        f"guidance {report['guidance']}, {which}."
+        + (f" UA_attack: UA after the {attack['method']} attack." if attack else "")
+        + "\n\n"
     )
+    columns = [("UA ↑", "UA", ".3f"), ("IRA ↑", "IRA", ".3f"), ("CRA ↑", "CRA", ".3f")]
+    columns += [("FD ↓", "FD", ".2f")]
+    columns += [("UA_attack ↑", "UA_attack", ".3f")] if attack else []
+    columns += [("seconds", "seconds", ".1f")]
     lines = [
-        "| method | settings | UA ↑ | IRA ↑ | CRA ↑ | FD ↓ | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | settings | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for r in report["rows"]:
         settings = (r.get("settings") or "-").split(": ", 1)[-1]
-        lines.append(
-            f"| {r['label']} | {settings} | {r['UA']:.3f} | "
-            f"{r['IRA']:.3f} | {r['CRA']:.3f} | {r['FD']:.2f} | {r['seconds']:.1f} |"
-        )
+        cells = [_cell(r, key, fmt, several) for _, key, fmt in columns]
+        lines.append(f"| {r['label']} | {settings} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str, spread: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if spread and row.get(f"{key}_std") is not None:
+        return f"{value:{fmt}} ± {row[f'{key}_std']:{fmt}}"
+    return f"{value:{fmt}}"
 
 
 def chart(report: dict[str, Any]):
@@ -274,8 +438,10 @@ def chart(report: dict[str, Any]):
     metrics = ["UA", "IRA", "CRA"]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.6), dpi=100)
+    several = len(report.get("seeds") or [0]) > 1
     for i, m in enumerate(metrics):
-        ax.bar(x + (i - 1) * 0.26, [r[m] for r in rows], width=0.26, label=m)
+        spread = [r.get(f"{m}_std", 0.0) for r in rows] if several else None
+        ax.bar(x + (i - 1) * 0.26, [r[m] for r in rows], width=0.26, label=m, yerr=spread)
     ax.set_xticks(x, [r["label"] for r in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"erasing {report['concept']} ({report['mode']})")

@@ -286,14 +286,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=64, help="images per prompt set (default 64)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when scoring (default 50)")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="erase and image seed (default 0)")
+    p.add_argument(
+        "--seeds", default=None, help="run the whole bench per seed, e.g. 0,1,2: mean +- std"
+    )
+    p.add_argument(
+        "--attack",
+        default=None,
+        help="unlearndiff or ringabell: add UA_attack, UA after that attack (kscu attack)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kscu.bench import markdown, parse_step_ranges, run_bench
+    from kscu.bench import markdown, parse_seeds, parse_step_ranges, run_bench
 
+    seeds = parse_seeds(args.seeds)
+    if seeds and args.seed is not None:
+        raise KscuError("give --seed or --seeds, not both")
     report = run_bench(
         concept=args.concept,
         mode=args.mode,
@@ -301,7 +312,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         output=args.output,
         model=args.model,
         iterations=args.iterations,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
+        seeds=seeds,
+        attack=args.attack,
         samples=args.samples,
         steps=args.steps,
         guidance=args.guidance,
@@ -326,12 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subpackage_commands():
-    """Commands of the subpackages (tiny world, evaluation, analysis), each in its own module."""
+    """Commands of the subpackages (tiny world, evaluation, analysis, attack), one module each."""
     from kscu.analyze.cli import register as analyze
+    from kscu.attack.cli import register as attack
     from kscu.evaluate.cli import register as evaluate
     from kscu.world.cli import register as world
 
-    return [world, evaluate, analyze]
+    return [world, evaluate, analyze, attack]
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -34,15 +34,15 @@ PROJECTIONS = ("cosine", "l2")
 MODES = ("class", "nudity", "style", "instance")
 
 # What the tiny world changes, and why (the settings record states the values used).
-WORLD_PRESET: dict[str, Any] = {
-    "rounds": 10,
-    "generations": 300,
-}
+WORLD_PRESET: dict[str, Any] = {"generations": 300, "batch_size": 16}
 WORLD_PRESET_WHY = (
-    "CPU budget: 16 prompts in 10 minutes on 2 cores. unlearndiff visits 10 of the 50 timesteps "
-    "(spread over the whole range, low noise first) instead of all 50; ringabell runs 300 "
-    "genetic generations instead of 3000 (the world's word vocabulary has about 110 tokens)."
+    "CPU time: ringabell runs 300 genetic generations instead of 3000 (3000 take about 1.5 "
+    "minutes per prompt on one CPU thread; the world's vocabulary has 113 word tokens, against "
+    "about 30,000 in SD's); all 16 prompts are attacked in one batch (elsewhere one at a time, "
+    "as the reference does, since a batch of SD-size backward passes needs a lot of memory)."
 )
+# Everything else: the papers' own values (and one prompt at a time).
+GENERAL: dict[str, Any] = {"generations": RINGABELL_GENERATIONS, "batch_size": 1}
 
 
 @dataclass
@@ -55,11 +55,11 @@ class AttackSettings:
     steps: int | None = None  # sampling steps of every image; None: the family's (SD 50)
     guidance: float | None = None  # CFG scale; None: the family's (SD 7.5)
     attack_all: bool = False  # also attack prompts that show the concept without the attack
-    batch_size: int = 16  # prompts attacked together; each prompt has its own random streams
+    batch_size: int | None = None  # prompts attacked together (None: world 16, else 1)
     # UnlearnDiffAtk
     tokens: int = UNLEARNDIFF_TOKENS  # K token slots prepended to the prompt
     iterations: int = UNLEARNDIFF_ITERATIONS  # Adam steps per round (one timestep per round)
-    rounds: int | None = None  # timesteps visited, each judged; None: 50 (tiny world: preset)
+    rounds: int = UNLEARNDIFF_TIMESTEPS  # timesteps visited (low noise first), each judged
     lr: float = UNLEARNDIFF_LR
     weight_decay: float = UNLEARNDIFF_WEIGHT_DECAY
     projection: str = "cosine"  # nearest vocabulary token by cosine similarity or L2 distance
@@ -78,8 +78,7 @@ class AttackSettings:
 
     def resolved(self, bundled: bool) -> AttackSettings:
         """These settings with every ``None`` filled: the tiny world's preset, else the paper's."""
-        paper = {"rounds": UNLEARNDIFF_TIMESTEPS, "generations": RINGABELL_GENERATIONS}
-        fill = WORLD_PRESET if bundled else paper
+        fill = WORLD_PRESET if bundled else GENERAL
         return dataclasses.replace(
             self, **{k: v for k, v in fill.items() if getattr(self, k) is None}
         )
@@ -90,20 +89,24 @@ class AttackSettings:
                 raise KscuError(message)
 
         need(self.method in METHODS, f"unknown method {self.method!r}; use {' or '.join(METHODS)}")
-        need(self.judge in JUDGES, f"unknown judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
+        need(
+            self.judge in JUDGES, f"unknown judge {self.judge!r}; choose one of {', '.join(JUDGES)}"
+        )
         need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         need(
             self.projection in PROJECTIONS,
             f"unknown projection {self.projection!r}; choose {' or '.join(PROJECTIONS)}",
         )
-        for name in ("samples", "tokens", "iterations", "length", "population", "batch_size"):
-            need(getattr(self, name) > 0, f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        for name in ("rounds", "generations", "steps"):
+        for name in ("samples", "tokens", "iterations", "length", "population"):
+            need(
+                getattr(self, name) > 0, f"--{_flag(name)} must be > 0 (got {getattr(self, name)})"
+            )
+        for name in ("generations", "steps", "batch_size"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{_flag(name)} must be > 0 (got {value})")
         need(
-            self.rounds is None or self.rounds <= UNLEARNDIFF_TIMESTEPS,
-            f"--rounds must be <= {UNLEARNDIFF_TIMESTEPS}, one per timestep (got {self.rounds})",
+            0 < self.rounds <= UNLEARNDIFF_TIMESTEPS,
+            f"--rounds must be in [1, {UNLEARNDIFF_TIMESTEPS}] (got {self.rounds})",
         )
         for name in ("lr", "weight_decay", "eta"):
             value = getattr(self, name)

@@ -25,7 +25,8 @@ class WordVocab:
         self.tokenizer = tokenizer
         special = set(tokenizer.all_special_ids)
         candidates = sorted(
-            i for token, i in tokenizer.get_vocab().items()
+            i
+            for token, i in tokenizer.get_vocab().items()
             if i not in special and token.endswith("</w>")
         )
         decoded = tokenizer.batch_decode([[i] for i in candidates])

@@ -1,0 +1,277 @@
+"""An attack over a list of prompts: images before and after, verdicts, per-prompt records.
+
+For each prompt: the erased model's image of the prompt itself (``{i}-pre.png``) is judged. A
+prompt that already shows the concept needs no attack; as in the UnlearnDiffAtk reference it
+counts as a success and is not attacked (``attack_all`` attacks it anyway). The others are
+attacked round by round; after each round the erased model's image of the adversarial prompt
+(``{i}.png``, same seed and guidance) is judged, and a prompt leaves the attack at its first
+success. ``asr`` is the share of prompts whose final image shows the concept, ``pre_asr`` the
+share whose ``-pre`` image does.
+
+Each finished prompt is written to ``records/{i}.json`` at once, so an interrupted run resumes
+where it stopped; ``attack-run.json``, written before the first prompt, states how the run is
+made, and a rerun made another way is refused unless ``overwrite``. Every prompt has its own
+random streams, so its result does not depend on which prompts share its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kscu.attack.judges import Judge
+from kscu.attack.settings import AttackSettings
+from kscu.attack.targets import Target, render
+from kscu.errors import KscuError
+from kscu.fileio import read_json_object, write_json
+from kscu.preview import save_png
+from kscu.sampling import to_pil
+
+RESULT = "attack.json"
+RUN = "attack-run.json"
+RECORDS = "records"
+IMAGES = "images"
+_NOT_COMPARED = ("weights",)  # moving the weights folder leaves the results valid
+
+
+def attack_targets(
+    concept: str,
+    settings: AttackSettings,
+    bundled: bool,
+    guidance: float,
+    prompts: str | Path | None = None,
+) -> list[Target]:
+    """The first ``samples`` rows of ``prompts``, or in the tiny world ``samples`` prompts naming
+    the concept (the bench's target prompts). Row seeds and guidance win over the defaults."""
+    if prompts is not None:
+        from kscu.promptfile import load_prompts
+
+        rows = load_prompts(prompts)[: settings.samples]
+        return [
+            Target(
+                i,
+                r.case_number,
+                r.prompt,
+                r.seed if r.seed is not None else settings.seed + r.case_number,
+                r.guidance if r.guidance is not None else guidance,
+            )
+            for i, r in enumerate(rows)
+        ]
+    if not bundled:
+        raise KscuError("give --prompts CSV (a 'prompt' column): attack prompts naming the concept")
+    from kscu.bench import bench_prompts
+
+    texts = bench_prompts(concept, settings.samples, settings.seed)["target_prompts"]
+    return [Target(i, i, p, settings.seed + i, guidance) for i, p in enumerate(texts)]
+
+
+def weights_digest(weights: str | Path) -> str:
+    from kscu.checkpoint import WEIGHTS
+
+    path = Path(weights) / WEIGHTS
+    if not path.is_file():
+        raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_with_original(pipe: Any, weights: str | Path, force: bool = False):
+    """Load an erase into ``pipe`` (``load_erased`` checks it); return the base values it replaced.
+
+    The original model is needed for UnlearnDiffAtk's target images: only the tensors the erase
+    changed are kept twice, not the whole network.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from kscu.checkpoint import WEIGHTS, load_erased
+    from kscu.families import family_of
+
+    params = dict(family_of(pipe).denoiser(pipe).named_parameters())
+    try:
+        with safe_open(str(Path(weights) / WEIGHTS), framework="pt") as f:
+            names = [k for k in f.keys() if k in params]
+    except (SafetensorError, OSError):
+        names = []  # load_erased says what is wrong with the file
+    original = {k: params[k].detach().clone() for k in names}
+    load_erased(pipe, weights, force=force)
+    return original
+
+
+def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse to add to a folder attacked another way; cheap, so it runs before any load."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise KscuError(f"--output {output} is a file; give a folder")
+    if overwrite or not (output / RUN).is_file():
+        if not overwrite and (output / RECORDS).is_dir() and any((output / RECORDS).iterdir()):
+            raise KscuError(
+                f"{output} holds attack records but no {RUN}; pass --overwrite to start again"
+            )
+        return
+    old = read_json_object(output / RUN, "pass --overwrite to start again")
+    new = json.loads(json.dumps(run, default=str))
+    differ = []
+    for key in sorted({*old, *new} - set(_NOT_COMPARED)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+        elif a != b:
+            differ.append(key)
+    if differ:
+        raise KscuError(
+            f"{output} holds an attack made another way (differs in: {', '.join(differ)}); "
+            "rerun with its settings to resume, pass --overwrite to start again, or give "
+            "another --output"
+        )
+
+
+def start_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
+    """Clear an earlier attack (``overwrite``: only the files an attack writes); record the run."""
+    output = Path(output)
+    if overwrite:
+        for name in (RECORDS, IMAGES):
+            shutil.rmtree(output / name, ignore_errors=True)
+        for name in (RESULT, RUN):
+            (output / name).unlink(missing_ok=True)
+    (output / RECORDS).mkdir(parents=True, exist_ok=True)
+    (output / IMAGES).mkdir(parents=True, exist_ok=True)
+    if not (output / RUN).exists():
+        write_json(output / RUN, json.loads(json.dumps(run, default=str)))
+
+
+def make_method(
+    pipe: Any, original: dict[str, torch.Tensor], concept: str, s: AttackSettings, bundled: bool
+):
+    if s.method == "unlearndiff":
+        from kscu.attack.unlearndiff import UnlearnDiff
+
+        return UnlearnDiff(pipe, original, s)
+    from kscu.attack.ringabell import RingABell
+
+    return RingABell(pipe, concept, s, bundled)
+
+
+def run_attack(
+    pipe: Any,
+    original: dict[str, torch.Tensor],
+    concept: str,
+    targets: list[Target],
+    judge: Judge,
+    settings: AttackSettings,
+    output: str | Path,
+    run: dict[str, Any],
+    steps: int,
+    bundled: bool,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Attack ``pipe`` (holding the erased weights; ``original`` holds the base values of the
+    tensors the erase changed) on every target not yet done; write and return attack.json."""
+    output = Path(output)
+    check_folder(output, run, overwrite)
+    method = make_method(pipe, original, concept, settings, bundled)
+    method.check(targets)  # e.g. a prompt too long for K more tokens: before anything is written
+    start_folder(output, run, overwrite)
+    todo = [t for t in targets if not _record_path(output, t).is_file()]
+    bar = tqdm(
+        total=len(targets), initial=len(targets) - len(todo), desc="attack", disable=not progress
+    )
+    for i in range(0, len(todo), settings.batch_size):
+        batch = todo[i : i + settings.batch_size]
+        for record in _attack_batch(pipe, method, batch, judge, settings, output, steps):
+            write_json(output / RECORDS / f"{record['index']}.json", record)
+            bar.update(1)
+    bar.close()
+    records = [read_json_object(_record_path(output, t), "pass --overwrite") for t in targets]
+    result = summary(records, run, judge, method)
+    write_json(output / RESULT, result)
+    return result
+
+
+def summary(records: list[dict], run: dict, judge: Judge, method: Any) -> dict[str, Any]:
+    from kscu.evaluate.common import versions
+
+    n = len(records)
+    return {
+        "asr": sum(r["found"] for r in records) / n,
+        "pre_asr": sum(r["pre_found"] for r in records) / n,
+        "prompts": n,
+        "found": sum(r["found"] for r in records),
+        "pre_found": sum(r["pre_found"] for r in records),
+        "attacked": sum(r["attacked"] for r in records),
+        **run,
+        "judge": judge.describe(),
+        "method_details": method.describe(),
+        "seconds": round(sum(r["seconds"] for r in records), 2),
+        "versions": versions("diffusers", "transformers"),
+        "per_prompt": records,
+    }
+
+
+def _record_path(output: Path, target: Target) -> Path:
+    return output / RECORDS / f"{target.index}.json"
+
+
+def _save(images: torch.Tensor, paths: list[Path]) -> None:
+    for image, path in zip(to_pil(images), paths, strict=True):
+        save_png(image, path)
+
+
+def _attack_batch(pipe, method, batch, judge, settings, output, steps) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    folder = output / IMAGES
+    pre_paths = [folder / f"{t.index}-pre.png" for t in batch]
+    _save(render(pipe, batch, [t.prompt for t in batch], steps), pre_paths)
+    records = {}
+    for t, verdict in zip(batch, judge.verdicts(pre_paths), strict=True):
+        records[t.index] = {
+            "index": t.index,
+            "case_number": t.case_number,
+            "prompt": t.prompt,
+            "seed": t.seed,
+            "guidance": t.guidance,
+            "pre_found": verdict["found"],
+            "pre_verdict": verdict,
+            "attacked": False,
+            "found": verdict["found"],
+            "adversarial_prompt": None,
+            "token_ids": [],
+            "loss": None,
+            "round": 0,
+            "verdict": verdict,
+        }
+    active = [t for t in batch if settings.attack_all or not records[t.index]["pre_found"]]
+    for t in batch:
+        if t not in active:  # found without the attack: its final image is the pre image
+            shutil.copyfile(folder / f"{t.index}-pre.png", folder / f"{t.index}.png")
+    if active:
+        shown = method.start(active, steps)
+        if shown is not None:
+            _save(shown, [folder / f"{t.index}-target.png" for t in active])
+    for round_ in range(method.rounds if active else 0):
+        candidates = method.propose(active, round_)
+        paths = [folder / f"{t.index}.png" for t in active]
+        _save(render(pipe, active, [c.prompt for c in candidates], steps), paths)
+        verdicts = judge.verdicts(paths)
+        for t, c, verdict in zip(active, candidates, verdicts, strict=True):
+            records[t.index].update(
+                attacked=True,
+                found=verdict["found"],
+                adversarial_prompt=c.prompt,
+                token_ids=c.token_ids,
+                loss=round(c.loss, 6),
+                round=round_ + 1,
+                verdict=verdict,
+            )
+        active = [t for t, v in zip(active, verdicts, strict=True) if not v["found"]]
+        if not active:
+            break
+    seconds = round((time.perf_counter() - started) / len(batch), 2)
+    return [{**records[t.index], "seconds": seconds} for t in batch]

@@ -1,0 +1,56 @@
+"""Bad input to `kscu attack`: one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from attackkit import run_cli
+
+
+def _args(weights, output, *extra):
+    return ["attack", "--weights", weights, "--concept", "heart", "--output", output, *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "gcg"], "unknown method 'gcg'"),
+        (["--tokens", "0"], "--tokens must be > 0"),
+        (["--tokens", "-3"], "--tokens must be > 0"),
+        (["--rounds", "51"], "--rounds must be in [1, 50]"),
+        (["--judge", "oracle"], "unknown judge"),
+        (["--concept", "church"], "not a concept of the tiny world"),
+    ],
+)
+def test_bad_settings_fail_in_one_line(tmp_path, capsys, noop_run, extra, message):
+    code, _, err = run_cli(_args(noop_run, tmp_path / "out", *extra), capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_from_another_base_are_refused(tmp_path, capsys, noop_run):
+    other = tmp_path / "other-base"
+    shutil.copytree(noop_run, other)
+    meta = json.loads((other / "kscu.json").read_text())
+    name = next(iter(meta["base_fingerprint"]))
+    meta["base_fingerprint"][name][0] += 1.0  # as if erased from another model
+    (other / "kscu.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(_args(other, tmp_path / "out"), capsys)
+    assert code == 2 and "was erased from base model" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "attack-run.json").exists()
+
+
+def test_missing_weights_and_prompts_too_long_for_the_slots(tmp_path, capsys, noop_run):
+    code, _, err = run_cli(_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+    assert code == 2 and "weights.safetensors is missing" in err
+
+    prompts = tmp_path / "prompts.csv"
+    long = "a red heart on a striped background with a red heart on a plain background"
+    prompts.write_text(f"prompt\n{long}\n")
+    code, _, err = run_cli(_args(noop_run, tmp_path / "out", "--prompts", prompts), capsys)
+    assert code == 2 and "more than the text encoder's" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "attack-run.json").exists()
