@@ -26,6 +26,7 @@ VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],
+    "lean Adam state": ["--lean-adam"],
 }
 
 

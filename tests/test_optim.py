@@ -63,3 +63,28 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_pipe, monkeypatc
     for n, t in on.tensors.items():
         assert torch.allclose(t, off.tensors[n], rtol=0, atol=1e-6), n
     assert not tiny_pipe.unet.is_gradient_checkpointing  # switched back off
+
+
+def test_lean_adam_matches_adam_closely_and_halves_its_state():
+    """bf16 moments with stochastic rounding: near Adam's update, unbiased rounding."""
+    from kscu.optim import LeanAdam, stochastic_bf16
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2**-10)  # halfway-ish between two bf16 values
+    rounded = stochastic_bf16(x, g).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
+    assert abs(rounded.mean().item() - x[0].item()) < 1e-4  # unbiased on average
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4096))
+    b = torch.nn.Parameter(a.detach().clone())
+    start = a.detach().clone()
+    exact, lean = torch.optim.Adam([a], lr=1e-3), LeanAdam([b], lr=1e-3)
+    for _ in range(50):
+        grad = torch.randn(4096)
+        for p, opt in ((a, exact), (b, lean)):
+            p.grad = grad.clone()
+            opt.step()
+    da, db = a.detach() - start, b.detach() - start
+    cos = torch.nn.functional.cosine_similarity(da, db, dim=0)
+    assert cos > 0.999
+    assert lean.state[b]["m"].dtype == torch.bfloat16 and lean.state[b]["v"].dtype == torch.bfloat16

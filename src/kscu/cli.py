@@ -85,6 +85,12 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         help="recompute the edited forward's activations during backward (less memory, slower)",
     )
     p.add_argument(
+        "--lean-adam",
+        action="store_true",
+        help="Adam's moments in bf16 with stochastic rounding: half the optimizer memory, "
+        "not exact (measured in the README)",
+    )
+    p.add_argument(
         "--no-optimizer-in-backward",
         action="store_true",
         help="hold every gradient, then one Adam step (same update; more memory)",
@@ -131,6 +137,7 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         reuse_trajectory=not args.no_reuse_trajectory,
         optimizer_in_backward=not args.no_optimizer_in_backward,
         gradient_checkpointing=args.gradient_checkpointing,
+        lean_adam=args.lean_adam,
         augment=args.augment,
         family=args.family,
         **overrides,

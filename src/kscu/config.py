@@ -75,6 +75,7 @@ class EraseConfig:
     reuse_trajectory: bool = True
     optimizer_in_backward: bool = True  # step each tensor as its gradient completes (kscu.optim)
     gradient_checkpointing: bool = False  # diffusers' switch: less activation memory, more time
+    lean_adam: bool = False  # Adam moments in bf16, stochastically rounded (opt-in, not exact)
     augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
     family: str | None = None  # None: detected from the model (model_index.json)
     preset: dict[str, Any] = field(default_factory=dict)  # what a model preset applied

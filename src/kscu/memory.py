@@ -134,7 +134,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         + others * _bytes(compute),
         "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
         "frozen": trainable * _bytes(compute),
-        "adam": trainable * 8,
+        "adam": trainable * (4 if cfg.lean_adam else 8),
         "gradients": (
             largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
         )

@@ -23,18 +23,25 @@ class AdamSteps:
         lr: float,
         in_backward: bool = True,
         scaler: torch.amp.GradScaler | None = None,
+        lean_state: bool = False,
     ):
         self.scaler = scaler
         self.in_backward = in_backward and scaler is None
         fused = _fused_available(params)
+
+        def adam(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            if lean_state:
+                return LeanAdam(group, lr=lr)
+            return torch.optim.Adam(group, lr=lr, fused=fused)
+
         if self.in_backward:
-            self.optimizers = [torch.optim.Adam([p], lr=lr, fused=fused) for p in params]
+            self.optimizers = [adam([p]) for p in params]
             self.hooks = [
                 p.register_post_accumulate_grad_hook(_step_and_free(opt))
                 for p, opt in zip(params, self.optimizers, strict=True)
             ]
         else:
-            self.optimizers = [torch.optim.Adam(params, lr=lr, fused=fused)]
+            self.optimizers = [adam(params)]
             self.hooks = []
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -81,3 +88,48 @@ def _fused_available(params: list[torch.nn.Parameter]) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+class LeanAdam(torch.optim.Optimizer):
+    """Adam whose two moments are stored in bf16 with stochastic rounding (opt-in, not exact).
+
+    Half of Adam's 8 bytes per trainable element. The update is computed in float32 from the
+    float32 gradient and the float32 master weight, as torch's Adam computes it; only the stored
+    moments are rounded, stochastically, so that they stay unbiased on average (a deterministic
+    bf16 rounding would freeze a slowly growing second moment). Its effect on an erase is
+    measured in benchmarks/lean_adam.py and stated in the README.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, seed: int = 0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["v"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                g = p.grad.float()
+                m = state["m"].float().mul_(b1).add_(g, alpha=1 - b1)
+                v = state["v"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                t = state["step"]
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
+                state["m"] = stochastic_bf16(m, self.generator)
+                state["v"] = stochastic_bf16(v, self.generator)
+
+
+def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 -> bf16, rounding up with probability equal to the dropped fraction."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32)
+    rounded = (bits + noise.to(x.device)) & ~0xFFFF
+    return rounded.view(torch.float32).to(torch.bfloat16)

@@ -124,7 +124,9 @@ def erase(
             params[n].data = params[n].data.float()
             params[n].requires_grad_(True)
         scaler = torch.amp.GradScaler(net.device.type) if cfg.dtype == "float16" else None
-        adam = AdamSteps([params[n] for n in names], cfg.lr, cfg.optimizer_in_backward, scaler)
+        adam = AdamSteps(
+            [params[n] for n in names], cfg.lr, cfg.optimizer_in_backward, scaler, cfg.lean_adam
+        )
 
         def autocast():
             if compute_dtype == torch.float32:
