@@ -106,14 +106,17 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    p.add_argument("--only", default=None, help="comma-separated variant names' first words")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
     args = p.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "sd14"
         save_sd14(model)
+        chosen = args.only.split(",") if args.only else None
         for name, extra in VARIANTS.items():
-            rows[name] = kscu_run(model, Path(tmp) / name.split()[0], args, extra)
+            if chosen is None or name.split()[0] in chosen:
+                rows[name] = kscu_run(model, Path(tmp) / name.split()[0], args, extra)
         if not args.no_plain and args.dtype == "float32":
             rows["plain loop (benchmarks/plain_erase.py)"] = plain_run(model, args)
     gib = 2**30

@@ -123,8 +123,8 @@ class LeanAdam(torch.optim.Optimizer):
                 t = state["step"]
                 denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
-                state["m"] = stochastic_bf16(m, self.generator)
-                state["v"] = stochastic_bf16(v, self.generator)
+                state["m"].copy_(stochastic_bf16(m, self.generator))  # in place: no churn
+                state["v"].copy_(stochastic_bf16(v, self.generator))
 
 
 def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

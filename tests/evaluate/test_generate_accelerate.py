@@ -161,3 +161,32 @@ def test_interrupted_run_resumes(tmp_path, tiny_sd, hooked, monkeypatch):
     for name, data in first.items():  # finished images were left alone
         assert (out / name).read_bytes() == data
     assert len(list(out.glob("*.png"))) == 7 and (out / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["flux-dev", "flux-schnell"])
+def test_two_processes_generate_flux_each_image_once(tmp_path, hooked, guidance_embeds):
+    """The same launch for a FLUX folder: each image once, the same pixels as one process."""
+    from tiny_families import build_tiny_flux_pipeline, save_pipeline
+
+    model = save_pipeline(build_tiny_flux_pipeline(guidance_embeds=guidance_embeds), tmp_path / "m")
+    prompts = write_csv(
+        tmp_path / "p.csv",
+        ["case_number", "prompt", "evaluation_seed", "evaluation_guidance"],
+        [[c, f"a photo number {c}", 100 + c, 3.5] for c in range(4)],
+    )
+
+    def generate(out, launcher=None):
+        args = ["generate", "--model", str(model), "--prompts", str(prompts), "--output", str(out)]
+        return run_kscu([*args, "--steps", "2", "--resolution", "32", "--quiet"], launcher=launcher)
+
+    out = tmp_path / "images"
+    proc = generate(out, _launcher())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = Counter(name for _, name in _saved(hooked) if name.endswith(".png"))
+    assert set(names) == {f"{c}.png" for c in range(4)} and set(names.values()) == {1}
+    assert len({pid for pid, _ in _saved(hooked)}) == 2
+    single = tmp_path / "single"
+    assert generate(single).returncode == 0
+    for c in range(4):
+        a, b = Image.open(out / f"{c}.png"), Image.open(single / f"{c}.png")
+        assert np.array_equal(np.asarray(a), np.asarray(b)), c
