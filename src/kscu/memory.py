@@ -34,7 +34,7 @@ GRAD_DTYPE_BYTES = 4
 
 
 def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _meta_component(source: str, name: str, cls_name: str, library: str) -> torch.nn.Module:

@@ -15,6 +15,14 @@ from kscu.trainer import erase
 SD_50 = [981 - 20 * s for s in range(50)]
 
 
+@pytest.fixture(autouse=True)
+def fresh_notices(monkeypatch):
+    """Each test sees the pinned-sampler notice afresh (it is logged once per process)."""
+    import kscu.families.sd
+
+    monkeypatch.setattr(kscu.families.sd, "_announced", set())
+
+
 def test_pinned_ddim_ignores_a_pndm_config_without_clip_sample(caplog):
     from diffusers import PNDMScheduler
 

@@ -12,15 +12,12 @@ prompt), so rows of different prompts can be concatenated for one batched denois
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
-
-from kscu.errors import KscuError
 
 Cond = dict[str, torch.Tensor]
 # raw(x, s, cond) -> the denoiser's output for rows x at step index s, float32
@@ -100,13 +97,3 @@ class Sampler:
 def _plain(t: float) -> float | int:
     t = float(t)
     return int(t) if t.is_integer() else t
-
-
-def key_step_cap(num_steps: int, fraction: float = 0.9) -> int:
-    """The latest start the Key Step Table reaches: ceil(0.9 E) - 1 (44 of 50, 25 of 28)."""
-    return math.ceil(fraction * num_steps) - 1
-
-
-def need(ok: bool, message: str) -> None:
-    if not ok:
-        raise KscuError(message)

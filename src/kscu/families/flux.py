@@ -132,10 +132,6 @@ class FluxFamily:
     ) -> FlowSampler:
         return FlowSampler(self, pipe, num_steps, resolution, loss_space, guidance)
 
-    def pipeline_scheduler(self, pipe: Any) -> Any:
-        """FluxPipeline's own flow-matching scheduler: the pipeline computes the shift itself."""
-        return pipe.scheduler
-
 
 def _shift_mu(image_seq_len: int, config: Any) -> float:
     """The resolution-dependent shift of FluxPipeline: linear in the packed sequence length."""

@@ -26,6 +26,7 @@ from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
 log = logging.getLogger("kscu")
 
 LOSS_SPACES = ("epsilon", "model")
+_announced: set[str] = set()  # pinned-sampler notices already logged in this process
 
 
 class SDFamily:
@@ -98,10 +99,6 @@ class SDFamily:
         """Nothing to gain for SD's small encoders: they stay where they are."""
         return {}
 
-    def pipeline_scheduler(self, pipe: Any) -> Any:
-        """The scheduler ``pipe(...)`` should sample with for evaluation images: pinned DDIM."""
-        return pinned_ddim(pipe.scheduler.config, announce=False)
-
     def unet_kwargs(self, cond: Cond, rows: int, resolution: int) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}
 
@@ -116,29 +113,31 @@ def _token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def pinned_ddim(model_config: Any, announce: bool = True) -> Any:
+def pinned_ddim(model_config: Any) -> Any:
     """DDIM with SD's settings; the model contributes only its betas and prediction type.
 
-    Says in one log line what differs from the model's own scheduler config.
+    Says in one log line what differs from the model's own scheduler config, once per process
+    for a given difference (samplers are built per erase, analysis, preview and image batch).
     """
     from diffusers import DDIMScheduler
 
     config = dict(model_config)
     own = {k: config[k] for k in SD_DDIM_FROM_MODEL if config.get(k) is not None}
     scheduler = DDIMScheduler(**own, **SD_DDIM_SETTINGS)
-    if announce:
-        changed = [
-            f"{k} {config.get(k, 'unset')} -> {v}"
-            for k, v in SD_DDIM_SETTINGS.items()
-            if config.get(k) != v
-        ]
-        kind = config.get("_class_name")
-        if changed or kind not in (None, "DDIMScheduler"):
-            log.info(
-                "sampler: DDIM with SD's settings instead of the model's %s (%s)",
-                kind or "scheduler",
-                ", ".join(changed) or "same settings",
-            )
+    changed = [
+        f"{k} {config.get(k, 'unset')} -> {v}"
+        for k, v in SD_DDIM_SETTINGS.items()
+        if config.get(k) != v
+    ]
+    kind = config.get("_class_name")
+    if changed or kind not in (None, "DDIMScheduler"):
+        message = (
+            f"sampler: DDIM with SD's settings instead of the model's {kind or 'scheduler'} "
+            f"({', '.join(changed) or 'same settings'})"
+        )
+        if message not in _announced:
+            _announced.add(message)
+            log.info(message)
     return scheduler
 
 
