@@ -1,15 +1,22 @@
 """Peak memory of an erase, measured on the CPU, beside ``kscu erase --plan``'s prediction.
 
-Builds SD v1.4's exact architecture with random weights (memory does not depend on the values),
-saves it as a diffusers folder, and runs, each in a fresh process, a few class-mode iterations of:
-the default path, each memory option, and ``benchmarks/plain_erase.py`` (deep copy, one UNet call
-per prediction). Each kscu run's ``kscu.json`` holds its measured peak (growth of the process's
-peak resident set during the erase) and the plan; the plain loop's peak is measured the same way.
+Memory does not depend on the values of the weights or on the device, so random weights on the
+CPU count every byte a GPU would hold (the CPU figure is the growth of the process's peak
+resident set during the erase, which also holds what a GPU run keeps in host RAM: it is counted
+in the plan as ``restore_copy`` when the erase runs on the CPU). Each run is a fresh process.
 
-    python benchmarks/memory.py --resolution 64 --iterations 3 --json memory.json
+``--model sd14``: SD v1.4's exact architecture, class mode, a few iterations of the default path,
+each memory option, and ``benchmarks/plain_erase.py`` (deep copy, one UNet call per prediction,
+autocast under bf16), side by side in one run:
 
-Every figure is CPU-measured on the machine it runs on; the FLUX.1-dev-width extrapolation of
-issue 14 is not implemented here yet.
+    python benchmarks/memory.py --model sd14 --resolution 256 --dtype bfloat16 --json m.json
+
+``--model flux-width``: FLUX.1-dev's transformer at full width (hidden 3072, 24 heads of 128,
+T5 width 4096, the real block shapes) with 1+1, 2+1 and 1+2 joint+single blocks; the differences
+give each block kind's bytes, extrapolated to FLUX.1-dev's 19 + 38 blocks. The plan of the full
+19 + 38 model (built on the meta device from its config) is printed beside it:
+
+    python benchmarks/memory.py --model flux-width --resolution 512 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -22,56 +29,77 @@ import sys
 import tempfile
 from pathlib import Path
 
+HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],
     "lean Adam state": ["--lean-adam"],
+    "checkpointing + lean Adam": ["--gradient-checkpointing", "--lean-adam"],
 }
+FLUX_SHAPES = {"1+1": (1, 1), "2+1": (2, 1), "1+2": (1, 2)}  # joint + single-stream blocks
+FLUX_DEV_BLOCKS = (19, 38)
+GIB = 2**30
 
 
 def save_sd14(folder: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(HERE))
     import torch
     from sd14_erase import build_sd14
 
     build_sd14(torch.device("cpu"), torch.float32).save_pretrained(folder, safe_serialization=True)
 
 
-def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "kscu",
-        "erase",
-        "--concept",
-        "church",
-        "--mode",
-        "class",
-        "--model",
-        str(model),
-        "--output",
-        str(out),
-        "--resolution",
-        str(args.resolution),
-        "--iterations",
-        str(args.iterations),
-        "--dtype",
-        args.dtype,
-        "--device",
-        "cpu",
-        "--no-augment",
-        "--no-preview",
-        "--quiet",
-        *extra,
+def flux_width(joint: int, single: int, meta: bool = False):
+    """A FluxPipeline with FLUX.1-dev's transformer width and the given block counts."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import torch
+    from tiny_families import FLUX_DEV_WIDTH, build_tiny_flux_pipeline
+
+    shape = {**FLUX_DEV_WIDTH, "num_layers": joint, "num_single_layers": single}
+    if meta:
+        with torch.device("meta"):
+            return build_tiny_flux_pipeline(transformer_shape=shape)
+    pipe = build_tiny_flux_pipeline(transformer_shape=shape)
+    pipe.transformer.to(torch.bfloat16)  # as FLUX.1-dev ships it
+    return pipe
+
+
+def save_flux_width(folder: Path, joint: int, single: int) -> None:
+    flux_width(joint, single).save_pretrained(folder, safe_serialization=True)
+
+
+def save_config_only(folder: Path, pipe) -> None:
+    """model_index.json and every component's config: enough for --plan, no weights."""
+    pipe.save_config(folder)
+    for name, component in pipe.components.items():
+        if hasattr(component, "save_config"):
+            component.save_config(folder / name)
+        elif hasattr(component, "config"):
+            component.config.save_pretrained(folder / name)
+
+
+def erase_args(model: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        *("--concept", "church", "--mode", "class", "--model", str(model)),
+        *("--output", str(out), "--resolution", str(args.resolution)),
+        *("--iterations", str(args.iterations), "--dtype", args.dtype, "--device", "cpu"),
+        *("--no-augment", "--no-preview", "--quiet"),
     ]
-    subprocess.run(cmd, check=True)
+
+
+def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    subprocess.run(
+        [sys.executable, "-m", "kscu", "erase", *erase_args(model, out, args), *extra], check=True
+    )
     meta = json.loads((out / "kscu.json").read_text())
     return {
         "measured_bytes": meta["peak_memory_bytes"]["bytes"],
         "kind": meta["peak_memory_bytes"]["kind"],
         "plan_bytes": meta["memory_plan"]["total_bytes"],
         "plan": meta["memory_plan"]["bytes"],
+        "host_bytes": meta["memory_plan"].get("host_bytes", {}),
+        "trainable_elements": meta["trainable_elements"],
         "seconds": meta["seconds"],
     }
 
@@ -84,7 +112,8 @@ from kscu.config import EraseConfig, resolve
 from kscu.memory import peak_memory
 from kscu.models import load_pipeline
 pipe = load_pipeline({model!r})
-cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False))
+cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False,
+                          dtype={dtype!r}))
 with peak_memory(torch.device("cpu")) as peak:
     plain_erase(pipe, cfg)
 print(json.dumps(peak))
@@ -93,53 +122,122 @@ print(json.dumps(peak))
 
 def plain_run(model: Path, args: argparse.Namespace) -> dict:
     code = PLAIN.format(
-        bench=str(Path(__file__).parent), model=str(model), it=args.iterations, res=args.resolution
+        bench=str(HERE), model=str(model), it=args.iterations, res=args.resolution, dtype=args.dtype
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])
     return {"measured_bytes": peak["bytes"], "kind": peak["kind"]}
 
 
+def chosen_variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    only = args.only.split(",") if args.only else None
+    return {n: e for n, e in VARIANTS.items() if only is None or n.split()[0] in only}
+
+
+def sd14_rows(args: argparse.Namespace, folder: Path) -> dict:
+    model = args.model_dir or folder / "sd14"
+    if not (model / "model_index.json").exists():
+        save_sd14(model)
+    rows = {
+        name: kscu_run(model, folder / name.replace(" ", "_"), args, extra)
+        for name, extra in chosen_variants(args).items()
+    }
+    if not args.no_plain:
+        rows["plain loop (benchmarks/plain_erase.py)"] = plain_run(model, args)
+    return rows
+
+
+def extrapolate(small: dict[str, int]) -> int:
+    """Bytes of 19 + 38 blocks from the 1+1, 2+1 and 1+2 figures (blocks add, the rest stays)."""
+    joint, single = small["2+1"] - small["1+1"], small["1+2"] - small["1+1"]
+    return small["1+1"] + (FLUX_DEV_BLOCKS[0] - 1) * joint + (FLUX_DEV_BLOCKS[1] - 1) * single
+
+
+def flux_rows(args: argparse.Namespace, folder: Path) -> dict:
+    from kscu.config import EraseConfig, resolve
+    from kscu.families import FAMILIES
+    from kscu.memory import plan
+
+    rows = {}
+    for name, extra in chosen_variants(args).items():
+        runs = {}
+        for shape, (joint, single) in FLUX_SHAPES.items():
+            model = (args.model_dir or folder) / f"flux-width-{shape}"
+            if not (model / "model_index.json").exists():
+                save_flux_width(model, joint, single)
+            runs[shape] = kscu_run(model, folder / f"{name.split()[0]}-{shape}", args, extra)
+        measured = extrapolate({k: r["measured_bytes"] for k, r in runs.items()})
+        planned = extrapolate({k: r["plan_bytes"] for k, r in runs.items()})
+        full = folder / "flux-dev-config"
+        save_config_only(full, flux_width(*FLUX_DEV_BLOCKS, meta=True))
+        cfg = EraseConfig(
+            concepts=["church"],
+            mode="class",
+            resolution=args.resolution,
+            dtype=args.dtype,
+            device="cuda",  # the full model's plan as a GPU would hold it
+            augment=False,
+            gradient_checkpointing="--gradient-checkpointing" in extra,
+            lean_adam="--lean-adam" in extra,
+            optimizer_in_backward="--no-optimizer-in-backward" not in extra,
+        )
+        flux = FAMILIES["flux"]
+        full_plan = plan(str(full), resolve(cfg, family=flux), flux)
+        rows[name] = {
+            "blocks": runs,
+            "extrapolated_measured_bytes": measured,
+            "extrapolated_plan_bytes": planned,
+            "full_plan_bytes": full_plan["total_bytes"],
+            "full_plan": full_plan["bytes"],
+            "full_host_bytes": full_plan["host_bytes"],
+            "full_trainable_elements": full_plan["trainable_elements"],
+        }
+    return rows
+
+
+def report(args: argparse.Namespace, rows: dict) -> None:
+    where = f"CPU ({platform.processor() or platform.machine()})"
+    shape = f"{args.resolution} px, {args.iterations} iterations, {args.dtype}"
+    print(f"{args.model}, class mode, {shape}, {where}")
+    print(f"{'path':<42} {'measured GiB':>12} {'plan GiB':>9} {'plan/measured':>14}")
+    for name, r in rows.items():
+        if "blocks" in r:
+            for shape, b in r["blocks"].items():
+                line(f"{name} [{shape}]", b["measured_bytes"], b["plan_bytes"])
+            line(f"{name} [19+38 extrapolated]", *_pair(r, "extrapolated"))
+            print(f"{'':<42} {'':>12} {r['full_plan_bytes'] / GIB:9.3f}  (19+38 plan, GPU)")
+        else:
+            line(name, r["measured_bytes"], r.get("plan_bytes"))
+
+
+def _pair(r: dict, key: str) -> tuple[int, int]:
+    return r[f"{key}_measured_bytes"], r[f"{key}_plan_bytes"]
+
+
+def line(name: str, measured: int, planned: int | None) -> None:
+    ratio = f"{planned / measured:.3f}" if planned and measured else "-"
+    plan_text = f"{planned / GIB:9.3f}" if planned else f"{'-':>9}"
+    print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("sd14", "flux-width"), default="sd14")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain loop (sd14)")
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
+    p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
     args = p.parse_args()
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "sd14"
-        save_sd14(model)
-        chosen = args.only.split(",") if args.only else None
-        for name, extra in VARIANTS.items():
-            if chosen is None or name.split()[0] in chosen:
-                rows[name] = kscu_run(model, Path(tmp) / name.split()[0], args, extra)
-        if not args.no_plain and args.dtype == "float32":
-            rows["plain loop (benchmarks/plain_erase.py)"] = plain_run(model, args)
-    gib = 2**30
-    print(
-        f"SD v1.4 architecture, class mode, {args.resolution} px, {args.iterations} iterations, "
-        f"{args.dtype}, CPU ({platform.processor() or platform.machine()})"
-    )
-    print(f"{'path':<42} {'measured GiB':>12} {'plan GiB':>9} {'plan/measured':>14}")
-    for name, r in rows.items():
-        plan = r.get("plan_bytes")
-        ratio = f"{plan / r['measured_bytes']:.3f}" if plan and r["measured_bytes"] else "-"
-        plan_text = f"{plan / gib:9.3f}" if plan else f"{'-':>9}"
-        print(f"{name:<42} {r['measured_bytes'] / gib:12.3f} {plan_text} {ratio:>14}")
-    args.json.write_text(
-        json.dumps(
-            {
-                "settings": vars(args) | {"json": str(args.json)},
-                "machine": platform.platform(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+        build = sd14_rows if args.model == "sd14" else flux_rows
+        rows = build(args, Path(tmp))
+    report(args, rows)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = {"settings": settings, "machine": platform.platform(), "rows": rows}
+    args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ are written here again, plainly, from KSCU_METHOD.md, so the agreement test
 (tests/test_fast_path.py) checks the whole algorithm, not only the batching. It keeps a deep
 copy of the UNet as the frozen model and makes every prediction with its own UNet call (two per
 CFG trajectory step, four per iteration), as a first implementation would. Stable Diffusion
-1.x, epsilon prediction, float32 only. ``sd14_erase.py --compare-plain`` times it.
+1.x, epsilon prediction; float32 weights, and under ``cfg.dtype`` bfloat16 every UNet call in
+``torch.autocast`` (the float32 masters and deep copy kept, as a first mixed-precision loop
+would). ``sd14_erase.py --compare-plain`` times it; ``memory.py`` measures its peak.
 """
 
 from __future__ import annotations
@@ -109,10 +111,18 @@ def plain_erase(
     @torch.no_grad()
     def advance(x, s, c):  # one CFG DDIM step of the edited model, two separate UNet calls
         t = timesteps[s]
-        n = unet(x, t, uncond).sample
-        p = unet(x, t, cond[c]).sample
+        n = pred(unet, x, t, uncond)
+        p = pred(unet, x, t, cond[c])
         eps = n + cfg.trajectory_guidance * (p - n)
         return ddim_step(alphas_cumprod, eps, t, t - ratio, x)
+
+    amp_dtype = getattr(torch, cfg.dtype)
+
+    def pred(model, x, t, emb):  # one UNet call, in autocast for a bf16/fp16 compute dtype
+        if amp_dtype == torch.float32:
+            return model(x, t, emb).sample
+        with torch.autocast(x.device.type, dtype=amp_dtype):
+            return model(x, t, emb).sample.float()
 
     x, previous = None, None
     for i, (c, s) in enumerate(table):
@@ -127,18 +137,18 @@ def plain_erase(
                 x = advance(x, k, c)
         t = timesteps[s]
         with torch.no_grad():
-            p = frozen(x, t, cond[c]).sample
-            n = frozen(x, t, uncond).sample
+            p = pred(frozen, x, t, cond[c])
+            n = pred(frozen, x, t, uncond)
         cond_e = cond[c]
         if cfg.augment and i >= augment_from:
             rows = augmented[c]
             row = rng.randrange(len(rows))
             noise = torch.randn(rows[row : row + 1].shape, generator=emb_noise)
             cond_e = rows[row : row + 1] + noise * cfg.embedding_noise_std
-        e = unet(x, t, cond_e).sample
+        e = pred(unet, x, t, cond_e)
         loss = F.mse_loss(e, n - cfg.negative_guidance * (p - n))
         if cfg.lambda2 != 0:
-            u = unet(x, t, uncond).sample
+            u = pred(unet, x, t, uncond)
             lambda1 = (num_train - t) * cfg.lambda1_alpha
             loss = loss + cfg.lambda2 * F.mse_loss(u, n - lambda1 * (p - n))
         optimizer.zero_grad(set_to_none=True)

@@ -49,3 +49,19 @@ def test_cpu_peak_growth_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert peak["bytes"] >= 60 * 2**20, peak
+
+
+def test_plan_follows_gradient_checkpointing_and_counts_the_restore_copy(tiny_model_dir):
+    """Checkpointed calls keep their inputs and recompute the inside: fewer saved bytes, but
+    more than the inputs alone; a bf16 erase of a float32 checkpoint keeps an exact copy."""
+    sd = FAMILIES["sd"]
+
+    def planned(**kw):
+        cfg = resolve(EraseConfig(concepts=["church"], device="cpu", **kw), family=sd)
+        return plan(str(tiny_model_dir), cfg, sd)
+
+    plain, ckpt = planned(dtype="bfloat16"), planned(dtype="bfloat16", gradient_checkpointing=True)
+    assert 0 < ckpt["bytes"]["activations"] < plain["bytes"]["activations"]
+    n = plain["trainable_elements"]
+    assert plain["bytes"]["restore_copy"] == 4 * n  # host RAM, here the CPU the erase runs on
+    assert planned(dtype="float32")["bytes"]["restore_copy"] == 0  # masters are the originals

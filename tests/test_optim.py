@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from kscu.config import EraseConfig
@@ -46,7 +47,9 @@ def test_frozen_copy_in_the_compute_dtype_predicts_as_the_float32_original(tiny_
     assert torch.equal(fp32.sample, bf16.sample)
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(tiny_pipe, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_pipe, monkeypatch, dtype):
+    """Under bf16 the checkpointed path also runs autocast without its cast cache."""
     import torch.utils.checkpoint
 
     calls = []
@@ -55,7 +58,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_pipe, monkeypatc
         torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
     )
     other = copy.deepcopy(tiny_pipe)
-    cfg = dict(concepts=["church"], lr=1e-3, iterations=6, num_steps=10, start_step=3)
+    cfg = dict(concepts=["church"], lr=1e-3, iterations=6, num_steps=10, start_step=3, dtype=dtype)
     on = erase(tiny_pipe, EraseConfig(gradient_checkpointing=True, **cfg), progress=False)
     assert calls  # diffusers' checkpointing really ran in the edited forward
     off = erase(other, EraseConfig(**cfg), progress=False)

@@ -188,31 +188,46 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> Any:
     return _ready(pipe)
 
 
-def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any:
+# FLUX.1-dev's transformer at full width (benchmarks/memory.py builds it with a few blocks).
+FLUX_DEV_WIDTH = {
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def build_tiny_flux_pipeline(
+    seed: int = 0, guidance_embeds: bool = True, transformer_shape: dict | None = None
+) -> Any:
     """A FluxPipeline shaped like FLUX.1-dev (guidance_embeds=False: like FLUX.1-schnell).
 
     One joint and one single-stream block, 16 latent channels packed 2x2 into 64 transformer
     inputs, rotary axes summing to the head width, the FLUX VAE's scaling and shift factors,
-    and the released scheduler config of the variant.
+    and the released scheduler config of the variant. ``transformer_shape`` overrides the
+    transformer's config (e.g. ``FLUX_DEV_WIDTH`` and block counts); the text encoders then
+    take the widths it asks for.
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    clip_hidden, t5_hidden = 8, 16
+    shape = {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "pooled_projection_dim": 8,
+        "axes_dims_rope": (2, 2, 4),
+        **(transformer_shape or {}),
+    }
+    clip_hidden, t5_hidden = shape["pooled_projection_dim"], shape["joint_attention_dim"]
     t5_tokenizer = tiny_t5_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=t5_hidden,
-            pooled_projection_dim=clip_hidden,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=(2, 2, 4),
+            patch_size=1, in_channels=64, guidance_embeds=guidance_embeds, **shape
         )
         vae = _tiny_vae(
             16,

@@ -51,7 +51,8 @@ class BenchRow:
     iterations: int | None = None
     final_loss: float | None = None
     settings: str | None = None  # what was really run: iterations, lr, scope, augmentation
-    UA_attack: float | None = None  # UA after the attack (--attack), on the target prompts
+    UA_attack: float | None = None  # UA after the attack (--attack), on the attacked prompts
+    UA_attack_pre: float | None = None  # UA on the same attacked prompts and seeds, no attack
 
 
 def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
@@ -191,8 +192,9 @@ def run_bench(
     ``seeds`` runs the whole bench once per seed (erase seed, prompts and image seeds) and
     reports each column's mean, its sample standard deviation (``UA_std``, 0 for one seed) and
     the per-seed values (``UA_per_seed``). ``attack`` (``unlearndiff`` or ``ringabell``) adds
-    ``UA_attack``: UA on the target prompts after that attack (``kscu.attack``), with
-    ``attack_settings`` (an ``AttackSettings``; default: the attack's tiny-world defaults).
+    ``UA_attack``: UA on the first ``attack_settings.samples`` target prompts (same prompts and
+    seeds as UA's first images) after that attack (``kscu.attack``), with ``attack_settings``
+    (an ``AttackSettings``; default: the attack's tiny-world defaults, 16 prompts).
     """
     from kscu.models import is_bundled_model, load_pipeline
     from kscu.runner import prepare
@@ -269,7 +271,7 @@ def _score_runs(pipe, original, model, runs, judge, attacker, output, progress) 
     def scores(label: str) -> dict[str, float]:
         out = judge.score(pipe)
         if attacker is not None:
-            out["UA_attack"] = attacker.ua(label)
+            out["UA_attack"], out["UA_attack_pre"] = attacker.ua(label)
         return out
 
     rows = [BenchRow("original", "original", **scores("original"), seconds=0.0)]
@@ -316,18 +318,19 @@ class _Attacker:
         from kscu.attack.judges import WorldJudge
         from kscu.attack.run import attack_targets
 
-        p = judge.p
-        self.settings = dataclasses.replace(
-            settings, samples=len(p["target_prompts"]), seed=seed, steps=judge.steps
-        )
+        # The first ``settings.samples`` target prompts (the attack's own default, 16): each
+        # attacked prompt costs up to rounds x iterations edited-model steps.
+        samples = min(settings.samples, len(judge.p["target_prompts"]))
+        self.settings = dataclasses.replace(settings, samples=samples, seed=seed, steps=judge.steps)
         self.targets = attack_targets(concept, self.settings, True, judge.guidance)
         params = dict(pipe.unet.named_parameters())
         self.original = {k: v for k, v in original.items() if k in params}
         self.pipe, self.concept, self.output, self.progress = pipe, concept, output, progress
         self.judge = WorldJudge(concept)
 
-    def ua(self, label: str) -> float:
-        """UA after the attack: share of target prompts whose attacked image lacks the concept."""
+    def ua(self, label: str) -> tuple[float, float]:
+        """UA after the attack (share of attacked prompts whose image lacks the concept), and
+        before it on the same prompts and seeds: UA itself is over all ``--samples`` prompts."""
         from kscu.attack.run import run_attack
 
         s = self.settings
@@ -351,11 +354,11 @@ class _Attacker:
             progress=self.progress,
             overwrite=True,  # the bench owns its folders: a rerun replaces them
         )
-        return 1.0 - result["asr"]
+        return 1.0 - result["asr"], 1.0 - result["pre_asr"]
 
 
 # Columns averaged over seeds (each gains "_std" and "_per_seed").
-AGGREGATED = ("UA", "IRA", "CRA", "FD", "UA_attack", "seconds", "final_loss")
+AGGREGATED = ("UA", "IRA", "CRA", "FD", "UA_attack", "UA_attack_pre", "seconds", "final_loss")
 
 
 def aggregate(per_seed: list[list[BenchRow]]) -> list[dict[str, Any]]:

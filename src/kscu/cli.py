@@ -302,14 +302,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="unlearndiff or ringabell: add UA_attack, UA after that attack (kscu attack)",
     )
+    p.add_argument(
+        "--attack-samples",
+        type=int,
+        default=None,
+        help="target prompts attacked per row (default: kscu attack's --samples, 16)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+
+
+def _bench_attack_settings(samples: int | None):
+    if samples is None:
+        return None
+    from kscu.attack.settings import AttackSettings
+
+    return AttackSettings(samples=samples)  # validated with the method by run_bench
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kscu.bench import markdown, parse_seeds, parse_step_ranges, run_bench
 
     seeds = parse_seeds(args.seeds)
+    if args.attack_samples is not None and args.attack is None:
+        raise KscuError("--attack-samples needs --attack unlearndiff (or ringabell)")
     if seeds and args.seed is not None:
         raise KscuError("give --seed or --seeds, not both")
     report = run_bench(
@@ -322,6 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=0 if args.seed is None else args.seed,
         seeds=seeds,
         attack=args.attack,
+        attack_settings=_bench_attack_settings(args.attack_samples),
         samples=args.samples,
         steps=args.steps,
         guidance=args.guidance,

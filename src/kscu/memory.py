@@ -10,7 +10,14 @@ networks are built on the meta device: no weights are read):
 - adam: Adam's two float32 moments per trainable element;
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
 - activations: what autograd saves in the edited forward at the training resolution (measured
-  by running that forward on the meta device), at the compute dtype's width.
+  by running that forward on the meta device), at the compute dtype's width. Under
+  ``--gradient-checkpointing`` the trace follows diffusers' own checkpointed calls: each call's
+  inputs stay, its inside is saved only while backward recomputes it (the largest one counted);
+- restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
+  exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
+  the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
+  ``host_bytes``, as are the text encoders of a family that moves them off the accelerator
+  once the prompts are encoded: FLUX).
 
 The measured peak is CUDA's max allocated memory on a GPU, and on a CPU the growth of the
 process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/clear_refs``).
@@ -27,7 +34,7 @@ from typing import Any
 import torch
 
 from kscu.config import EraseConfig
-from kscu.models import TORCH_DTYPES, stored_dtype
+from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
 from kscu.scope import trainable_names
 
 GRAD_DTYPE_BYTES = 4
@@ -79,16 +86,35 @@ def activation_bytes(family: Any, pipe_like: Any, cfg: EraseConfig, compute: tor
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
     saved: list[int] = []
+    regions: list[int] = [0]  # bytes saved inside the largest checkpointed call
+    held: dict[int, int] = {}  # inputs that checkpointed calls keep, by tensor
 
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(t) not in params and id(base) not in params:
-            saved.append(t.numel() * min(t.element_size(), _bytes(compute)))
-        return t
+    def width(t: torch.Tensor) -> int:
+        return t.numel() * min(t.element_size(), _bytes(compute))
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    def keeper(into: list[int]):
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            base = t._base if t._base is not None else t
+            if id(t) not in params and id(base) not in params:
+                into.append(width(t))
+            return t
+
+        return keep
+
+    def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
+        """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward."""
+        held.update({id(a): width(a) for a in args if isinstance(a, torch.Tensor)})
+        inside: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
+            out = module(*args)
+        regions[0] = max(regions[0], sum(inside))
+        return out
+
+    if cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing(checkpointed)
+    with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t):
         sampler.raw(net, x, cfg.start_step, cond)
-    return sum(saved)
+    return sum(saved) + sum(held.values()) + regions[0]
 
 
 class _MetaPipe:
@@ -129,9 +155,15 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         if name != family.denoiser_attr
         for p in m.parameters()
     )
+    on_cpu = (resolve_device() if cfg.device == "auto" else torch.device(cfg.device)).type == "cpu"
+    host = {  # what the erase keeps in host RAM, off the accelerator, at its peak
+        "encoders": 0 if on_cpu or not family.offloads_encoders else others * _bytes(compute),
+        "restore_copy": trainable * 4 if loaded != compute else 0,
+    }
     parts = {
         "weights": sum(p.numel() for p in net.parameters()) * _bytes(loaded)
-        + others * _bytes(compute),
+        + others * _bytes(compute)
+        - host["encoders"],
         "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
         "frozen": trainable * _bytes(compute),
         "adam": trainable * (4 if cfg.lean_adam else 8),
@@ -141,10 +173,13 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         * GRAD_DTYPE_BYTES,
         "activations": activation_bytes(family, pipe_like, cfg, compute),
     }
+    if on_cpu:  # host RAM is the erase's own memory
+        parts["restore_copy"] = host.pop("restore_copy")
     return {
         "trainable_elements": trainable,
         "bytes": parts,
         "total_bytes": sum(parts.values()),
+        "host_bytes": host,
         "assumptions": "networks as configured; the erase's own buffers (latents, embeddings) "
         "and allocator overhead not counted",
     }

@@ -131,7 +131,11 @@ def erase(
         def autocast():
             if compute_dtype == torch.float32:
                 return contextlib.nullcontext()
-            return torch.autocast(net.device.type, dtype=compute_dtype)
+            # Autocast caches its compute-dtype copies of the float32 masters until the context
+            # ends, which outlives the checkpointed blocks that were meant to free them; without
+            # the cache each block casts again (the same values) and drops its copies.
+            cache = not cfg.gradient_checkpointing
+            return torch.autocast(net.device.type, dtype=compute_dtype, cache_enabled=cache)
 
         sampler = family.sampler(
             pipe, cfg.num_steps, cfg.resolution, cfg.loss_space, guidance=cfg.trajectory_guidance

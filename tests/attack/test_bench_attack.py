@@ -25,24 +25,25 @@ def test_bench_with_attack_and_seeds(tmp_path):
         steps=5,
         seeds=[0, 1],
         attack="unlearndiff",
-        attack_settings=AttackSettings(rounds=1, iterations=2),
+        attack_settings=AttackSettings(rounds=1, iterations=2, samples=3),
         progress=False,
     )
     assert report["seeds"] == [0, 1] and report["attack"]["method"] == "unlearndiff"
     assert [r["label"] for r in report["rows"]] == ["original", "esd"]
     for row in report["rows"]:
-        for key in ("UA", "IRA", "CRA", "FD", "UA_attack"):
+        for key in ("UA", "IRA", "CRA", "FD", "UA_attack", "UA_attack_pre"):
             values = row[f"{key}_per_seed"]
             assert len(values) == 2
             assert row[key] == pytest.approx(np.mean(values))
             assert row[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
-        # the attack's pre-attack images are the bench's own target images: it can only add
-        for ua, attacked in zip(row["UA_per_seed"], row["UA_attack_per_seed"], strict=True):
-            assert attacked <= ua + 1e-9
+        # the first 3 of the 4 target prompts are attacked: the attack can only find more
+        pre, after = row["UA_attack_pre_per_seed"], row["UA_attack_per_seed"]
+        assert all(a <= b + 1e-9 for a, b in zip(after, pre, strict=True))
+        assert all(abs(3 * v - round(3 * v)) < 1e-9 for v in pre + after)  # shares of 3 prompts
     for seed in (0, 1):
         assert (out / f"seed{seed}" / "esd" / "weights.safetensors").is_file()
         attack = json.loads((out / f"seed{seed}" / "attack" / "esd" / "attack.json").read_text())
-        assert attack["prompts"] == 4 and attack["settings"]["seed"] == seed
+        assert attack["prompts"] == 3 and attack["settings"]["seed"] == seed
     table = (out / "bench.md").read_text()
     assert "UA_attack" in table and " ± " in table and "seeds 0, 1" in table
     assert json.loads((out / "bench.json").read_text())["rows"] == report["rows"]
@@ -70,6 +71,8 @@ def test_parse_seeds():
         (["--seeds", "0,0"], "repeats a seed"),
         (["--seed", "1", "--seeds", "0,1"], "not both"),
         (["--attack", "gcg"], "unknown method 'gcg'"),
+        (["--attack-samples", "4"], "needs --attack"),
+        (["--attack", "unlearndiff", "--attack-samples", "0"], "samples"),
     ],
 )
 def test_bench_bad_flags_fail_in_one_line(tmp_path, capsys, extra, message):

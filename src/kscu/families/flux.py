@@ -40,6 +40,7 @@ class FluxFamily:
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
     release_dtype = torch.bfloat16  # FLUX.1 [dev] and [schnell] ship bf16 weights
+    offloads_encoders = True  # T5-XXL (9.5 GB in bf16) leaves the accelerator after encoding
     mode_defaults: dict[str, dict[str, Any]] = {
         "nudity": {"start_step": 8, "scope": "attn"},
         "class": {"start_step": 8, "scope": "attn"},

@@ -36,6 +36,7 @@ class SDFamily:
     pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
     denoiser_attr = "unet"
     release_dtype = torch.float32  # SD v1.4, SD 2.x and SDXL base ship float32 weights
+    offloads_encoders = False  # see offload_encoders
     # Per-mode and global defaults that differ from kscu.config's tables (SD is the reference).
     mode_defaults: dict[str, dict[str, Any]] = {}
     defaults: dict[str, Any] = {}
