@@ -16,8 +16,8 @@ networks are built on the meta device: no weights are read):
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
-  ``host_bytes``, as are the text encoders of a family that moves them off the accelerator
-  once the prompts are encoded: FLUX).
+  ``host_bytes``, as are the text encoders and the VAE, which every family moves off the
+  accelerator once the prompts are encoded).
 
 The measured peak is CUDA's max allocated memory on a GPU, and on a CPU the growth of the
 process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/clear_refs``).
@@ -157,7 +157,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
     )
     on_cpu = (resolve_device() if cfg.device == "auto" else torch.device(cfg.device)).type == "cpu"
     host = {  # what the erase keeps in host RAM, off the accelerator, at its peak
-        "encoders": 0 if on_cpu or not family.offloads_encoders else others * _bytes(compute),
+        "encoders": 0 if on_cpu else others * _bytes(compute),  # offload_encoders
         "restore_copy": trainable * 4 if loaded != compute else 0,
     }
     parts = {

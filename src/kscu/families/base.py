@@ -39,6 +39,23 @@ def cond_pick(cond: Cond, index: int) -> Cond:
     return {k: v[index : index + 1] for k, v in cond.items()}
 
 
+def offload_modules(pipe: Any, denoiser: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+    """Move the named components (text encoders, VAE) to the host once prompts are encoded.
+
+    The erase needs only the denoiser on the accelerator; returns where each component was, so
+    the caller can put it back. Nothing moves when the denoiser is on the CPU.
+    """
+    if denoiser.device.type == "cpu":
+        return {}
+    moved = {}
+    for name in names:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            moved[name] = module.device
+            module.to("cpu")
+    return moved
+
+
 def call_module(module: nn.Module, params: dict[str, torch.Tensor] | None, **kwargs) -> Any:
     """Call ``module`` with its own weights, or with ``params`` in place of some of them.
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_rows
+from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_rows, offload_modules
 from kscu.families.sd import _token_ids
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -40,7 +40,7 @@ class FluxFamily:
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
     release_dtype = torch.bfloat16  # FLUX.1 [dev] and [schnell] ship bf16 weights
-    offloads_encoders = True  # T5-XXL (9.5 GB in bf16) leaves the accelerator after encoding
+    encoder_modules = ("text_encoder", "text_encoder_2", "vae")  # off the accelerator in erase
     mode_defaults: dict[str, dict[str, Any]] = {
         "nudity": {"start_step": 8, "scope": "attn"},
         "class": {"start_step": 8, "scope": "attn"},
@@ -110,18 +110,8 @@ class FluxFamily:
         }
 
     def offload_encoders(self, pipe: Any) -> dict[str, torch.device]:
-        """Once prompts are encoded, the text encoders and the VAE leave the accelerator.
-
-        Returns where they were, so the caller can put them back.
-        """
-        if self.denoiser(pipe).device.type == "cpu":
-            return {}
-        moved = {}
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            module = getattr(pipe, name)
-            moved[name] = module.device
-            module.to("cpu")
-        return moved
+        """T5-XXL alone is 9.5 GB in bf16: encoders and VAE leave the accelerator once used."""
+        return offload_modules(pipe, self.denoiser(pipe), self.encoder_modules)
 
     def sampler(
         self,

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_cat, cond_rows
+from kscu.families.base import (
+    Cond,
+    RawFn,
+    Sampler,
+    call_module,
+    cond_cat,
+    cond_rows,
+    offload_modules,
+)
 from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
 
 log = logging.getLogger("kscu")
@@ -36,7 +44,7 @@ class SDFamily:
     pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
     denoiser_attr = "unet"
     release_dtype = torch.float32  # SD v1.4, SD 2.x and SDXL base ship float32 weights
-    offloads_encoders = False  # see offload_encoders
+    encoder_modules: tuple[str, ...] = ("text_encoder", "vae")  # off the accelerator in erase
     # Per-mode and global defaults that differ from kscu.config's tables (SD is the reference).
     mode_defaults: dict[str, dict[str, Any]] = {}
     defaults: dict[str, Any] = {}
@@ -97,8 +105,9 @@ class SDFamily:
         return DDIMSampler(self, pipe, num_steps, resolution, loss_space)
 
     def offload_encoders(self, pipe: Any) -> dict[str, torch.device]:
-        """Nothing to gain for SD's small encoders: they stay where they are."""
-        return {}
+        """The text encoder(s) and VAE leave the accelerator once the prompts are encoded:
+        with SD v1.4 in bf16 that is 0.4 GiB less at the erase's peak."""
+        return offload_modules(pipe, self.denoiser(pipe), self.encoder_modules)
 
     def unet_kwargs(self, cond: Cond, rows: int, resolution: int) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}

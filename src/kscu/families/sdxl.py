@@ -28,6 +28,7 @@ class SDXLFamily(SDFamily):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     eval_guidance = 5.0  # StableDiffusionXLPipeline's default
+    encoder_modules = ("text_encoder", "text_encoder_2", "vae")
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
