@@ -1,0 +1,112 @@
+"""Time one ``kscu`` command on two revisions of this repository, side by side in one run.
+
+The base revision's ``src/`` is exported with ``git archive`` into a temporary folder; the
+command then runs alternately on the base and on the working tree (each in a fresh process with
+the same environment, so the machine's load affects both alike), ``--repeats`` times each.
+Prints the median wall-clock seconds of the command and of the erase (``erased ... in X s``
+from its log) per revision, and their ratio; writes JSON.
+
+    python benchmarks/revisions.py --base 30ae8f5 --repeats 3 --json speed.json -- \\
+        erase --concept circle --mode class --output {out}
+
+``{out}`` is replaced by a fresh folder per run. Both trees run in this environment (its torch,
+diffusers, ...); the torchvision import fix of the working tree is applied to both, since an
+older tree without it cannot import diffusers beside a CPU torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("tvc", {shim!r})
+shim = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shim)
+shim.ensure_torchvision()
+sys.path.insert(0, {src!r})
+from kscu.cli import main
+sys.exit(main({args!r}))
+"""
+ERASED = re.compile(r"erased .* in ([0-9.]+) s")
+
+
+def export(revision: str, into: Path) -> Path:
+    """The base revision's src/ as files (no checkout, the working tree is untouched)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "src"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def timed(src: Path, args: list[str], out: Path) -> dict[str, float | None]:
+    shim = str(REPO / "src" / "kscu" / "torchvision_compat.py")
+    argv = [a.replace("{out}", str(out)) for a in args]
+    code = RUN.format(shim=shim, src=str(src), args=argv)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{src}: kscu {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    found = ERASED.findall(done.stdout + done.stderr)
+    return {"command_seconds": seconds, "erase_seconds": float(found[-1]) if found else None}
+
+
+def median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="git revision to compare with")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, default=Path("revisions.json"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the kscu command's arguments")
+    args = p.parse_args()
+    command = [a for a in args.args if a != "--"]
+    runs: dict[str, list[dict]] = {args.base: [], "working tree": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {args.base: export(args.base, Path(tmp)), "working tree": REPO / "src"}
+        for i in range(args.repeats):
+            for name, src in trees.items():  # alternate, so load drifts hit both
+                out = Path(tmp) / f"run-{i}-{len(runs[name])}-{name.replace(' ', '_')}"
+                runs[name].append(timed(src, command, out))
+                print(name, runs[name][-1], flush=True)
+    summary = {
+        name: {k: median(r, k) for k in ("command_seconds", "erase_seconds")}
+        for name, r in runs.items()
+    }
+    base, new = summary[args.base], summary["working tree"]
+    for key in ("command_seconds", "erase_seconds"):
+        if base[key] and new[key]:
+            print(
+                f"{key}: {args.base} {base[key]:.1f} s, working tree {new[key]:.1f} s, "
+                f"ratio {base[key] / new[key]:.2f}x"
+            )
+    record = {
+        "command": ["kscu", *command],
+        "base": args.base,
+        "head": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": platform.platform(),
+        "runs": runs,
+        "medians": summary,
+    }
+    args.json.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
