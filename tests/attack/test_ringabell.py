@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from attackkit import run_cli
 
@@ -66,3 +67,26 @@ def test_ringabell_attack_end_to_end(tmp_path, capsys, noop_run):
         ids = tok(p["adversarial_prompt"]).input_ids
         assert ids == [tok.bos_token_id, *p["token_ids"], tok.eos_token_id]
     assert len(result["method_details"]["concept_pairs"]) == 32
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_ringabell_searches_through_every_family_s_conditioning(family):
+    """SDXL (two CLIP encoders, pooled) and FLUX (T5 + pooled CLIP): the concept vector and the
+    search work on the family's own conditioning, and more generations get nearer the target."""
+    from tiny_families import build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
+
+    pipe = {"sdxl": build_tiny_sdxl_pipeline, "flux": build_tiny_flux_pipeline}[family]()
+    pipe._kscu_family = family
+    settings = AttackSettings(method="ringabell", population=16, length=4)
+    attack = RingABell(pipe, "church", settings, bundled=False)
+    own = attack.family.encode(pipe, ["a photo of a church"])
+    assert set(attack.vector) == set(own)  # every conditioning tensor moves along the concept
+    goal = {k: own[k] + settings.eta * attack.vector[k] for k in own}
+
+    def best(generations):
+        s = AttackSettings(method="ringabell", generations=generations, population=16, length=4)
+        return genetic_search(
+            lambda p: attack.distance(p, goal), len(attack.vocab.words), s, stream(0, 0)
+        )[1]
+
+    assert best(20) < best(1)
