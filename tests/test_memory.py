@@ -63,5 +63,17 @@ def test_plan_follows_gradient_checkpointing_and_counts_the_restore_copy(tiny_mo
     plain, ckpt = planned(dtype="bfloat16"), planned(dtype="bfloat16", gradient_checkpointing=True)
     assert 0 < ckpt["bytes"]["activations"] < plain["bytes"]["activations"]
     n = plain["trainable_elements"]
+    # bf16 copies of every float32 weight (masters and the float32 frozen scope) at once ...
+    every = sum(p.numel() for p in tiny_unet_params(tiny_model_dir))
+    assert plain["bytes"]["autocast_copies"] == 2 * every
+    # ... or, checkpointed, those outside the checkpointed calls plus the largest call's
+    assert 0 < ckpt["bytes"]["autocast_copies"] < plain["bytes"]["autocast_copies"]
+    assert planned(dtype="float32")["bytes"]["autocast_copies"] == 0
     assert plain["bytes"]["restore_copy"] == 4 * n  # host RAM, here the CPU the erase runs on
     assert planned(dtype="float32")["bytes"]["restore_copy"] == 0  # masters are the originals
+
+
+def tiny_unet_params(folder):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").parameters()

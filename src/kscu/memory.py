@@ -7,12 +7,16 @@ networks are built on the meta device: no weights are read):
   needed), the text encoders and the VAE in the compute dtype;
 - masters: float32 copies of the trainable tensors (none extra when the denoiser is float32);
 - frozen: the original trainable tensors in the compute dtype (the frozen model's weights);
-- adam: Adam's two float32 moments per trainable element;
+- adam: Adam's two float32 moments per trainable element (``--lean-adam``: two bf16 moments,
+  plus the float32 temporaries of the one tensor being stepped);
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
 - activations: what autograd saves in the edited forward at the training resolution (measured
   by running that forward on the meta device), at the compute dtype's width. Under
   ``--gradient-checkpointing`` the trace follows diffusers' own checkpointed calls: each call's
   inputs stay, its inside is saved only while backward recomputes it (the largest one counted);
+- autocast copies: under bf16/fp16 compute, the compute-dtype copies of float32 weights (the
+  masters, and a float32 checkpoint's frozen-scope weights) that the forward makes and
+  backward needs: all at once, or with checkpointing only the largest checkpointed call's;
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -75,10 +79,20 @@ def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:
     return out
 
 
-def activation_bytes(family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype) -> int:
-    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution."""
+def activation_bytes(
+    family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype, cast: set[str]
+) -> tuple[int, int]:
+    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution,
+    and the bytes of autocast's compute-dtype copies of the float32 weights named in ``cast``.
+
+    The trace runs without autocast (the meta device has none), so the weight copies that a
+    bf16 forward makes, and that autograd keeps for backward (in autocast's cache, or saved by
+    each matmul), are counted from the weights themselves: all of them at once, or under
+    checkpointing the weights outside checkpointed calls plus the largest call's.
+    """
     net = family.denoiser(pipe_like)
     params = {id(p) for p in net.parameters()}
+    cast_ids = {id(p) for n, p in net.named_parameters() if n in cast}
     for p in net.parameters():
         p.requires_grad_(True)
     sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
@@ -86,8 +100,9 @@ def activation_bytes(family: Any, pipe_like: Any, cfg: EraseConfig, compute: tor
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
     saved: list[int] = []
-    regions: list[int] = [0]  # bytes saved inside the largest checkpointed call
+    regions: list[int] = [0, 0]  # bytes saved inside, and weights cast by, the largest call
     held: dict[int, int] = {}  # inputs that checkpointed calls keep, by tensor
+    inside_calls: set[int] = set()  # cast weights used inside checkpointed calls
 
     def width(t: torch.Tensor) -> int:
         return t.numel() * min(t.element_size(), _bytes(compute))
@@ -107,14 +122,21 @@ def activation_bytes(family: Any, pipe_like: Any, cfg: EraseConfig, compute: tor
         inside: list[int] = []
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
             out = module(*args)
+        weights = [p for p in module.parameters() if id(p) in cast_ids]
+        inside_calls.update(id(p) for p in weights)
         regions[0] = max(regions[0], sum(inside))
+        regions[1] = max(regions[1], sum(p.numel() for p in weights))
         return out
 
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing(checkpointed)
     with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t):
         sampler.raw(net, x, cfg.start_step, cond)
-    return sum(saved) + sum(held.values()) + regions[0]
+    activations = sum(saved) + sum(held.values()) + regions[0]
+    if compute == torch.float32:
+        return activations, 0
+    outside = sum(p.numel() for p in net.parameters() if id(p) in cast_ids - inside_calls)
+    return activations, (outside + regions[1]) * _bytes(compute)
 
 
 class _MetaPipe:
@@ -166,13 +188,18 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         - host["encoders"],
         "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
         "frozen": trainable * _bytes(compute),
-        "adam": trainable * (4 if cfg.lean_adam else 8),
+        # lean Adam widens one tensor's bf16 moments to float32 to step it: six float32
+        # temporaries of the largest tensor (moments, denominator, rounding noise and bits)
+        "adam": trainable * 4 + largest * 24 if cfg.lean_adam else trainable * 8,
         "gradients": (
             largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
         )
         * GRAD_DTYPE_BYTES,
-        "activations": activation_bytes(family, pipe_like, cfg, compute),
     }
+    float32_weights = set(names) | (set(params) if loaded == torch.float32 else set())
+    parts["activations"], parts["autocast_copies"] = activation_bytes(
+        family, pipe_like, cfg, compute, float32_weights
+    )
     if on_cpu:  # host RAM is the erase's own memory
         parts["restore_copy"] = host.pop("restore_copy")
     return {
