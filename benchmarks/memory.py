@@ -220,6 +220,35 @@ def line(name: str, measured: int, planned: int | None) -> None:
     print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14}")
 
 
+def plan_now(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    """``kscu erase --plan`` of the code as it is now, for the same command line."""
+    from kscu.cli import build_parser, erase_config_from_args
+    from kscu.runner import memory_plan, prepare
+
+    ns = build_parser().parse_args(["erase", *erase_args(model, Path("unused"), args), *extra])
+    return memory_plan(str(model), prepare(erase_config_from_args(ns), str(model)))
+
+
+def replan(args: argparse.Namespace) -> None:
+    """Redo the plans recorded in ``--json`` with the current code (the measurements stay)."""
+    record = json.loads(args.json.read_text())
+    saved = record["settings"]
+    for key in ("resolution", "iterations", "dtype"):
+        setattr(args, key, saved[key])
+    for name, row in record["rows"].items():
+        if "plan_bytes" not in row:
+            continue
+        fresh = plan_now(args.model_dir, args, VARIANTS[name])
+        row.update(plan_bytes=fresh["total_bytes"], plan=fresh["bytes"])
+        row["host_bytes"] = fresh["host_bytes"]
+    record["plan_redone_at"] = subprocess.run(
+        ["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    args.model = saved["model"]
+    report(args, record["rows"])
+    args.json.write_text(json.dumps(record, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("sd14", "flux-width"), default="sd14")
@@ -230,7 +259,15 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
     p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
+    p.add_argument(
+        "--replan",
+        action="store_true",
+        help="redo the plans in --json with the current code (sd14; needs --model-dir)",
+    )
     args = p.parse_args()
+    if args.replan:
+        replan(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         build = sd14_rows if args.model == "sd14" else flux_rows
         rows = build(args, Path(tmp))

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
@@ -130,13 +131,41 @@ def activation_bytes(
 
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing(checkpointed)
-    with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t),
+        _fused_attention(),
+    ):
         sampler.raw(net, x, cfg.start_step, cond)
     activations = sum(saved) + sum(held.values()) + regions[0]
     if compute == torch.float32:
         return activations, 0
     outside = sum(p.numel() for p in net.parameters() if id(p) in cast_ids - inside_calls)
     return activations, (outside + regions[1]) * _bytes(compute)
+
+
+@contextlib.contextmanager
+def _fused_attention() -> Iterator[None]:
+    """Trace attention as the fused kernels run it, on the meta device too.
+
+    On meta tensors ``scaled_dot_product_attention`` decomposes into the math path, which saves
+    the full attention matrix (1 GiB per SD v1.4 attention call at 512 px); the kernels a real
+    erase runs (flash attention on the CPU, flash or memory-efficient on CUDA) save only the
+    inputs, the output and a log-sum-exp per row. The CPU flash kernel has a meta form.
+    """
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        plain = attn_mask is None and not dropout_p and not kw.get("enable_gqa")
+        if not plain or query.device.type != "meta":
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 class _MetaPipe:
