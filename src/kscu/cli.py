@@ -172,8 +172,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
 def _plan_table(plan: dict) -> str:
     gib = 2**30
     lines = [f"trainable elements: {plan['trainable_elements']:,}"]
-    lines += [f"  {name:<12} {n / gib:8.3f} GiB" for name, n in plan["bytes"].items()]
-    lines.append(f"  {'total':<12} {plan['total_bytes'] / gib:8.3f} GiB (expected peak)")
+    lines += [f"  {name:<15} {n / gib:8.3f} GiB" for name, n in plan["bytes"].items()]
+    lines.append(f"  {'total':<15} {plan['total_bytes'] / gib:8.3f} GiB (expected peak)")
+    host = [(k, n) for k, n in plan.get("host_bytes", {}).items() if n]
+    lines += [
+        f"  {name:<15} {n / gib:8.3f} GiB (host RAM, off the device)" for name, n in host.items()
+    ]
     return "\n".join(lines)
 
 
