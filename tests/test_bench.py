@@ -132,3 +132,47 @@ def test_feature_distance_against_closed_form():
     expected = 1.0 + 4.0 + (1 - 3) ** 2 + (2 - 1) ** 2
     assert abs(feature_distance(a, b) - expected) < 0.05
     assert abs(feature_distance(a, a)) < 1e-9
+
+
+def _weights_sum(pipe) -> float:
+    return float(sum(p.detach().double().sum() for p in pipe.unet.parameters()))
+
+
+def test_each_seed_scores_the_original_model_first_and_reuse_skips_finished_erases(
+    tmp_path, monkeypatch
+):
+    """With --seeds, the original row of every seed is scored on the original weights (not on
+    the previous seed's last erase); --reuse loads finished erases instead of erasing again."""
+    import kscu.bench as bench
+    import kscu.runner as runner
+
+    seen = []
+
+    def score(self, pipe):
+        seen.append((self.seed, _weights_sum(pipe)))
+        return {"UA": 0.0, "IRA": 1.0, "CRA": 1.0, "FD": 0.0}
+
+    monkeypatch.setattr(bench.Judge, "score", score)
+    args = dict(iterations=2, samples=2, steps=2, seeds=[0, 1], progress=False)
+    first = bench.run_bench("heart", "class", ["kscu", "esd"], tmp_path, **args)
+    original = seen[0][1]
+    starts = [total for i, (seed, total) in enumerate(seen) if i % 3 == 0]
+    assert [s for s, _ in seen] == [0, 0, 0, 1, 1, 1]
+    assert starts == [original, original]  # each seed's first row: the original weights
+    assert len({total for _, total in seen}) == 5  # 4 different erases and the original
+
+    erased, scored = [], list(seen)
+    real = runner.erase_to_folder
+    monkeypatch.setattr(
+        runner, "erase_to_folder", lambda *a, **k: erased.append(1) or real(*a, **k)
+    )
+    seen.clear()
+    again = bench.run_bench("heart", "class", ["kscu", "esd"], tmp_path, reuse=True, **args)
+    assert not erased and seen == scored  # the same weights, loaded instead of erased
+    kscu_json = json.loads((tmp_path / "seed0" / "kscu" / "kscu.json").read_text())
+    assert again["rows"][1]["seconds_per_seed"][0] == round(kscu_json["seconds"], 2)
+    assert first["rows"][1]["UA"] == again["rows"][1]["UA"]
+    changed = bench.run_bench(
+        "heart", "class", ["esd"], tmp_path, reuse=True, **{**args, "iterations": 3}
+    )
+    assert len(erased) == 2 and changed["rows"][1]["iterations"] == 3  # other settings: erased

@@ -186,6 +186,7 @@ def run_bench(
     seeds: list[int] | None = None,
     attack: str | None = None,
     attack_settings: Any = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Erase with each method from the same start, score all models, write bench.json/md/png.
 
@@ -195,6 +196,8 @@ def run_bench(
     ``UA_attack``: UA on the first ``attack_settings.samples`` target prompts (same prompts and
     seeds as UA's first images) after that attack (``kscu.attack``), with ``attack_settings``
     (an ``AttackSettings``; default: the attack's tiny-world defaults, 16 prompts).
+    ``reuse`` loads erases already in ``output`` with the same resolved settings instead of
+    erasing again, and resumes their attacks; every score is computed again.
     """
     from kscu.models import is_bundled_model, load_pipeline
     from kscu.runner import prepare
@@ -242,7 +245,9 @@ def run_bench(
                 pipe, original, concept, s, judge, attack_settings, folder, progress
             )
         per_seed.append(
-            _score_runs(pipe, original, model, runs_for(s), judge, attacker, folder, progress)
+            _score_runs(
+                pipe, original, model, runs_for(s), judge, attacker, folder, progress, reuse
+            )
         )
     pipe.unet.load_state_dict(original)
     prompts = bench_prompts(concept, samples, seeds[0])
@@ -264,38 +269,66 @@ def run_bench(
     return report
 
 
-def _score_runs(pipe, original, model, runs, judge, attacker, output, progress) -> list[BenchRow]:
-    """The original row, then one row per erase, each from the original weights (one seed)."""
+def _score_runs(
+    pipe, original, model, runs, judge, attacker, output, progress, reuse=False
+) -> list[BenchRow]:
+    """The original row, then one row per erase, each from the original weights (one seed).
+
+    ``reuse``: a run folder that already holds an erase of the same resolved settings is loaded
+    instead of erased again (its recorded seconds are kept); scores are always recomputed.
+    """
     from kscu.runner import erase_to_folder
 
     def scores(label: str) -> dict[str, float]:
         out = judge.score(pipe)
         if attacker is not None:
-            out["UA_attack"], out["UA_attack_pre"] = attacker.ua(label)
+            out["UA_attack"], out["UA_attack_pre"] = attacker.ua(label, resume=reuse)
         return out
 
+    pipe.unet.load_state_dict(original)  # a previous seed's last erase must not be scored here
     rows = [BenchRow("original", "original", **scores("original"), seconds=0.0)]
     for method, label, cfg in runs:
         pipe.unet.load_state_dict(original)
-        started = time.perf_counter()
         folder = output / _folder(label)  # the bench owns its run folders: a rerun replaces them
-        result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
-        seconds = time.perf_counter() - started
-        rc = result.config
+        record = _finished_run(pipe, model, cfg, folder) if reuse else None
+        if record is None:
+            started = time.perf_counter()
+            result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
+            seconds = time.perf_counter() - started
+            record = {"config": result.config.to_dict(), "final_loss": result.losses[-1]}
+            record["bench_seconds"] = seconds
+        rc = record["config"]
         rows.append(
             BenchRow(
                 method,
                 label,
                 **scores(label),
-                seconds=round(seconds, 2),
-                start_step=rc.start_step,
-                end_step=rc.end_step,
-                iterations=rc.iterations,
-                final_loss=result.losses[-1],
-                settings=settings_label(rc.to_dict()),
+                seconds=round(record["bench_seconds"], 2),
+                start_step=rc["start_step"],
+                end_step=rc["end_step"],
+                iterations=rc["iterations"],
+                final_loss=record["final_loss"],
+                settings=settings_label(rc),
             )
         )
     return rows
+
+
+def _finished_run(pipe: Any, model: str | None, cfg: EraseConfig, folder: Path) -> dict | None:
+    """The record of an erase of ``cfg`` already in ``folder``, loaded into ``pipe``; else None.
+
+    The bench's seconds for a reused run are the erase's own recorded seconds.
+    """
+    from kscu.checkpoint import WEIGHTS, load_erased, read_metadata
+    from kscu.runner import prepare
+
+    if cfg.start_step == "auto" or not (folder / WEIGHTS).is_file():
+        return None
+    meta = read_metadata(folder)
+    if meta.get("config") != prepare(cfg, model, pipe).to_dict():
+        return None
+    load_erased(pipe, folder)  # checks the base model's fingerprint too
+    return meta | {"bench_seconds": meta["seconds"]}
 
 
 def _attack_settings(method: str, settings: Any = None) -> Any:
@@ -328,7 +361,7 @@ class _Attacker:
         self.pipe, self.concept, self.output, self.progress = pipe, concept, output, progress
         self.judge = WorldJudge(concept)
 
-    def ua(self, label: str) -> tuple[float, float]:
+    def ua(self, label: str, resume: bool = False) -> tuple[float, float]:
         """UA after the attack (share of attacked prompts whose image lacks the concept), and
         before it on the same prompts and seeds: UA itself is over all ``--samples`` prompts."""
         from kscu.attack.run import run_attack
@@ -352,7 +385,7 @@ class _Attacker:
             s.steps,
             bundled=True,
             progress=self.progress,
-            overwrite=True,  # the bench owns its folders: a rerun replaces them
+            overwrite=not resume,  # the bench owns its folders: a rerun replaces them
         )
         return 1.0 - result["asr"], 1.0 - result["pre_asr"]
 

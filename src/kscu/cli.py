@@ -312,6 +312,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="target prompts attacked per row (default: kscu attack's --samples, 16)",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load erases already in --output with the same settings instead of erasing "
+        "again, and resume their attacks; scores are computed again",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
@@ -343,6 +349,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=seeds,
         attack=args.attack,
         attack_settings=_bench_attack_settings(args.attack_samples),
+        reuse=args.reuse,
         samples=args.samples,
         steps=args.steps,
         guidance=args.guidance,
