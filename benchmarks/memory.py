@@ -154,45 +154,56 @@ def extrapolate(small: dict[str, int]) -> int:
 
 
 def flux_rows(args: argparse.Namespace, folder: Path) -> dict:
-    from kscu.config import EraseConfig, resolve
-    from kscu.families import FAMILIES
-    from kscu.memory import plan
-
     rows = {}
     for name, extra in chosen_variants(args).items():
         runs = {}
         for shape, (joint, single) in FLUX_SHAPES.items():
-            model = (args.model_dir or folder) / f"flux-width-{shape}"
+            model = flux_model(args, folder, shape)
             if not (model / "model_index.json").exists():
                 save_flux_width(model, joint, single)
             runs[shape] = kscu_run(model, folder / f"{name.split()[0]}-{shape}", args, extra)
-        measured = extrapolate({k: r["measured_bytes"] for k, r in runs.items()})
-        planned = extrapolate({k: r["plan_bytes"] for k, r in runs.items()})
-        full = folder / "flux-dev-config"
-        save_config_only(full, flux_width(*FLUX_DEV_BLOCKS, meta=True))
-        cfg = EraseConfig(
-            concepts=["church"],
-            mode="class",
-            resolution=args.resolution,
-            dtype=args.dtype,
-            device="cuda",  # the full model's plan as a GPU would hold it
-            augment=False,
-            gradient_checkpointing="--gradient-checkpointing" in extra,
-            lean_adam="--lean-adam" in extra,
-            optimizer_in_backward="--no-optimizer-in-backward" not in extra,
-        )
-        flux = FAMILIES["flux"]
-        full_plan = plan(str(full), resolve(cfg, family=flux), flux)
-        rows[name] = {
-            "blocks": runs,
-            "extrapolated_measured_bytes": measured,
-            "extrapolated_plan_bytes": planned,
-            "full_plan_bytes": full_plan["total_bytes"],
-            "full_plan": full_plan["bytes"],
-            "full_host_bytes": full_plan["host_bytes"],
-            "full_trainable_elements": full_plan["trainable_elements"],
-        }
+        rows[name] = flux_summary(args, folder, runs, extra)
     return rows
+
+
+def flux_model(args: argparse.Namespace, folder: Path, shape: str) -> Path:
+    return (args.model_dir or folder) / f"flux-width-{shape}"
+
+
+def flux_summary(args: argparse.Namespace, folder: Path, runs: dict, extra: list[str]) -> dict:
+    """The 19 + 38 extrapolation of measured and planned bytes, and the full model's own plan
+    (built on the meta device from FLUX.1-dev's config, as a GPU would hold it)."""
+    from kscu.config import EraseConfig, resolve
+    from kscu.families import FAMILIES
+    from kscu.memory import plan
+
+    full = folder / "flux-dev-config"
+    if not (full / "model_index.json").exists():
+        save_config_only(full, flux_width(*FLUX_DEV_BLOCKS, meta=True))
+    cfg = EraseConfig(
+        concepts=["church"],
+        mode="class",
+        resolution=args.resolution,
+        dtype=args.dtype,
+        device="cuda",
+        augment=False,
+        gradient_checkpointing="--gradient-checkpointing" in extra,
+        lean_adam="--lean-adam" in extra,
+        optimizer_in_backward="--no-optimizer-in-backward" not in extra,
+    )
+    flux = FAMILIES["flux"]
+    full_plan = plan(str(full), resolve(cfg, family=flux), flux)
+    return {
+        "blocks": runs,
+        "extrapolated_measured_bytes": extrapolate(
+            {k: r["measured_bytes"] for k, r in runs.items()}
+        ),
+        "extrapolated_plan_bytes": extrapolate({k: r["plan_bytes"] for k, r in runs.items()}),
+        "full_plan_bytes": full_plan["total_bytes"],
+        "full_plan": full_plan["bytes"],
+        "full_host_bytes": full_plan["host_bytes"],
+        "full_trainable_elements": full_plan["trainable_elements"],
+    }
 
 
 def report(args: argparse.Namespace, rows: dict) -> None:
@@ -235,16 +246,21 @@ def replan(args: argparse.Namespace) -> None:
     saved = record["settings"]
     for key in ("resolution", "iterations", "dtype"):
         setattr(args, key, saved[key])
+    args.model = saved["model"]
     for name, row in record["rows"].items():
-        if "plan_bytes" not in row:
-            continue
-        fresh = plan_now(args.model_dir, args, VARIANTS[name])
-        row.update(plan_bytes=fresh["total_bytes"], plan=fresh["bytes"])
-        row["host_bytes"] = fresh["host_bytes"]
+        runs = row.get("blocks", {"": row})
+        for shape, run in runs.items():
+            if "plan_bytes" in run:
+                model = flux_model(args, args.model_dir, shape) if shape else args.model_dir
+                fresh = plan_now(model, args, VARIANTS[name])
+                run.update(plan_bytes=fresh["total_bytes"], plan=fresh["bytes"])
+                run["host_bytes"] = fresh["host_bytes"]
+        if "blocks" in row:
+            with tempfile.TemporaryDirectory() as tmp:
+                row.update(flux_summary(args, Path(tmp), row["blocks"], VARIANTS[name]))
     record["plan_redone_at"] = subprocess.run(
         ["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    args.model = saved["model"]
     report(args, record["rows"])
     args.json.write_text(json.dumps(record, indent=2))
 
@@ -262,7 +278,7 @@ def main() -> None:
     p.add_argument(
         "--replan",
         action="store_true",
-        help="redo the plans in --json with the current code (sd14; needs --model-dir)",
+        help="redo the plans in --json with the current code (needs --model-dir)",
     )
     args = p.parse_args()
     if args.replan:

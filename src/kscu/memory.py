@@ -11,12 +11,12 @@ networks are built on the meta device: no weights are read):
   plus the float32 temporaries of the one tensor being stepped);
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
 - activations: what autograd saves in the edited forward at the training resolution (measured
-  by running that forward on the meta device), at the compute dtype's width. Under
+  by running that forward on the meta device, attention as the fused kernels save it). Under
   ``--gradient-checkpointing`` the trace follows diffusers' own checkpointed calls: each call's
   inputs stay, its inside is saved only while backward recomputes it (the largest one counted);
-- autocast copies: under bf16/fp16 compute, the compute-dtype copies of float32 weights (the
-  masters, and a float32 checkpoint's frozen-scope weights) that the forward makes and
-  backward needs: all at once, or with checkpointing only the largest checkpointed call's;
+  the trace has the real erase's dtypes, so under bf16/fp16 compute it also counts autocast's
+  compute-dtype copies of float32 weights (the masters, and a float32 checkpoint's other
+  weights) that backward needs: all at once, or with checkpointing the largest call's;
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -81,32 +81,33 @@ def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:
 
 
 def activation_bytes(
-    family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype, cast: set[str]
-) -> tuple[int, int]:
-    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution,
-    and the bytes of autocast's compute-dtype copies of the float32 weights named in ``cast``.
+    family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype, float32: set[str]
+) -> int:
+    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution.
 
-    The trace runs without autocast (the meta device has none), so the weight copies that a
-    bf16 forward makes, and that autograd keeps for backward (in autocast's cache, or saved by
-    each matmul), are counted from the weights themselves: all of them at once, or under
-    checkpointing the weights outside checkpointed calls plus the largest call's.
+    The trace has the dtypes of a real erase: weights not named in ``float32`` (the masters and
+    a float32 checkpoint's weights) are in the compute dtype, and since the meta device has no
+    autocast, ``_MetaAutocast`` casts the inputs of the ops autocast runs in the compute dtype.
+    So the compute-dtype copies of float32 weights that backward needs (kept in autocast's
+    cache, or saved by each matmul) are counted, and so are the float32 tensors that norms and
+    rotary embeddings compute in float32.
     """
     net = family.denoiser(pipe_like)
-    params = {id(p) for p in net.parameters()}
-    cast_ids = {id(p) for n, p in net.named_parameters() if n in cast}
-    for p in net.parameters():
+    for name, p in net.named_parameters():
+        if name not in float32:
+            p.data = p.data.to(compute)  # on the meta device: no memory
         p.requires_grad_(True)
+    params = {id(p) for p in net.parameters()}
     sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
     rows = 1 if cfg.lambda2 == 0 else 2
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
     saved: list[int] = []
-    regions: list[int] = [0, 0]  # bytes saved inside, and weights cast by, the largest call
+    regions: list[int] = [0]  # bytes saved inside the largest checkpointed call
     held: dict[int, int] = {}  # inputs that checkpointed calls keep, by tensor
-    inside_calls: set[int] = set()  # cast weights used inside checkpointed calls
 
     def width(t: torch.Tensor) -> int:
-        return t.numel() * min(t.element_size(), _bytes(compute))
+        return t.numel() * t.element_size()
 
     def keeper(into: list[int]):
         def keep(t: torch.Tensor) -> torch.Tensor:
@@ -118,15 +119,13 @@ def activation_bytes(
         return keep
 
     def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
-        """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward."""
+        """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward
+        (autocast runs without its cast cache then: the inside's weight copies go with it)."""
         held.update({id(a): width(a) for a in args if isinstance(a, torch.Tensor)})
         inside: list[int] = []
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
             out = module(*args)
-        weights = [p for p in module.parameters() if id(p) in cast_ids]
-        inside_calls.update(id(p) for p in weights)
         regions[0] = max(regions[0], sum(inside))
-        regions[1] = max(regions[1], sum(p.numel() for p in weights))
         return out
 
     if cfg.gradient_checkpointing:
@@ -134,13 +133,46 @@ def activation_bytes(
     with (
         torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t),
         _fused_attention(),
+        _MetaAutocast(compute),
     ):
         sampler.raw(net, x, cfg.start_step, cond)
-    activations = sum(saved) + sum(held.values()) + regions[0]
-    if compute == torch.float32:
-        return activations, 0
-    outside = sum(p.numel() for p in net.parameters() if id(p) in cast_ids - inside_calls)
-    return activations, (outside + regions[1]) * _bytes(compute)
+    return sum(saved) + sum(held.values()) + regions[0]
+
+
+class _MetaAutocast(torch.overrides.TorchFunctionMode):
+    """Autocast's casting rule for the meta device: the ops that autocast runs in a lower
+    precision (matmuls and convolutions) get float32 inputs cast to ``dtype``; every other op
+    follows its inputs' dtypes, as it does under autocast."""
+
+    LOWER = {
+        F.linear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.mm,
+        torch.bmm,
+        torch.addmm,
+        torch.baddbmm,
+    }
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.dtype != torch.float32 and func in self.LOWER:
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _cast(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            return value.to(self.dtype)
+        return value
 
 
 @contextlib.contextmanager
@@ -226,9 +258,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         * GRAD_DTYPE_BYTES,
     }
     float32_weights = set(names) | (set(params) if loaded == torch.float32 else set())
-    parts["activations"], parts["autocast_copies"] = activation_bytes(
-        family, pipe_like, cfg, compute, float32_weights
-    )
+    parts["activations"] = activation_bytes(family, pipe_like, cfg, compute, float32_weights)
     if on_cpu:  # host RAM is the erase's own memory
         parts["restore_copy"] = host.pop("restore_copy")
     return {
