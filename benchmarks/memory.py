@@ -105,7 +105,7 @@ def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str])
 
 
 PLAIN = """
-import json, sys, torch
+import json, sys, time, torch
 sys.path.insert(0, {bench!r})
 from plain_erase import plain_erase
 from kscu.config import EraseConfig, resolve
@@ -115,8 +115,10 @@ pipe = load_pipeline({model!r})
 cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False,
                           dtype={dtype!r}))
 with peak_memory(torch.device("cpu")) as peak:
+    started = time.perf_counter()
     plain_erase(pipe, cfg)
-print(json.dumps(peak))
+    seconds = time.perf_counter() - started
+print(json.dumps(peak | {"seconds": seconds}))
 """
 
 
@@ -126,7 +128,7 @@ def plain_run(model: Path, args: argparse.Namespace) -> dict:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"measured_bytes": peak["bytes"], "kind": peak["kind"]}
+    return {"measured_bytes": peak["bytes"], "kind": peak["kind"], "seconds": peak["seconds"]}
 
 
 def chosen_variants(args: argparse.Namespace) -> dict[str, list[str]]:

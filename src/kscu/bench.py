@@ -433,12 +433,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"Erasing **{report['concept']}** ({report['kind']}, mode {report['mode']}), "
         f"{report['samples']} images per prompt set, {report['steps']} DDIM steps, "
         f"guidance {report['guidance']}, {which}."
-        + (f" UA_attack: UA after the {attack['method']} attack." if attack else "")
+        + (
+            f" UA_attack: UA after the {attack['method']} attack on the first"
+            f" {min(attack['samples'], report['samples'])} target prompts; UA_pre: UA on"
+            " those prompts without it."
+            if attack
+            else ""
+        )
         + "\n\n"
     )
     columns = [("UA ↑", "UA", ".3f"), ("IRA ↑", "IRA", ".3f"), ("CRA ↑", "CRA", ".3f")]
     columns += [("FD ↓", "FD", ".2f")]
-    columns += [("UA_attack ↑", "UA_attack", ".3f")] if attack else []
+    columns += (
+        [("UA_pre ↑", "UA_attack_pre", ".3f"), ("UA_attack ↑", "UA_attack", ".3f")]
+        if attack
+        else []
+    )
     columns += [("seconds", "seconds", ".1f")]
     lines = [
         "| method | settings | " + " | ".join(c[0] for c in columns) + " |",
