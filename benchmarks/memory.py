@@ -118,7 +118,7 @@ with peak_memory(torch.device("cpu")) as peak:
     started = time.perf_counter()
     plain_erase(pipe, cfg)
     seconds = time.perf_counter() - started
-print(json.dumps(peak | {"seconds": seconds}))
+print(json.dumps(peak | {{"seconds": seconds}}))
 """
 
 
