@@ -6,6 +6,7 @@ import torch
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
+from kscu.optim import TensorAdam
 from kscu.scope import trainable_names
 from kscu.trainer import erase
 
@@ -167,20 +168,20 @@ def test_bf16_compute_saves_exactly_base_plus_update(tiny_pipe):
     names = trainable_names(tiny_pipe.unet, "noxattn")
     base = {n: params[n].detach().double().clone() for n in names}
     steps = {n: torch.zeros_like(base[n]) for n in names}
-    adam_step = torch.optim.Adam.step
+    tensor_step = TensorAdam.__call__  # each trainable tensor's Adam step (kscu.optim)
+    name_of = {id(params[n]): n for n in names}
 
-    def counting_step(self, *args, **kwargs):
-        before = {n: params[n].detach().double().clone() for n in names}
-        out = adam_step(self, *args, **kwargs)
-        for n in names:
-            steps[n] += params[n].detach().double() - before[n]
+    def counting_step(self, p):
+        before = p.detach().double().clone()
+        out = tensor_step(self, p)
+        steps[name_of[id(p)]] += p.detach().double() - before
         return out
 
     cfg = EraseConfig(
         concepts=["church"], dtype="bfloat16", iterations=4, num_steps=10, start_step=3, lr=1e-5
     )
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(torch.optim.Adam, "step", counting_step)
+        m.setattr(TensorAdam, "__call__", counting_step)
         result = erase(tiny_pipe, cfg, progress=False)
     total = changed = sub_ulp = 0
     for n in names:
