@@ -175,9 +175,7 @@ def _plan_table(plan: dict) -> str:
     lines += [f"  {name:<15} {n / gib:8.3f} GiB" for name, n in plan["bytes"].items()]
     lines.append(f"  {'total':<15} {plan['total_bytes'] / gib:8.3f} GiB (expected peak)")
     host = [(k, n) for k, n in plan.get("host_bytes", {}).items() if n]
-    lines += [
-        f"  {name:<15} {n / gib:8.3f} GiB (host RAM, off the device)" for name, n in host.items()
-    ]
+    lines += [f"  {name:<15} {n / gib:8.3f} GiB (host RAM, off the device)" for name, n in host]
     return "\n".join(lines)
 
 
