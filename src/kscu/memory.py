@@ -87,7 +87,7 @@ def activation_bytes(
 
     The trace has the dtypes of a real erase: weights not named in ``float32`` (the masters and
     a float32 checkpoint's weights) are in the compute dtype, and since the meta device has no
-    autocast, ``_MetaAutocast`` casts the inputs of the ops autocast runs in the compute dtype.
+    autocast, ``_MetaTrace`` casts the inputs of the ops autocast runs in the compute dtype.
     So the compute-dtype copies of float32 weights that backward needs (kept in autocast's
     cache, or saved by each matmul) are counted, and so are the float32 tensors that norms and
     rotary embeddings compute in float32.
@@ -130,25 +130,29 @@ def activation_bytes(
 
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing(checkpointed)
-    with (
-        torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t),
-        _fused_attention(),
-        _MetaAutocast(compute),
-    ):
+    with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t), _MetaTrace(compute):
         sampler.raw(net, x, cfg.start_step, cond)
     return sum(saved) + sum(held.values()) + regions[0]
 
 
-class _MetaAutocast(torch.overrides.TorchFunctionMode):
-    """Autocast's casting rule for the meta device: the ops that autocast runs in a lower
-    precision (matmuls and convolutions) get float32 inputs cast to ``dtype``; every other op
-    follows its inputs' dtypes, as it does under autocast."""
+class _MetaTrace(torch.overrides.TorchFunctionMode):
+    """What the meta device lacks for a faithful trace: autocast and the fused attention kernels.
+
+    Autocast's casting rule: the ops autocast runs in a lower precision (matmuls, convolutions,
+    attention) get float32 inputs cast to ``dtype``; every other op follows its inputs' dtypes,
+    as under autocast. Attention: on meta tensors ``scaled_dot_product_attention`` decomposes
+    into the math path, which saves the whole attention matrix (1 GiB per SD v1.4 attention call
+    at 512 px); the kernels a real erase runs (flash on the CPU, flash or memory-efficient on
+    CUDA) save only the inputs, the output and a log-sum-exp per row, as the CPU flash kernel's
+    meta form does.
+    """
 
     LOWER = {
         F.linear,
         F.conv1d,
         F.conv2d,
         F.conv3d,
+        F.scaled_dot_product_attention,
         torch.matmul,
         torch.Tensor.matmul,
         torch.Tensor.__matmul__,
@@ -157,6 +161,7 @@ class _MetaAutocast(torch.overrides.TorchFunctionMode):
         torch.addmm,
         torch.baddbmm,
     }
+    SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -167,37 +172,19 @@ class _MetaAutocast(torch.overrides.TorchFunctionMode):
         if self.dtype != torch.float32 and func in self.LOWER:
             args = tuple(self._cast(a) for a in args)
             kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention:
+            a = dict(zip(self.SDPA_ARGS, args, strict=False)) | kwargs
+            plain = a.get("attn_mask") is None and not a.get("dropout_p")
+            if plain and not a.get("enable_gqa") and a["query"].device.type == "meta":
+                flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+                q, k, v = a["query"], a["key"], a["value"]
+                return flash(q, k, v, 0.0, a.get("is_causal", False), scale=a.get("scale"))[0]
         return func(*args, **kwargs)
 
     def _cast(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
             return value.to(self.dtype)
         return value
-
-
-@contextlib.contextmanager
-def _fused_attention() -> Iterator[None]:
-    """Trace attention as the fused kernels run it, on the meta device too.
-
-    On meta tensors ``scaled_dot_product_attention`` decomposes into the math path, which saves
-    the full attention matrix (1 GiB per SD v1.4 attention call at 512 px); the kernels a real
-    erase runs (flash attention on the CPU, flash or memory-efficient on CUDA) save only the
-    inputs, the output and a log-sum-exp per row. The CPU flash kernel has a meta form.
-    """
-    sdpa = F.scaled_dot_product_attention
-
-    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        plain = attn_mask is None and not dropout_p and not kw.get("enable_gqa")
-        if not plain or query.device.type != "meta":
-            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
-
-    F.scaled_dot_product_attention = fused
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
 
 
 class _MetaPipe:
@@ -240,7 +227,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
     )
     on_cpu = (resolve_device() if cfg.device == "auto" else torch.device(cfg.device)).type == "cpu"
     host = {  # what the erase keeps in host RAM, off the accelerator, at its peak
-        "encoders": 0 if on_cpu else others * _bytes(compute),  # offload_encoders
+        "encoders": 0 if on_cpu else others * _bytes(compute),  # family.encoder_modules
         "restore_copy": trainable * 4 if loaded != compute else 0,
     }
     parts = {

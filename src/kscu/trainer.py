@@ -33,7 +33,7 @@ from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.families.base import Cond, cond_cat, cond_pick
+from kscu.families.base import Cond, cond_cat, cond_pick, offload_modules
 from kscu.models import TORCH_DTYPES
 from kscu.objective import kscu_loss
 from kscu.optim import AdamSteps
@@ -161,7 +161,7 @@ def erase(
             c: encode(augmented_prompts(c, cfg.mode, cfg.augment_variants, cfg.seed))
             for c in cfg.concepts
         }
-        offloaded.update(family.offload_encoders(pipe))
+        offloaded.update(offload_modules(pipe, net, family.encoder_modules))
         augment_from = cfg.iterations - math.ceil(cfg.augment_fraction * cfg.iterations)
         rng = random.Random(cfg.seed)
         emb_noise = torch.Generator("cpu").manual_seed(cfg.seed)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_rows, offload_modules
+from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_rows
 from kscu.families.sd import _token_ids
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -40,7 +40,8 @@ class FluxFamily:
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
     release_dtype = torch.bfloat16  # FLUX.1 [dev] and [schnell] ship bf16 weights
-    encoder_modules = ("text_encoder", "text_encoder_2", "vae")  # off the accelerator in erase
+    # moved off the accelerator once the prompts are encoded (T5-XXL alone is 9.5 GB in bf16)
+    encoder_modules = ("text_encoder", "text_encoder_2", "vae")
     mode_defaults: dict[str, dict[str, Any]] = {
         "nudity": {"start_step": 8, "scope": "attn"},
         "class": {"start_step": 8, "scope": "attn"},
@@ -108,10 +109,6 @@ class FluxFamily:
             "encoder_hidden_states": torch.empty((rows, length, t5.d_model), device="meta"),
             "pooled_projections": torch.empty((rows, clip.hidden_size), device="meta"),
         }
-
-    def offload_encoders(self, pipe: Any) -> dict[str, torch.device]:
-        """T5-XXL alone is 9.5 GB in bf16: encoders and VAE leave the accelerator once used."""
-        return offload_modules(pipe, self.denoiser(pipe), self.encoder_modules)
 
     def sampler(
         self,
