@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "gradient checkpointing": ["--gradient-checkpointing"],
     "lean Adam state": ["--lean-adam"],
     "checkpointing + lean Adam": ["--gradient-checkpointing", "--lean-adam"],
+    "native convolution (--fast-cpu-conv)": ["--fast-cpu-conv"],  # float32 only: a speed option
 }
 FLUX_SHAPES = {"1+1": (1, 1), "2+1": (2, 1), "1+2": (1, 2)}  # joint + single-stream blocks
 FLUX_DEV_BLOCKS = (19, 38)
@@ -88,9 +91,26 @@ def erase_args(model: Path, out: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The measured processes' environment; ``--malloc-mmap-threshold`` fixes glibc's threshold.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32
+    MiB), so later blocks below it come from heaps that keep freed memory resident and split
+    across per-thread arenas: the resident set then exceeds the live bytes. A fixed threshold
+    returns every block above it to the system when freed, so the peak RSS tracks the live bytes
+    (what ``--plan`` counts, and what CUDA's max allocated reports on a GPU).
+    """
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    return env
+
+
 def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     subprocess.run(
-        [sys.executable, "-m", "kscu", "erase", *erase_args(model, out, args), *extra], check=True
+        [sys.executable, "-m", "kscu", "erase", *erase_args(model, out, args), *extra],
+        check=True,
+        env=child_env(args),
     )
     meta = json.loads((out / "kscu.json").read_text())
     return {
@@ -101,6 +121,7 @@ def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str])
         "host_bytes": meta["memory_plan"].get("host_bytes", {}),
         "trainable_elements": meta["trainable_elements"],
         "seconds": meta["seconds"],
+        "iteration_seconds": meta["iteration_seconds"],
     }
 
 
@@ -114,11 +135,13 @@ from kscu.models import load_pipeline
 pipe = load_pipeline({model!r})
 cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False,
                           dtype={dtype!r}))
+ticks = []
 with peak_memory(torch.device("cpu")) as peak:
     started = time.perf_counter()
-    plain_erase(pipe, cfg)
+    plain_erase(pipe, cfg, callback=lambda *_: ticks.append(time.perf_counter()))
     seconds = time.perf_counter() - started
-print(json.dumps(peak | {{"seconds": seconds}}))
+steps = [b - a for a, b in zip([started, *ticks], ticks)]
+print(json.dumps(peak | {{"seconds": seconds, "iteration_seconds": steps}}))
 """
 
 
@@ -126,14 +149,30 @@ def plain_run(model: Path, args: argparse.Namespace) -> dict:
     code = PLAIN.format(
         bench=str(HERE), model=str(model), it=args.iterations, res=args.resolution, dtype=args.dtype
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=child_env(args),
+    )
     peak = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"measured_bytes": peak["bytes"], "kind": peak["kind"], "seconds": peak["seconds"]}
+    return {
+        "measured_bytes": peak["bytes"],
+        "kind": peak["kind"],
+        "seconds": peak["seconds"],
+        "iteration_seconds": peak["iteration_seconds"],
+    }
 
 
 def chosen_variants(args: argparse.Namespace) -> dict[str, list[str]]:
     only = args.only.split(",") if args.only else None
-    return {n: e for n, e in VARIANTS.items() if only is None or n.split()[0] in only}
+    return {
+        n: e
+        for n, e in VARIANTS.items()
+        if (only is None or n.split()[0] in only)
+        and (args.dtype == "float32" or "--fast-cpu-conv" not in e)
+    }
 
 
 def sd14_rows(args: argparse.Namespace, folder: Path) -> dict:
@@ -212,7 +251,10 @@ def report(args: argparse.Namespace, rows: dict) -> None:
     where = f"CPU ({platform.processor() or platform.machine()})"
     shape = f"{args.resolution} px, {args.iterations} iterations, {args.dtype}"
     print(f"{args.model}, class mode, {shape}, {where}")
-    print(f"{'path':<42} {'measured GiB':>12} {'plan GiB':>9} {'plan/measured':>14}")
+    print(
+        f"{'path':<42} {'measured GiB':>12} {'plan GiB':>9} {'plan/measured':>14} "
+        f"{'s/iteration':>12} {'later median':>12}"
+    )
     for name, r in rows.items():
         if "blocks" in r:
             for shape, b in r["blocks"].items():
@@ -220,17 +262,26 @@ def report(args: argparse.Namespace, rows: dict) -> None:
             line(f"{name} [19+38 extrapolated]", *_pair(r, "extrapolated"))
             print(f"{'':<42} {'':>12} {r['full_plan_bytes'] / GIB:9.3f}  (19+38 plan, GPU)")
         else:
-            line(name, r["measured_bytes"], r.get("plan_bytes"))
+            overall = r["seconds"] / args.iterations if r.get("seconds") else None
+            speed = (overall, _later_median(r.get("iteration_seconds")))
+            line(name, r["measured_bytes"], r.get("plan_bytes"), speed)
 
 
 def _pair(r: dict, key: str) -> tuple[int, int]:
     return r[f"{key}_measured_bytes"], r[f"{key}_plan_bytes"]
 
 
-def line(name: str, measured: int, planned: int | None) -> None:
+def _later_median(steps: list[float] | None) -> float | None:
+    """Median seconds of the iterations after the first (which pays every first touch)."""
+    return statistics.median(steps[1:]) if steps and len(steps) > 1 else None
+
+
+def line(name: str, measured: int, planned: int | None, speed: tuple = ()) -> None:
+    """One table row; ``speed``: (seconds per iteration overall, later iterations' median)."""
     ratio = f"{planned / measured:.3f}" if planned and measured else "-"
     plan_text = f"{planned / GIB:9.3f}" if planned else f"{'-':>9}"
-    print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14}")
+    cells = " ".join(f"{v:12.2f}" if v else f"{'-':>12}" for v in speed)
+    print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14} {cells}")
 
 
 def plan_now(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
@@ -277,6 +328,12 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
     p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="bytes: glibc's fixed mmap threshold for the measured processes (e.g. 1048576)",
+    )
     p.add_argument(
         "--replan",
         action="store_true",

@@ -9,6 +9,9 @@ from its log) per revision, and their ratio; writes JSON.
     python benchmarks/revisions.py --base 30ae8f5 --repeats 3 --json speed.json -- \\
         erase --concept circle --mode class --output {out}
 
+``--also=--fast-cpu-conv`` adds a third row: the working tree with those extra flags (options
+the base revision does not know).
+
 ``{out}`` is replaced by a fresh folder per run. Both trees run in this environment (its torch,
 diffusers, ...); the torchvision import fix of the working tree is applied to both, since an
 older tree without it cannot import diffusers beside a CPU torch.
@@ -73,28 +76,37 @@ def main() -> None:
     p.add_argument("--base", required=True, help="git revision to compare with")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=Path("revisions.json"))
+    p.add_argument("--also", default=None, help="extra flags for a third row (working tree)")
+    p.add_argument(
+        "--only-also", action="store_true", help="with --also: skip the plain working-tree row"
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the kscu command's arguments")
     args = p.parse_args()
     command = [a for a in args.args if a != "--"]
-    runs: dict[str, list[dict]] = {args.base: [], "working tree": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {args.base: export(args.base, Path(tmp)), "working tree": REPO / "src"}
+        trees = {args.base: (export(args.base, Path(tmp)), []), "working tree": (REPO / "src", [])}
+        if args.also:
+            trees[f"working tree {args.also}"] = (REPO / "src", args.also.split())
+            if args.only_also:
+                del trees["working tree"]
+        runs: dict[str, list[dict]] = {name: [] for name in trees}
         for i in range(args.repeats):
-            for name, src in trees.items():  # alternate, so load drifts hit both
+            for name, (src, extra) in trees.items():  # alternate, so load drifts hit all
                 out = Path(tmp) / f"run-{i}-{len(runs[name])}-{name.replace(' ', '_')}"
-                runs[name].append(timed(src, command, out))
+                runs[name].append(timed(src, [*command, *extra], out))
                 print(name, runs[name][-1], flush=True)
     summary = {
         name: {k: median(r, k) for k in ("command_seconds", "erase_seconds")}
         for name, r in runs.items()
     }
-    base, new = summary[args.base], summary["working tree"]
-    for key in ("command_seconds", "erase_seconds"):
-        if base[key] and new[key]:
-            print(
-                f"{key}: {args.base} {base[key]:.1f} s, working tree {new[key]:.1f} s, "
-                f"ratio {base[key] / new[key]:.2f}x"
-            )
+    base = summary[args.base]
+    for name, new in list(summary.items())[1:]:
+        for key in ("command_seconds", "erase_seconds"):
+            if base[key] and new[key]:
+                print(
+                    f"{key}: {args.base} {base[key]:.1f} s, {name} {new[key]:.1f} s, "
+                    f"ratio {base[key] / new[key]:.2f}x"
+                )
     record = {
         "command": ["kscu", *command],
         "base": args.base,

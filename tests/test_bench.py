@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from kscu.bench import bench_prompts, parse_step_ranges
@@ -176,3 +177,27 @@ def test_each_seed_scores_the_original_model_first_and_reuse_skips_finished_eras
         "heart", "class", ["esd"], tmp_path, reuse=True, **{**args, "iterations": 3}
     )
     assert len(erased) == 2 and changed["rows"][1]["iterations"] == 3  # other settings: erased
+
+
+def test_fast_cpu_conv_is_each_erases_own(tmp_path, capsys, monkeypatch):
+    """kscu bench --fast-cpu-conv: every erase runs and records it, scoring keeps oneDNN (its
+    batched generation is faster with it), and the report says so."""
+    import kscu.bench as bench
+
+    seen = []
+
+    def score(self, pipe):
+        seen.append(torch.backends.mkldnn.enabled)
+        return {"UA": 0.0, "IRA": 1.0, "CRA": 1.0, "FD": 0.0}
+
+    monkeypatch.setattr(bench.Judge, "score", score)
+    args = ["--concept", "heart", "--iterations", "2", "--samples", "2", "--steps", "2"]
+    code = main(["bench", *args, "--output", str(tmp_path), "--quiet", "--fast-cpu-conv"])
+    assert code == 0 and seen == [True, True, True] and torch.backends.mkldnn.enabled
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["fast_cpu_conv"] is True
+    assert "--fast-cpu-conv" in (tmp_path / "bench.md").read_text()
+    for run in ("kscu", "esd"):
+        meta = json.loads((tmp_path / run / "kscu.json").read_text())
+        assert meta["config"]["fast_cpu_conv"] is True
+        assert meta["convolution"] == "torch native (--fast-cpu-conv)"

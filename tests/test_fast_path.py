@@ -21,11 +21,18 @@ from plain_erase import plain_erase  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "scope,method", [("noxattn", "kscu"), ("xattn", "kscu"), ("noxattn", "esd")]
+    "scope,method,native_conv",
+    [
+        ("noxattn", "kscu", False),
+        ("xattn", "kscu", False),
+        ("noxattn", "esd", False),
+        ("noxattn", "kscu", True),  # --fast-cpu-conv against the plain loop's oneDNN kernels
+    ],
 )
-def test_fast_path_matches_the_plain_loop(tiny_pipe, scope, method):
+def test_fast_path_matches_the_plain_loop(tiny_pipe, scope, method, native_conv):
     cfg = resolve(
         EraseConfig(
+            fast_cpu_conv=native_conv,
             concepts=["church", "cat"],
             method=method,
             scope=scope,

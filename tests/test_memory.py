@@ -42,6 +42,10 @@ def test_run_records_plan_and_measured_peak(tiny_model_dir, tmp_path):
     assert meta["memory_plan"]["trainable_elements"] == meta["trainable_elements"]
     assert meta["peak_memory_bytes"]["kind"] == "cpu_peak_rss_growth"
     assert meta["peak_memory_bytes"]["bytes"] >= 0
+    steps = meta["iteration_seconds"]  # the benchmarks' per-iteration speed comes from here
+    assert len(steps) == 2 and all(v > 0 for v in steps)
+    assert sum(steps) <= meta["seconds"]
+    assert meta["convolution"] == "torch default"
 
 
 def test_cpu_peak_growth_sees_an_allocation():
@@ -77,3 +81,36 @@ def tiny_unet_params(folder):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").parameters()
+
+
+def test_plan_activations_are_the_buffers_a_real_forward_saves(tiny_model_dir):
+    """float32, no checkpointing: the meta trace's activations are the distinct buffers autograd
+    saves in a real edited forward on the CPU, each counted once (an input that several layers
+    save, like the normalized states feeding to_q, to_k and to_v, is one buffer)."""
+    from kscu.families.base import cond_cat
+    from kscu.models import load_pipeline
+
+    sd = FAMILIES["sd"]
+    cfg = resolve(EraseConfig(concepts=["church"], device="cpu"), family=sd)
+    planned = plan(str(tiny_model_dir), cfg, sd)["bytes"]["activations"]
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    net = sd.denoiser(pipe).requires_grad_(True)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    sampler = sd.sampler(pipe, cfg.num_steps, cfg.resolution, cfg.loss_space)
+    noise = sampler.noise(0)
+    x = noise.expand(2, *noise.shape[1:])  # the rows of e and u, as the plan traces them
+    cond = cond_cat(sd.encode(pipe, ["church"]), sd.encode(pipe, [""]))
+    buffers, saves = {}, []
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            buffers[storage.data_ptr()] = storage.nbytes()
+            saves.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        sampler.raw(net, x, cfg.start_step, cond)
+    assert sum(saves) > sum(buffers.values())  # some buffers are saved more than once
+    assert planned == sum(buffers.values())

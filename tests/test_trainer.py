@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -270,3 +271,37 @@ def test_embedding_noise_reaches_the_network(tiny_pipe, dtype, least, most):
     share = (reached != reference).float().mean().item()
     print(f"{dtype}: {share:.4%} of the embedding's elements differ where it enters the network")
     assert least <= share <= most, share
+
+
+def test_fast_cpu_conv_switches_only_the_convolution_kernel(tiny_pipe):
+    """--fast-cpu-conv runs the loop without oneDNN (restored after, also after an error) and
+    agrees with the default kernels to float rounding; it is not bit-identical, hence opt-in."""
+    cfg = resolve(EraseConfig(concepts=["church"], lr=1e-3, augment=False, **SHORT))
+    base = snapshot(tiny_pipe.unet)
+    runs = {}
+    for native in (False, True):
+        tiny_pipe.unet.load_state_dict(base)
+        seen = []
+
+        def look(i, e, x, loss, seen=seen):
+            seen.append((loss, torch.backends.mkldnn.enabled))
+
+        result = erase(tiny_pipe, replace(cfg, fast_cpu_conv=native), False, look)
+        assert {on for _, on in seen} == {not native}
+        assert torch.backends.mkldnn.enabled  # restored
+        assert result.record["convolution"].startswith("torch native" if native else "torch def")
+        weights = {n: t.clone() for n, t in result.tensors.items()}  # the next run reuses them
+        runs[native] = (torch.tensor([loss for loss, _ in seen]), weights)
+    (a, wa), (b, wb) = runs[False], runs[True]
+    assert torch.allclose(a, b, rtol=1e-4, atol=0), (a - b).abs().max()
+    delta_a = torch.cat([(wa[n] - base[n]).flatten() for n in wa])
+    delta_b = torch.cat([(wb[n] - base[n]).flatten() for n in wa])
+    assert delta_a.abs().max() > 1e-4  # the weights moved
+    assert 0 < (delta_a - delta_b).norm() / delta_a.norm() < 1e-3  # close, not bit-identical
+
+    def fail(*_):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        erase(tiny_pipe, replace(cfg, fast_cpu_conv=True), False, fail)
+    assert torch.backends.mkldnn.enabled

@@ -76,6 +76,7 @@ class EraseConfig:
     optimizer_in_backward: bool = True  # step each tensor as its gradient completes (kscu.optim)
     gradient_checkpointing: bool = False  # diffusers' switch: less activation memory, more time
     lean_adam: bool = False  # Adam moments in bf16, stochastically rounded (opt-in, not exact)
+    fast_cpu_conv: bool = False  # float32 on the CPU: torch's native convolution, not oneDNN's
     augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
     family: str | None = None  # None: detected from the model (model_index.json)
     preset: dict[str, Any] = field(default_factory=dict)  # what a model preset applied
@@ -202,6 +203,16 @@ def _validate(c: EraseConfig, family: Any) -> None:
         f"unknown loss space {c.loss_space!r}; choose epsilon or model",
     )
     need(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(
+        not c.fast_cpu_conv or c.dtype == "float32",
+        f"--fast-cpu-conv is for --dtype float32 (got {c.dtype}: the CPU's bf16/fp16 "
+        "convolutions need oneDNN); drop the flag or use --dtype float32",
+    )
+    need(
+        not c.fast_cpu_conv or c.device in ("auto", "cpu"),
+        f"--fast-cpu-conv changes CPU convolutions only (got --device {c.device}); "
+        "drop the flag or use --device cpu",
+    )
     need(c.iterations > 0, f"--iterations must be > 0 (got {c.iterations})")
     need(c.num_steps > 0, f"--num-steps must be > 0 (got {c.num_steps})")
     need(

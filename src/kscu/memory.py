@@ -10,8 +10,9 @@ networks are built on the meta device: no weights are read):
 - adam: Adam's two float32 moments per trainable element (``--lean-adam``: two bf16 moments,
   plus the float32 temporaries of the one tensor being stepped);
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
-- activations: what autograd saves in the edited forward at the training resolution (measured
-  by running that forward on the meta device, attention as the fused kernels save it). Under
+- activations: the buffers autograd saves in the edited forward, each once, at the training
+  resolution (measured by running that forward on the meta device, attention as the fused
+  kernels save it). Under
   ``--gradient-checkpointing`` the trace follows diffusers' own checkpointed calls: each call's
   inputs stay, its inside is saved only while backward recomputes it (the largest one counted);
   the trace has the real erase's dtypes, so under bf16/fp16 compute it also counts autocast's
@@ -102,18 +103,21 @@ def activation_bytes(
     rows = 1 if cfg.lambda2 == 0 else 2
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
-    saved: list[int] = []
+    # Saved tensors by the tensor whose memory they keep (a view keeps its base's), each once:
+    # one input saved by several ops (a block's norm output feeding to_q, to_k, to_v and an MLP)
+    # is one buffer. The tensors themselves are kept so that no id is reused during the trace.
+    saved: dict[int, torch.Tensor] = {}
     regions: list[int] = [0]  # bytes saved inside the largest checkpointed call
-    held: dict[int, int] = {}  # inputs that checkpointed calls keep, by tensor
+    held: dict[int, torch.Tensor] = {}  # inputs that checkpointed calls keep
 
-    def width(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
+    def width(tensors: dict[int, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def keeper(into: list[int]):
+    def keeper(into: dict[int, torch.Tensor]):
         def keep(t: torch.Tensor) -> torch.Tensor:
             base = t._base if t._base is not None else t
             if id(t) not in params and id(base) not in params:
-                into.append(width(t))
+                into[id(base)] = base
             return t
 
         return keep
@@ -121,18 +125,18 @@ def activation_bytes(
     def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
         """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward
         (autocast runs without its cast cache then: the inside's weight copies go with it)."""
-        held.update({id(a): width(a) for a in args if isinstance(a, torch.Tensor)})
-        inside: list[int] = []
+        held.update({id(a): a for a in args if isinstance(a, torch.Tensor)})
+        inside: dict[int, torch.Tensor] = {}
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
             out = module(*args)
-        regions[0] = max(regions[0], sum(inside))
+        regions[0] = max(regions[0], width(inside))
         return out
 
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing(checkpointed)
     with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t), _MetaTrace(compute):
         sampler.raw(net, x, cfg.start_step, cond)
-    return sum(saved) + sum(held.values()) + regions[0]
+    return width(saved) + width({k: v for k, v in held.items() if k not in saved}) + regions[0]
 
 
 class _MetaTrace(torch.overrides.TorchFunctionMode):

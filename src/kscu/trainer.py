@@ -19,6 +19,7 @@ updates (KSCU_METHOD.md section 8), so the saved weights are exactly base + upda
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -34,7 +35,7 @@ from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.families.base import Cond, cond_cat, cond_pick, offload_modules
-from kscu.models import TORCH_DTYPES
+from kscu.models import TORCH_DTYPES, cpu_convolution
 from kscu.objective import kscu_loss
 from kscu.optim import AdamSteps
 from kscu.prompts import augmented_prompts
@@ -172,35 +173,37 @@ def erase(
 
         table = build_schedule(cfg)
         losses: list[float] = []
-        x, previous = None, None
+        x, previous, ticks = None, None, [time.perf_counter()]
         bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
-        for i, (c, s) in enumerate(bar):
-            if cfg.reuse_trajectory and previous == (c, s - 1):
-                x = walk(x, s - 1, c)
-            else:
-                x = sampler.noise(cfg.seed + i)
-                for k in range(s):
-                    x = walk(x, k, c)
+        with cpu_convolution(cfg.fast_cpu_conv, net.device):  # opt-in, float32 on the CPU
+            for i, (c, s) in enumerate(bar):
+                if cfg.reuse_trajectory and previous == (c, s - 1):
+                    x = walk(x, s - 1, c)
+                else:
+                    x = sampler.noise(cfg.seed + i)
+                    for k in range(s):
+                        x = walk(x, k, c)
 
-            with torch.no_grad():
-                p, n = pair(x, s, cond[c], uncond, frozen=True)
-            cond_e = cond[c]
-            if cfg.augment and i >= augment_from:
-                cond_e = _variant(variants[c], rng, emb_noise, cfg.embedding_noise_std)
-            if cfg.lambda2 == 0:  # ESD: the leakage term is zero, skip its forward pass
-                e, u = sampler.to_loss_space(raw(x, s, cond_e), x, s), None
-            else:
-                e, u = pair(x, s, cond_e, uncond)
-            lambda1 = sampler.lambda1(s, cfg.lambda1_alpha)
-            loss = kscu_loss(e, u, p, n, cfg.negative_guidance, lambda1, cfg.lambda2)
-            if not torch.isfinite(loss):
-                raise KscuError(_nonfinite(loss.item(), i, s, cfg.dtype))
-            adam.backward(loss)  # gradients and the Adam step (kscu.optim)
-            losses.append(loss.item())
-            bar.set_postfix(step=s, loss=f"{losses[-1]:.3g}")
-            if callback is not None:
-                callback(i, (c, s), x, losses[-1])
-            previous = (c, s)
+                with torch.no_grad():
+                    p, n = pair(x, s, cond[c], uncond, frozen=True)
+                cond_e = cond[c]
+                if cfg.augment and i >= augment_from:
+                    cond_e = _variant(variants[c], rng, emb_noise, cfg.embedding_noise_std)
+                if cfg.lambda2 == 0:  # ESD: the leakage term is zero, skip its forward pass
+                    e, u = sampler.to_loss_space(raw(x, s, cond_e), x, s), None
+                else:
+                    e, u = pair(x, s, cond_e, uncond)
+                lambda1 = sampler.lambda1(s, cfg.lambda1_alpha)
+                loss = kscu_loss(e, u, p, n, cfg.negative_guidance, lambda1, cfg.lambda2)
+                if not torch.isfinite(loss):
+                    raise KscuError(_nonfinite(loss.item(), i, s, cfg.dtype))
+                adam.backward(loss)  # gradients and the Adam step (kscu.optim)
+                losses.append(loss.item())
+                bar.set_postfix(step=s, loss=f"{losses[-1]:.3g}")
+                if callback is not None:
+                    callback(i, (c, s), x, losses[-1])
+                previous = (c, s)
+                ticks.append(time.perf_counter())
     except BaseException:
         restore.undo()  # leave the pipeline as it was
         raise
@@ -218,9 +221,15 @@ def erase(
     # every trainable tensor at the peak); clone it to keep it past later edits of the pipeline.
     tensors = {n: params[n].detach().to("cpu", torch.float32) for n in names}
     restore.put({n: params[n] for n in names})
-    record = {"family": family.name, **sampler.record()}
+    native = cfg.fast_cpu_conv and net.device.type == "cpu"
+    record = {"family": family.name, **sampler.record(), "convolution": _CONV[native]}
+    # per iteration: the first pays every first touch (Adam state, gradients), the rest do not
+    record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
+
+
+_CONV = {True: "torch native (--fast-cpu-conv)", False: "torch default"}
 
 
 def _variant(variants: Cond, rng: random.Random, gen: torch.Generator, std: float) -> Cond:
