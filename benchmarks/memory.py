@@ -214,26 +214,10 @@ def flux_model(args: argparse.Namespace, folder: Path, shape: str) -> Path:
 def flux_summary(args: argparse.Namespace, folder: Path, runs: dict, extra: list[str]) -> dict:
     """The 19 + 38 extrapolation of measured and planned bytes, and the full model's own plan
     (built on the meta device from FLUX.1-dev's config, as a GPU would hold it)."""
-    from kscu.config import EraseConfig, resolve
-    from kscu.families import FAMILIES
-    from kscu.memory import plan
-
     full = folder / "flux-dev-config"
     if not (full / "model_index.json").exists():
         save_config_only(full, flux_width(*FLUX_DEV_BLOCKS, meta=True))
-    cfg = EraseConfig(
-        concepts=["church"],
-        mode="class",
-        resolution=args.resolution,
-        dtype=args.dtype,
-        device="cuda",
-        augment=False,
-        gradient_checkpointing="--gradient-checkpointing" in extra,
-        lean_adam="--lean-adam" in extra,
-        optimizer_in_backward="--no-optimizer-in-backward" not in extra,
-    )
-    flux = FAMILIES["flux"]
-    full_plan = plan(str(full), resolve(cfg, family=flux), flux)
+    full_plan = plan_now(full, args, extra, device="cuda")
     return {
         "blocks": runs,
         "extrapolated_measured_bytes": extrapolate(
@@ -284,13 +268,16 @@ def line(name: str, measured: int, planned: int | None, speed: tuple = ()) -> No
     print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14} {cells}")
 
 
-def plan_now(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    """``kscu erase --plan`` of the code as it is now, for the same command line."""
+def plan_now(model: Path, args: argparse.Namespace, extra: list[str], device: str = "cpu") -> dict:
+    """``kscu erase --plan`` of the code as it is now, for the same command line on ``device``."""
+    import dataclasses
+
     from kscu.cli import build_parser, erase_config_from_args
     from kscu.runner import memory_plan, prepare
 
     ns = build_parser().parse_args(["erase", *erase_args(model, Path("unused"), args), *extra])
-    return memory_plan(str(model), prepare(erase_config_from_args(ns), str(model)))
+    config = dataclasses.replace(erase_config_from_args(ns), device=device)
+    return memory_plan(str(model), prepare(config, str(model)))
 
 
 def replan(args: argparse.Namespace) -> None:

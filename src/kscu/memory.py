@@ -12,12 +12,12 @@ networks are built on the meta device: no weights are read):
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
 - activations: the buffers autograd saves in the edited forward, each once, at the training
   resolution (measured by running that forward on the meta device, attention as the fused
-  kernels save it). Under
-  ``--gradient-checkpointing`` the trace follows diffusers' own checkpointed calls: each call's
-  inputs stay, its inside is saved only while backward recomputes it (the largest one counted);
-  the trace has the real erase's dtypes, so under bf16/fp16 compute it also counts autocast's
-  compute-dtype copies of float32 weights (the masters, and a float32 checkpoint's other
-  weights) that backward needs: all at once, or with checkpointing the largest call's;
+  kernels save it). Under ``--gradient-checkpointing`` the trace follows diffusers' own
+  checkpointed calls: each call's inputs stay, its inside is saved only while backward
+  recomputes it (the largest one counted); the trace has the real erase's dtypes, so under
+  bf16/fp16 compute it also counts autocast's compute-dtype copies of float32 weights (the
+  masters, and a float32 checkpoint's other weights) that backward needs: all at once, or with
+  checkpointing the largest call's;
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -113,11 +113,14 @@ def activation_bytes(
     def width(tensors: dict[int, torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def hold(into: dict[int, torch.Tensor], t: torch.Tensor) -> None:
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params:
+            into[id(base)] = base
+
     def keeper(into: dict[int, torch.Tensor]):
         def keep(t: torch.Tensor) -> torch.Tensor:
-            base = t._base if t._base is not None else t
-            if id(t) not in params and id(base) not in params:
-                into[id(base)] = base
+            hold(into, t)
             return t
 
         return keep
@@ -125,7 +128,9 @@ def activation_bytes(
     def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
         """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward
         (autocast runs without its cast cache then: the inside's weight copies go with it)."""
-        held.update({id(a): a for a in args if isinstance(a, torch.Tensor)})
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                hold(held, a)
         inside: dict[int, torch.Tensor] = {}
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
             out = module(*args)

@@ -222,14 +222,12 @@ def erase(
     tensors = {n: params[n].detach().to("cpu", torch.float32) for n in names}
     restore.put({n: params[n] for n in names})
     native = cfg.fast_cpu_conv and net.device.type == "cpu"
-    record = {"family": family.name, **sampler.record(), "convolution": _CONV[native]}
+    conv = "torch native (--fast-cpu-conv)" if native else "torch default"
+    record = {"family": family.name, **sampler.record(), "convolution": conv}
     # per iteration: the first pays every first touch (Adam state, gradients), the rest do not
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
-
-
-_CONV = {True: "torch native (--fast-cpu-conv)", False: "torch default"}
 
 
 def _variant(variants: Cond, rng: random.Random, gen: torch.Generator, std: float) -> Cond:
