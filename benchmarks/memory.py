@@ -38,7 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "gradient checkpointing": ["--gradient-checkpointing"],
     "lean Adam state": ["--lean-adam"],
     "checkpointing + lean Adam": ["--gradient-checkpointing", "--lean-adam"],
+    "host Adam state (--offload-adam)": ["--offload-adam"],
+    "offload + checkpointing": ["--offload-adam", "--gradient-checkpointing"],
     "native convolution (--fast-cpu-conv)": ["--fast-cpu-conv"],  # float32 only: a speed option
+    "fastest CPU: native conv + held gradients": ["--fast-cpu-conv", "--no-optimizer-in-backward"],
 }
 FLUX_SHAPES = {"1+1": (1, 1), "2+1": (2, 1), "1+2": (1, 2)}  # joint + single-stream blocks
 FLUX_DEV_BLOCKS = (19, 38)
@@ -58,6 +61,8 @@ def flux_width(joint: int, single: int, meta: bool = False):
     sys.path.insert(0, str(HERE.parent / "tests"))
     import torch
     from tiny_families import FLUX_DEV_WIDTH, build_tiny_flux_pipeline
+
+    import kscu  # noqa: F401  (before diffusers: PyPI's torchvision beside a CPU torch)
 
     shape = {**FLUX_DEV_WIDTH, "num_layers": joint, "num_single_layers": single}
     if meta:
@@ -122,7 +127,14 @@ def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str])
         "trainable_elements": meta["trainable_elements"],
         "seconds": meta["seconds"],
         "iteration_seconds": meta["iteration_seconds"],
+        "gpu_host_bytes": gpu_host_bytes(model, args, extra),
     }
+
+
+def gpu_host_bytes(model: Path, args: argparse.Namespace, extra: list[str]) -> int:
+    """What a GPU run of the same command keeps in host RAM (its plan's ``host_bytes``): on the
+    CPU it is inside the measured peak, so measured minus this is the GPU's share (computed)."""
+    return sum(plan_now(model, args, extra, device="cuda")["host_bytes"].values())
 
 
 PLAIN = """
@@ -224,6 +236,9 @@ def flux_summary(args: argparse.Namespace, folder: Path, runs: dict, extra: list
             {k: r["measured_bytes"] for k, r in runs.items()}
         ),
         "extrapolated_plan_bytes": extrapolate({k: r["plan_bytes"] for k, r in runs.items()}),
+        "extrapolated_gpu_host_bytes": extrapolate(
+            {k: r["gpu_host_bytes"] for k, r in runs.items()}
+        ),
         "full_plan_bytes": full_plan["total_bytes"],
         "full_plan": full_plan["bytes"],
         "full_host_bytes": full_plan["host_bytes"],
@@ -237,18 +252,19 @@ def report(args: argparse.Namespace, rows: dict) -> None:
     print(f"{args.model}, class mode, {shape}, {where}")
     print(
         f"{'path':<42} {'measured GiB':>12} {'plan GiB':>9} {'plan/measured':>14} "
-        f"{'s/iteration':>12} {'later median':>12}"
+        f"{'GPU: - host':>12} {'s/iteration':>12} {'later median':>12}"
     )
     for name, r in rows.items():
         if "blocks" in r:
             for shape, b in r["blocks"].items():
-                line(f"{name} [{shape}]", b["measured_bytes"], b["plan_bytes"])
-            line(f"{name} [19+38 extrapolated]", *_pair(r, "extrapolated"))
+                line(f"{name} [{shape}]", b["measured_bytes"], b["plan_bytes"], b["gpu_host_bytes"])
+            host = r["extrapolated_gpu_host_bytes"]
+            line(f"{name} [19+38 extrapolated]", *_pair(r, "extrapolated"), host)
             print(f"{'':<42} {'':>12} {r['full_plan_bytes'] / GIB:9.3f}  (19+38 plan, GPU)")
         else:
             overall = r["seconds"] / args.iterations if r.get("seconds") else None
             speed = (overall, _later_median(r.get("iteration_seconds")))
-            line(name, r["measured_bytes"], r.get("plan_bytes"), speed)
+            line(name, r["measured_bytes"], r.get("plan_bytes"), r.get("gpu_host_bytes"), speed)
 
 
 def _pair(r: dict, key: str) -> tuple[int, int]:
@@ -260,12 +276,16 @@ def _later_median(steps: list[float] | None) -> float | None:
     return statistics.median(steps[1:]) if steps and len(steps) > 1 else None
 
 
-def line(name: str, measured: int, planned: int | None, speed: tuple = ()) -> None:
-    """One table row; ``speed``: (seconds per iteration overall, later iterations' median)."""
+def line(
+    name: str, measured: int, planned: int | None, host: int | None, speed: tuple = ()
+) -> None:
+    """One table row; ``host``: what a GPU run keeps in host RAM (the GPU column subtracts it);
+    ``speed``: (seconds per iteration overall, later iterations' median)."""
     ratio = f"{planned / measured:.3f}" if planned and measured else "-"
     plan_text = f"{planned / GIB:9.3f}" if planned else f"{'-':>9}"
+    gpu = f"{(measured - host) / GIB:12.3f}" if host is not None else f"{'-':>12}"
     cells = " ".join(f"{v:12.2f}" if v else f"{'-':>12}" for v in speed)
-    print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14} {cells}")
+    print(f"{name:<42} {measured / GIB:12.3f} {plan_text} {ratio:>14} {gpu} {cells}")
 
 
 def plan_now(model: Path, args: argparse.Namespace, extra: list[str], device: str = "cpu") -> dict:
@@ -295,6 +315,7 @@ def replan(args: argparse.Namespace) -> None:
                 fresh = plan_now(model, args, VARIANTS[name])
                 run.update(plan_bytes=fresh["total_bytes"], plan=fresh["bytes"])
                 run["host_bytes"] = fresh["host_bytes"]
+                run["gpu_host_bytes"] = gpu_host_bytes(model, args, VARIANTS[name])
         if "blocks" in row:
             with tempfile.TemporaryDirectory() as tmp:
                 row.update(flux_summary(args, Path(tmp), row["blocks"], VARIANTS[name]))

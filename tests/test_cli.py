@@ -80,6 +80,7 @@ def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
         (["--concept", "x", "--negative-guidance", "nan"], "loss became nan"),
         (["--concept", "x", "--fast-cpu-conv", "--dtype", "bfloat16"], "--fast-cpu-conv"),
         (["--concept", "x", "--fast-cpu-conv", "--device", "cuda"], "--fast-cpu-conv"),
+        (["--concept", "x", "--offload-adam", "--lean-adam"], "--offload-adam"),
     ],
 )
 def test_bad_erase_input_is_one_line_exit_2_no_weights(

@@ -49,6 +49,9 @@ def test_esd_removes_key_steps_and_leak_term():
         ({"lr": -1.0}, "--lr"),
         ({"dtype": "int8"}, "unknown dtype"),
         ({"resolution": 30}, "--resolution"),
+        ({"offload_adam": True, "optimizer_in_backward": False}, "--offload-adam"),
+        ({"offload_adam": True, "dtype": "float16"}, "--offload-adam"),
+        ({"offload_adam": True, "lean_adam": True}, "choose one"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(kwargs, words):

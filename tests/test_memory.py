@@ -114,3 +114,30 @@ def test_plan_activations_are_the_buffers_a_real_forward_saves(tiny_model_dir):
         sampler.raw(net, x, cfg.start_step, cond)
     assert sum(saves) > sum(buffers.values())  # some buffers are saved more than once
     assert planned == sum(buffers.values())
+
+
+def test_plan_moves_offloaded_adam_state_to_host_memory(tiny_model_dir):
+    """--offload-adam on a GPU: the exact moments in host RAM, one tensor's on the device; on a
+    CPU both are the erase's own memory, so the total grows by that one tensor's copies."""
+    from kscu.scope import trainable_names
+
+    sd = FAMILIES["sd"]
+
+    def planned(device, **kw):
+        cfg = resolve(EraseConfig(concepts=["church"], device=device, **kw), family=sd)
+        return plan(str(tiny_model_dir), cfg, sd)
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    params = dict(unet.named_parameters())
+    largest = max(params[n].numel() for n in trainable_names(unet, "noxattn", sd))
+    gpu, gpu_off = planned("cuda"), planned("cuda", offload_adam=True)
+    n = gpu["trainable_elements"]
+    assert gpu["bytes"]["adam"] == 8 * n and "adam_state" not in gpu["host_bytes"]
+    assert gpu_off["host_bytes"]["adam_state"] == 8 * n
+    assert gpu_off["bytes"]["adam"] == 8 * largest < 8 * n
+    assert gpu["total_bytes"] - gpu_off["total_bytes"] == 8 * (n - largest)
+    cpu, cpu_off = planned("cpu"), planned("cpu", offload_adam=True)
+    assert cpu_off["bytes"]["adam_state"] == 8 * n
+    assert cpu_off["total_bytes"] - cpu["total_bytes"] == 8 * largest

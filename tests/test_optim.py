@@ -28,6 +28,31 @@ def test_optimizer_in_backward_gives_the_plain_step_weights(tiny_pipe):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_offloaded_adam_state_gives_the_same_weights(tiny_pipe, monkeypatch):
+    """--offload-adam: the moments live in host memory apart from the device's step copies and
+    go back after each step (were they not copied back, the second step would restart them
+    from zero and the weights would differ)."""
+    from kscu.optim import TensorAdam
+
+    steppers, step = [], TensorAdam.__call__
+    monkeypatch.setattr(
+        TensorAdam, "__call__", lambda self, p: steppers.append((self, p)) or step(self, p)
+    )
+    other = copy.deepcopy(tiny_pipe)
+    cfg = dict(concepts=["church"], lr=1e-3, iterations=12, num_steps=10, start_step=3)
+    offloaded = erase(tiny_pipe, EraseConfig(offload_adam=True, **cfg), progress=False)
+    assert steppers and all(s.offload for s, _ in steppers)
+    exact = erase(other, EraseConfig(**cfg), progress=False)
+    assert offloaded.losses == exact.losses
+    for n, t in offloaded.tensors.items():
+        assert torch.equal(t, exact.tensors[n]), n
+    for stepper, p in steppers:
+        m, v, _ = stepper.state
+        assert m.device.type == v.device.type == "cpu" and m.shape == p.shape
+        assert v.abs().sum() > 0  # the moments came back from their steps
+        assert m.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+
+
 def test_frozen_copy_in_the_compute_dtype_predicts_as_the_float32_original(tiny_pipe):
     """Under bf16 autocast Linear/Conv2d cast their weights to bf16 anyway: a bf16 frozen copy
     of the trainable tensors gives bit-identical frozen predictions."""

@@ -91,6 +91,12 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         "not exact (measured in the README)",
     )
     p.add_argument(
+        "--offload-adam",
+        action="store_true",
+        help="keep Adam's moments in host memory and move each tensor's to the device for its "
+        "step: exact, 8 bytes per trainable element off the GPU, slower (README)",
+    )
+    p.add_argument(
         "--fast-cpu-conv",
         action="store_true",
         help="float32 on the CPU: torch's native convolution instead of oneDNN's, faster on "
@@ -144,6 +150,7 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         optimizer_in_backward=not args.no_optimizer_in_backward,
         gradient_checkpointing=args.gradient_checkpointing,
         lean_adam=args.lean_adam,
+        offload_adam=args.offload_adam,
         fast_cpu_conv=args.fast_cpu_conv,
         augment=args.augment,
         family=args.family,

@@ -76,6 +76,7 @@ class EraseConfig:
     optimizer_in_backward: bool = True  # step each tensor as its gradient completes (kscu.optim)
     gradient_checkpointing: bool = False  # diffusers' switch: less activation memory, more time
     lean_adam: bool = False  # Adam moments in bf16, stochastically rounded (opt-in, not exact)
+    offload_adam: bool = False  # Adam moments in host memory, on the device per step (exact)
     fast_cpu_conv: bool = False  # float32 on the CPU: torch's native convolution, not oneDNN's
     augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
     family: str | None = None  # None: detected from the model (model_index.json)
@@ -212,6 +213,21 @@ def _validate(c: EraseConfig, family: Any) -> None:
         not c.fast_cpu_conv or c.device in ("auto", "cpu"),
         f"--fast-cpu-conv changes CPU convolutions only (got --device {c.device}); "
         "drop the flag or use --device cpu",
+    )
+    need(
+        not c.offload_adam or c.optimizer_in_backward,
+        "--offload-adam steps each tensor as its gradient completes; "
+        "drop --no-optimizer-in-backward",
+    )
+    need(
+        not c.offload_adam or c.dtype != "float16",
+        "--offload-adam cannot run under --dtype float16 (its loss scaler holds every gradient "
+        "before any step); use --dtype bfloat16",
+    )
+    need(
+        not (c.offload_adam and c.lean_adam),
+        "--offload-adam keeps the exact Adam state in host memory, --lean-adam a rounded one "
+        "on the device: choose one",
     )
     need(c.iterations > 0, f"--iterations must be > 0 (got {c.iterations})")
     need(c.num_steps > 0, f"--num-steps must be > 0 (got {c.num_steps})")

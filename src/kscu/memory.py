@@ -9,6 +9,8 @@ networks are built on the meta device: no weights are read):
 - frozen: the original trainable tensors in the compute dtype (the frozen model's weights);
 - adam: Adam's two float32 moments per trainable element (``--lean-adam``: two bf16 moments,
   plus the float32 temporaries of the one tensor being stepped);
+  ``--offload-adam``: the exact moments in host memory (``host_bytes``), and on the device the
+  moments of the one tensor being stepped;
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
 - activations: the buffers autograd saves in the edited forward, each once, at the training
   resolution (measured by running that forward on the meta device, attention as the fused
@@ -239,6 +241,8 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "encoders": 0 if on_cpu else others * _bytes(compute),  # family.encoder_modules
         "restore_copy": trainable * 4 if loaded != compute else 0,
     }
+    if cfg.offload_adam:
+        host["adam_state"] = trainable * 8  # the exact moments, stepped on the device per tensor
     parts = {
         "weights": sum(p.numel() for p in net.parameters()) * _bytes(loaded)
         + others * _bytes(compute)
@@ -247,7 +251,10 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "frozen": trainable * _bytes(compute),
         # lean Adam widens one tensor's bf16 moments to float32 to step it: six float32
         # temporaries of the largest tensor (moments, denominator, rounding noise and bits)
-        "adam": trainable * 4 + largest * 24 if cfg.lean_adam else trainable * 8,
+        # --offload-adam: one tensor's two moments at a time, moved in for its step
+        "adam": trainable * 4 + largest * 24
+        if cfg.lean_adam
+        else (largest if cfg.offload_adam else trainable) * 8,
         "gradients": (
             largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
         )
@@ -257,6 +264,8 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
     parts["activations"] = activation_bytes(family, pipe_like, cfg, compute, float32_weights)
     if on_cpu:  # host RAM is the erase's own memory
         parts["restore_copy"] = host.pop("restore_copy")
+        if cfg.offload_adam:
+            parts["adam_state"] = host.pop("adam_state")
     return {
         "trainable_elements": trainable,
         "bytes": parts,

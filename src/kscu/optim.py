@@ -7,6 +7,12 @@ scope that is 3.3 GB of float32 gradients that a plain ``loss.backward(); optimi
 holds at its peak. Adam is elementwise, so stepping tensor by tensor is the same update; with
 torch's fused kernel (CUDA and CPU) each step is one kernel. Under float16 the loss scaler must
 see all gradients before any step (to skip a step on overflow), so that path steps them together.
+
+``offload_state`` keeps Adam's two moments in host memory (pinned when the device is a GPU) and
+moves one tensor's moments to the device for its step and back: the same kernel on the same
+values, so the same update, with 8 bytes per trainable element off the device (18.7 GiB for
+FLUX.1-dev's attention scope) for 16 bytes per element of host-device traffic per iteration.
+On a CPU erase the moments are in host memory already; the copies are then pure cost.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class AdamSteps:
         in_backward: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         lean_state: bool = False,
+        offload_state: bool = False,
     ):
         self.scaler = scaler
         self.in_backward = in_backward and scaler is None
@@ -37,7 +44,8 @@ class AdamSteps:
 
         if self.in_backward:
             steps = [
-                _step_and_free(adam([p])) if lean_state else TensorAdam(lr, fused) for p in params
+                _step_and_free(adam([p])) if lean_state else TensorAdam(lr, fused, offload_state)
+                for p in params
             ]
             self.hooks = [
                 p.register_post_accumulate_grad_hook(step)
@@ -75,24 +83,40 @@ class TensorAdam:
     the same state (two moments, a float32 step count), defaults and kernel (fused where torch
     has one), so the update is the same; it skips the optimizer wrapper, whose per-call work
     (hooks, profiler ranges, ``zero_grad``) cost more than the step itself on a small model.
+    With ``offload`` the moments live in host memory and visit the device for the step only.
     """
 
-    def __init__(self, lr: float, fused: bool, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.fused, self.betas, self.eps = lr, fused, betas, eps
+    def __init__(
+        self, lr: float, fused: bool, offload: bool = False, betas=(0.9, 0.999), eps: float = 1e-8
+    ):
+        self.lr, self.fused, self.offload, self.betas, self.eps = lr, fused, offload, betas, eps
         self.state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _new_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
+        if not self.offload:
+            zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
+            return (*zeros, step)
+        pinned = p.device.type == "cuda"  # page-locked: the copies run asynchronously
+        zeros = [torch.zeros(p.shape, dtype=p.dtype, pin_memory=pinned) for _ in range(2)]
+        return (*zeros, step)
 
     @torch.no_grad()
     def __call__(self, p: torch.Tensor) -> None:
         if self.state is None:
-            step = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
-            zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
-            self.state = (*zeros, step)
-        m, v, step = self.state
+            self.state = self._new_state(p)
+        home_m, home_v, step = self.state
+        m, v = home_m, home_v
+        if self.offload:  # this tensor's moments onto the device, for its step only
+            m, v = (torch.empty_like(p).copy_(s, non_blocking=True) for s in (home_m, home_v))
         functional_adam(
             [p], [p.grad], [m], [v], [], [step],
             foreach=False, fused=self.fused, amsgrad=False, beta1=self.betas[0],
             beta2=self.betas[1], lr=self.lr, weight_decay=0.0, eps=self.eps, maximize=False,
         )  # fmt: skip
+        if self.offload:  # back home; the stream orders the next read after these copies
+            home_m.copy_(m, non_blocking=True)
+            home_v.copy_(v, non_blocking=True)
         p.grad = None
 
 

@@ -126,7 +126,12 @@ def erase(
             params[n].requires_grad_(True)
         scaler = torch.amp.GradScaler(net.device.type) if cfg.dtype == "float16" else None
         adam = AdamSteps(
-            [params[n] for n in names], cfg.lr, cfg.optimizer_in_backward, scaler, cfg.lean_adam
+            [params[n] for n in names],
+            cfg.lr,
+            cfg.optimizer_in_backward,
+            scaler,
+            lean_state=cfg.lean_adam,
+            offload_state=cfg.offload_adam,
         )
 
         def autocast():
