@@ -296,7 +296,11 @@ def plan_now(model: Path, args: argparse.Namespace, extra: list[str], device: st
     from kscu.runner import memory_plan, prepare
 
     ns = build_parser().parse_args(["erase", *erase_args(model, Path("unused"), args), *extra])
-    config = dataclasses.replace(erase_config_from_args(ns), device=device)
+    config = erase_config_from_args(ns)
+    # the convolution kernel changes no byte; the flag is refused off the CPU
+    config = dataclasses.replace(
+        config, device=device, fast_cpu_conv=config.fast_cpu_conv and device == "cpu"
+    )
     return memory_plan(str(model), prepare(config, str(model)))
 
 

@@ -94,11 +94,11 @@ class TensorAdam:
 
     def _new_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
-        if not self.offload:
+        if self.offload:  # host memory, page-locked beside a GPU so the copies run asynchronously
+            pinned = p.device.type == "cuda"
+            zeros = [torch.zeros(p.shape, dtype=p.dtype, pin_memory=pinned) for _ in range(2)]
+        else:
             zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
-            return (*zeros, step)
-        pinned = p.device.type == "cuda"  # page-locked: the copies run asynchronously
-        zeros = [torch.zeros(p.shape, dtype=p.dtype, pin_memory=pinned) for _ in range(2)]
         return (*zeros, step)
 
     @torch.no_grad()
@@ -157,7 +157,14 @@ class LeanAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, seed: int = 0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}  # the noise is drawn where
+        # the moments live: no per-step host-to-device copy of it on a GPU
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.generators[device]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -178,13 +185,16 @@ class LeanAdam(torch.optim.Optimizer):
                 t = state["step"]
                 denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
-                state["m"].copy_(stochastic_bf16(m, self.generator))  # in place: no churn
-                state["v"].copy_(stochastic_bf16(v, self.generator))
+                generator = self._generator(p.device)
+                state["m"].copy_(stochastic_bf16(m, generator))  # in place: no churn
+                state["v"].copy_(stochastic_bf16(v, generator))
 
 
 def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 -> bf16, rounding up with probability equal to the dropped fraction."""
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32)
-    rounded = (bits + noise.to(x.device)) & ~0xFFFF
+    noise = torch.randint(
+        0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device
+    )
+    rounded = (bits + noise) & ~0xFFFF
     return rounded.view(torch.float32).to(torch.bfloat16)

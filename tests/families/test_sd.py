@@ -124,3 +124,22 @@ def test_v_twin_gives_the_same_losses_and_updates_in_epsilon_space(tiny_pipe, mo
     model_space = erase(v_twin(tiny_pipe), replace(cfg, loss_space="model"), progress=False)
     assert model_space.record["loss_space"] == "v_prediction"
     assert model_space.losses[0] > 2 * eps_run.losses[0]
+
+
+def test_a_walk_looks_up_the_network_dtype_once(tiny_pipe, monkeypatch):
+    """diffusers' ``dtype`` property walks every submodule; a sampler asks it once per network,
+    and a new sampler asks again (a network converted in between is seen)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    family = family_of(tiny_pipe)
+    lookups, prop = [], ModelMixin.dtype
+    monkeypatch.setattr(ModelMixin, "dtype", property(lambda m: lookups.append(1) or prop.fget(m)))
+    cond = family.encode(tiny_pipe, ["church"])
+    sampler = family.sampler(tiny_pipe, 4)
+    x = sampler.noise(0)
+    for s in range(3):
+        out = sampler.raw(tiny_pipe.unet, x, s, cond)
+    assert len(lookups) == 1 and out.dtype == torch.float32
+    tiny_pipe.unet.to(torch.bfloat16)
+    fresh = family.sampler(tiny_pipe, 4)
+    assert fresh.network_dtype(tiny_pipe.unet) == torch.bfloat16 and len(lookups) == 2

@@ -167,7 +167,7 @@ class FlowSampler(Sampler):
         return pack(x).to(self.device)
 
     def raw(self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None):
-        rows, dtype = len(x), module.dtype
+        rows, dtype = len(x), self.network_dtype(module)
         cond = {k: v.to(dtype) for k, v in cond_rows(cond, rows).items()}
         t = torch.full((rows,), self.timesteps[s] / 1000, device=x.device, dtype=dtype)
         guidance = None

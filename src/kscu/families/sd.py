@@ -171,7 +171,7 @@ class DDIMSampler(Sampler):
         return x.to(self.device)
 
     def raw(self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None):
-        dtype = module.dtype  # float inputs in the network's dtype (autocast may cast again)
+        dtype = self.network_dtype(module)  # inputs in the network's dtype (autocast may recast)
         cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
         kwargs = self.family.unet_kwargs(cond, len(x), self.resolution)
         t = self.timesteps[s]
