@@ -37,15 +37,15 @@ class AdamSteps:
         self.in_backward = in_backward and scaler is None
         fused = _fused_available(params)
 
-        def adam(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            if lean_state:
-                return LeanAdam(group, lr=lr)
+        def adam(group: list[torch.nn.Parameter], seed: int = 0) -> torch.optim.Optimizer:
+            if lean_state:  # stepped per tensor: a seed each, so equal shapes draw unlike noise
+                return LeanAdam(group, lr=lr, seed=seed)
             return torch.optim.Adam(group, lr=lr, fused=fused)
 
         if self.in_backward:
             steps = [
-                _step_and_free(adam([p])) if lean_state else TensorAdam(lr, fused, offload_state)
-                for p in params
+                _step_and_free(adam([p], i)) if lean_state else TensorAdam(lr, fused, offload_state)
+                for i, p in enumerate(params)
             ]
             self.hooks = [
                 p.register_post_accumulate_grad_hook(step)
