@@ -69,7 +69,7 @@ def test_plan_follows_gradient_checkpointing_and_counts_the_restore_copy(tiny_mo
     n = plain["trainable_elements"]
     # the trace has autocast's dtypes: backward keeps a bf16 copy of every float32 weight
     # (masters and the float32 checkpoint's other weights) besides the activations
-    every = sum(p.numel() for p in tiny_unet_params(tiny_model_dir))
+    every = sum(p.numel() for p in tiny_unet(tiny_model_dir).parameters())
     fp32 = planned(dtype="float32")["bytes"]["activations"]
     assert plain["bytes"]["activations"] > 2 * every
     assert plain["bytes"]["activations"] - 2 * every < fp32  # bf16 activations: narrower
@@ -77,10 +77,10 @@ def test_plan_follows_gradient_checkpointing_and_counts_the_restore_copy(tiny_mo
     assert planned(dtype="float32")["bytes"]["restore_copy"] == 0  # masters are the originals
 
 
-def tiny_unet_params(folder):
+def tiny_unet(folder):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").parameters()
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
 
 
 def test_plan_activations_are_the_buffers_a_real_forward_saves(tiny_model_dir):
@@ -127,9 +127,7 @@ def test_plan_moves_offloaded_adam_state_to_host_memory(tiny_model_dir):
         cfg = resolve(EraseConfig(concepts=["church"], device=device, **kw), family=sd)
         return plan(str(tiny_model_dir), cfg, sd)
 
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    unet = tiny_unet(tiny_model_dir)
     params = dict(unet.named_parameters())
     largest = max(params[n].numel() for n in trainable_names(unet, "noxattn", sd))
     gpu, gpu_off = planned("cuda"), planned("cuda", offload_adam=True)

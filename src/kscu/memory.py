@@ -211,6 +211,15 @@ class _MetaPipe:
         self.device = torch.device("meta")
 
 
+def _adam_bytes(cfg: EraseConfig, trainable: int, largest: int) -> int:
+    """Adam's state on the erase's device."""
+    if cfg.lean_adam:  # bf16 moments, widened to float32 for one tensor's step: six float32
+        return trainable * 4 + largest * 24  # temporaries (moments, denominator, noise, bits)
+    if cfg.offload_adam:  # the moments live in host RAM; one tensor's visit for its step
+        return largest * 8
+    return trainable * 8
+
+
 def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
     """Expected bytes by component for ``cfg`` on ``model`` (a folder or hub id)."""
     from diffusers import DiffusionPipeline
@@ -249,12 +258,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         - host["encoders"],
         "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
         "frozen": trainable * _bytes(compute),
-        # lean Adam widens one tensor's bf16 moments to float32 to step it: six float32
-        # temporaries of the largest tensor (moments, denominator, rounding noise and bits)
-        # --offload-adam: one tensor's two moments at a time, moved in for its step
-        "adam": trainable * 4 + largest * 24
-        if cfg.lean_adam
-        else (largest if cfg.offload_adam else trainable) * 8,
+        "adam": _adam_bytes(cfg, trainable, largest),
         "gradients": (
             largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
         )

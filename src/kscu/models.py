@@ -46,7 +46,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def cpu_convolution(native: bool, device: torch.device) -> Iterator[None]:
+def cpu_convolution(native: bool, device: torch.device) -> Iterator[bool]:
     """Inside: torch's native convolution (im2col + GEMM) instead of oneDNN's, on a CPU device.
 
     oneDNN reorders each weight into its blocked layout on every call; with small feature maps
@@ -54,14 +54,15 @@ def cpu_convolution(native: bool, device: torch.device) -> Iterator[None]:
     is 1.3x-3x faster there (README, Performance). It sums in another order, so results agree to
     float rounding, not bit for bit: opt-in (``--fast-cpu-conv``), float32 only, since the CPU's
     bf16/fp16 kernels are oneDNN's. Only the oneDNN switch changes, and it is restored on exit.
+    Yields whether the native kernel is in use.
     """
     if not native or device.type != "cpu":
-        yield
+        yield False
         return
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        yield
+        yield True
     finally:
         torch.backends.mkldnn.enabled = before
 

@@ -157,14 +157,9 @@ class LeanAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, seed: int = 0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self.seed = seed
-        self.generators: dict[torch.device, torch.Generator] = {}  # the noise is drawn where
-        # the moments live: no per-step host-to-device copy of it on a GPU
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self.generators:
-            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self.generators[device]
+        # the noise is drawn where the moments live: no per-step host-to-device copy on a GPU
+        device = self.param_groups[0]["params"][0].device
+        self.generator = torch.Generator(device).manual_seed(seed)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -185,9 +180,8 @@ class LeanAdam(torch.optim.Optimizer):
                 t = state["step"]
                 denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
-                generator = self._generator(p.device)
-                state["m"].copy_(stochastic_bf16(m, generator))  # in place: no churn
-                state["v"].copy_(stochastic_bf16(v, generator))
+                state["m"].copy_(stochastic_bf16(m, self.generator))  # in place: no churn
+                state["v"].copy_(stochastic_bf16(v, self.generator))
 
 
 def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

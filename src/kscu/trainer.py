@@ -180,7 +180,8 @@ def erase(
         losses: list[float] = []
         x, previous, ticks = None, None, [time.perf_counter()]
         bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
-        with cpu_convolution(cfg.fast_cpu_conv, net.device):  # opt-in, float32 on the CPU
+        # opt-in, float32 on the CPU
+        with cpu_convolution(cfg.fast_cpu_conv, net.device) as native_conv:
             for i, (c, s) in enumerate(bar):
                 if cfg.reuse_trajectory and previous == (c, s - 1):
                     x = walk(x, s - 1, c)
@@ -226,8 +227,7 @@ def erase(
     # every trainable tensor at the peak); clone it to keep it past later edits of the pipeline.
     tensors = {n: params[n].detach().to("cpu", torch.float32) for n in names}
     restore.put({n: params[n] for n in names})
-    native = cfg.fast_cpu_conv and net.device.type == "cpu"
-    conv = "torch native (--fast-cpu-conv)" if native else "torch default"
+    conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     # per iteration: the first pays every first touch (Adam state, gradients), the rest do not
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]

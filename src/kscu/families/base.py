@@ -98,7 +98,9 @@ class Sampler:
         diffusers' property walks every submodule on each call (3% of an ESD erase on the
         bundled world, once per denoiser call); a network's dtypes do not change during a walk.
         """
-        cache = self.__dict__.setdefault("_dtypes", weakref.WeakKeyDictionary())
+        cache = self.__dict__.get("_dtypes")
+        if cache is None:  # families' samplers have their own __init__: made on first use
+            cache = self._dtypes = weakref.WeakKeyDictionary()
         if module not in cache:
             cache[module] = module.dtype
         return cache[module]
