@@ -34,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
+    "glibc defaults (--no-reuse-freed-memory)": ["--no-reuse-freed-memory"],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],
     "lean Adam state": ["--lean-adam"],
@@ -96,22 +97,29 @@ def erase_args(model: Path, out: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def child_env(args: argparse.Namespace) -> dict[str, str]:
+def child_env(args: argparse.Namespace, reuse: bool = False) -> dict[str, str]:
     """The measured processes' environment; ``--malloc-mmap-threshold`` fixes glibc's threshold.
 
     By default glibc raises its mmap threshold to the size of each large block freed (up to 32
     MiB), so later blocks below it come from heaps that keep freed memory resident and split
     across per-thread arenas: the resident set then exceeds the live bytes. A fixed threshold
     returns every block above it to the system when freed, so the peak RSS tracks the live bytes
-    (what ``--plan`` counts, and what CUDA's max allocated reports on a GPU).
+    (what ``--plan`` counts, and what CUDA's max allocated reports on a GPU). kscu's erase turns
+    glibc's mmap off on a CPU (freed memory kept for reuse, kscu.allocator), so with a fixed
+    threshold the kscu runs also get ``--no-reuse-freed-memory``. ``reuse``: glibc's environment
+    form of kscu's setting, for the plain loop.
     """
     env = dict(os.environ)
+    if reuse:
+        env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     return env
 
 
 def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    if args.malloc_mmap_threshold is not None:  # glibc's mmap must be on for it to apply
+        extra = [*extra, "--no-reuse-freed-memory"]
     subprocess.run(
         [sys.executable, "-m", "kscu", "erase", *erase_args(model, out, args), *extra],
         check=True,
@@ -157,7 +165,7 @@ print(json.dumps(peak | {{"seconds": seconds, "iteration_seconds": steps}}))
 """
 
 
-def plain_run(model: Path, args: argparse.Namespace) -> dict:
+def plain_run(model: Path, args: argparse.Namespace, reuse: bool = False) -> dict:
     code = PLAIN.format(
         bench=str(HERE), model=str(model), it=args.iterations, res=args.resolution, dtype=args.dtype
     )
@@ -166,7 +174,7 @@ def plain_run(model: Path, args: argparse.Namespace) -> dict:
         check=True,
         capture_output=True,
         text=True,
-        env=child_env(args),
+        env=child_env(args, reuse),
     )
     peak = json.loads(out.stdout.strip().splitlines()[-1])
     return {
@@ -197,6 +205,8 @@ def sd14_rows(args: argparse.Namespace, folder: Path) -> dict:
     }
     if not args.no_plain:
         rows["plain loop (benchmarks/plain_erase.py)"] = plain_run(model, args)
+    if args.plain_reuse:
+        rows["plain loop, freed memory kept (glibc env)"] = plain_run(model, args, reuse=True)
     return rows
 
 
@@ -337,6 +347,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (sd14)")
+    p.add_argument(
+        "--plain-reuse",
+        action="store_true",
+        help="also run the plain loop with glibc keeping freed memory, as kscu's erase does",
+    )
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
     p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
@@ -344,7 +359,8 @@ def main() -> None:
         "--malloc-mmap-threshold",
         type=int,
         default=None,
-        help="bytes: glibc's fixed mmap threshold for the measured processes (e.g. 1048576)",
+        help="bytes: glibc's fixed mmap threshold for the measured processes (e.g. 1048576); "
+        "kscu runs then also get --no-reuse-freed-memory, so the resident set tracks live bytes",
     )
     p.add_argument(
         "--replan",

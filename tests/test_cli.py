@@ -54,6 +54,7 @@ def test_erase_writes_weights_and_record(tiny_model_dir, tmp_path, capsys):
     assert meta["base_model"] == str(tiny_model_dir)
     assert len(meta["losses"]) == 4 and isinstance(meta["seconds"], float)
     assert meta["schedule"][0] == ["church", 2]
+    assert meta["config"]["reuse_freed_memory"] is True and "host_allocator" in meta
 
 
 def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
@@ -289,3 +290,13 @@ def test_esd_augmentation_flags():
     assert augment("--method", "esd") is False
     assert augment("--method", "esd", "--augment") is True
     assert augment() is True and augment("--no-augment") is False
+
+
+def test_no_reuse_freed_memory_flag():
+    from kscu.cli import build_parser, erase_config_from_args
+
+    def reuse(*flags):
+        args = build_parser().parse_args(["erase", "--concept", "c", "--output", "o", *flags])
+        return erase_config_from_args(args).reuse_freed_memory
+
+    assert reuse() is True and reuse("--no-reuse-freed-memory") is False

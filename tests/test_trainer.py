@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kscu.allocator import glibc
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
@@ -305,3 +306,21 @@ def test_fast_cpu_conv_switches_only_the_convolution_kernel(tiny_pipe):
     with pytest.raises(RuntimeError, match="stop"):
         erase(tiny_pipe, replace(cfg, fast_cpu_conv=True), False, fail)
     assert torch.backends.mkldnn.enabled
+
+
+def test_reusing_freed_memory_changes_no_value(tiny_pipe):
+    """The allocator setting (default on a CPU) gives bit-identical weights and losses, and the
+    run records which allocator it had."""
+    cfg = resolve(EraseConfig(concepts=["church"], lr=1e-3, augment=False, **SHORT))
+    base = snapshot(tiny_pipe.unet)
+    runs = {}
+    for reuse in (True, False):
+        tiny_pipe.unet.load_state_dict(base)
+        result = erase(tiny_pipe, replace(cfg, reuse_freed_memory=reuse), False)
+        expected = "freed blocks kept for reuse" if reuse else "system default"
+        if glibc() is not None:
+            assert result.record["host_allocator"] == expected
+        runs[reuse] = (result.losses, {n: t.clone() for n, t in result.tensors.items()})
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[True][1])
+    assert any(not torch.equal(runs[True][1][n], base[n]) for n in runs[True][1])  # it moved

@@ -103,6 +103,12 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         "small feature maps; equal to float rounding, not bit for bit (measured in the README)",
     )
     p.add_argument(
+        "--no-reuse-freed-memory",
+        action="store_true",
+        help="CPU: let glibc return freed buffers to the system each iteration (its default; "
+        "slower, same results)",
+    )
+    p.add_argument(
         "--no-optimizer-in-backward",
         action="store_true",
         help="hold every gradient, then one Adam step (same update; more memory)",
@@ -152,6 +158,7 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         lean_adam=args.lean_adam,
         offload_adam=args.offload_adam,
         fast_cpu_conv=args.fast_cpu_conv,
+        reuse_freed_memory=not args.no_reuse_freed_memory,
         augment=args.augment,
         family=args.family,
         **overrides,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kscu.allocator import reuse_freed_memory
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -180,8 +181,10 @@ def erase(
         losses: list[float] = []
         x, previous, ticks = None, None, [time.perf_counter()]
         bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
-        # opt-in, float32 on the CPU
-        with cpu_convolution(cfg.fast_cpu_conv, net.device) as native_conv:
+        with (
+            cpu_convolution(cfg.fast_cpu_conv, net.device) as native_conv,  # opt-in, float32
+            reuse_freed_memory(cfg.reuse_freed_memory, net.device) as reused,  # CPU, glibc
+        ):
             for i, (c, s) in enumerate(bar):
                 if cfg.reuse_trajectory and previous == (c, s - 1):
                     x = walk(x, s - 1, c)
@@ -229,6 +232,7 @@ def erase(
     restore.put({n: params[n] for n in names})
     conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
+    record["host_allocator"] = "freed blocks kept for reuse" if reused else "system default"
     # per iteration: the first pays every first touch (Adam state, gradients), the rest do not
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
