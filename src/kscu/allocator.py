@@ -8,7 +8,7 @@ fresh 59 MB buffer (one SD v1.4 weight gradient) takes 14 ms to fill, a reused o
 glibc's mmap off and its trim threshold high, freed blocks stay in the heap and the next
 iteration takes them back. Nothing computed changes (same kernels on the same values); only
 where buffers come from. Measured in benchmarks/memory.py (README, Performance): SD v1.4 class
-mode at 64 px float32, 5.6 -> 3.0 s per iteration, peak within 1%.
+mode at 64 px float32, 6.3 -> 3.1 s per iteration side by side, peak within 1%.
 
 glibc only (other C libraries, macOS, Windows: nothing changes), CPU erases only (a GPU run's
 large buffers live in CUDA's own caching allocator). The settings are process-wide; on exit they
@@ -58,7 +58,7 @@ def reuse_freed_memory(enabled: bool, device: torch.device) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    applied = all([libc.mallopt(param, value) == 1 for param, value in KEEP.items()])
+    applied = all([libc.mallopt(param, value) == 1 for param, value in KEEP.items()])  # set both
     try:
         yield applied
     finally:
