@@ -1,19 +1,21 @@
-"""Host memory freed during an erase is kept for reuse instead of going back to the kernel.
+"""Host memory freed during an erase or a sampling walk is kept for reuse, not given back.
 
-An erase frees and allocates the same large buffers every iteration: weight gradients,
-convolution workspaces, activations. glibc serves blocks above its mmap threshold (128 KiB,
-raised on its own up to 32 MiB) with fresh ``mmap`` calls and unmaps them when freed, so every
-iteration the kernel page-faults and zero-fills them again: on this project's 2-core machine a
-fresh 59 MB buffer (one SD v1.4 weight gradient) takes 14 ms to fill, a reused one 1.3 ms. With
-glibc's mmap off and its trim threshold high, freed blocks stay in the heap and the next
-iteration takes them back. Nothing computed changes (same kernels on the same values); only
-where buffers come from. Measured in benchmarks/memory.py (README, Performance): SD v1.4 class
-mode at 64 px float32, 6.3 -> 3.1 s per iteration side by side, peak within 1%.
+An erase frees and allocates the same large buffers every iteration (weight gradients,
+convolution workspaces, activations), and a sampling walk every step. glibc serves blocks above
+its mmap threshold (128 KiB, raised on its own up to 32 MiB) with fresh ``mmap`` calls and
+unmaps them when freed, so the kernel page-faults and zero-fills them again each time: on this
+project's 2-core machine a fresh 59 MB buffer (one SD v1.4 weight gradient) takes 14 ms to fill,
+a reused one 1.3 ms. With glibc's mmap off and its trim threshold high, freed blocks stay in the
+heap and the next iteration takes them back. Nothing computed changes (same kernels on the same
+values); only where buffers come from. Measured in benchmarks/memory.py (README, Performance):
+SD v1.4 class mode at 64 px float32, 6.3 -> 3.1 s per iteration side by side, peak within 1%.
 
-glibc only (other C libraries, macOS, Windows: nothing changes), CPU erases only (a GPU run's
-large buffers live in CUDA's own caching allocator). The settings are process-wide; on exit they
-go back to glibc's defaults (or the ``MALLOC_*_`` environment variables) and the kept memory is
-returned with ``malloc_trim``.
+glibc only (other C libraries, macOS, Windows: nothing changes), CPU work only (a GPU's buffers
+are CUDA's caching allocator's). The settings are process-wide. glibc cannot be put back exactly
+afterwards: any ``mallopt`` call ends its dynamic threshold for the process, so on exit mmap is
+allowed again above the largest threshold glibc would reach on its own (32 MiB, trim threshold
+64 MiB) unless the ``MALLOC_*_`` environment variables said otherwise, and ``malloc_trim``
+returns what was kept. Worker threads' arenas still mmap single blocks over 64 MiB.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ from collections.abc import Iterator
 
 import torch
 
-# mallopt parameters (malloc.h) and what the erase sets them to
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-KEEP = {M_TRIM_THRESHOLD: 2**31 - 1, M_MMAP_MAX: 0}  # mallopt takes a C int
-GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
-ENVIRONMENT = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_MAX: "MALLOC_MMAP_MAX_"}
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+INT_MAX = 2**31 - 1  # mallopt takes a C int; ctypes would silently wrap anything larger
+KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: INT_MAX}
+# afterwards: glibc's own defaults where it has static ones, and where its dynamic threshold
+# ends up (which a mallopt call has switched off) for the two thresholds
+AFTER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
+ENVIRONMENT = {
+    M_MMAP_MAX: "MALLOC_MMAP_MAX_",
+    M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+    M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
+}
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -37,23 +46,28 @@ def glibc() -> ctypes.CDLL | None:
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
             return None
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except (AttributeError, ValueError, OSError):  # no confstr name, or no such library
         return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
 
 
-def _restored() -> dict[int, int]:
-    """What the process ran with before: the environment's ``MALLOC_*_`` values, else glibc's."""
-    values = dict(GLIBC_DEFAULTS)
+def _after() -> dict[int, int]:
+    """The settings to leave behind: the environment's ``MALLOC_*_`` values, else ``AFTER``."""
+    values = dict(AFTER)
     for param, name in ENVIRONMENT.items():
         with contextlib.suppress(KeyError, ValueError):
-            values[param] = int(os.environ[name])
+            values[param] = min(max(int(os.environ[name], 0), 0), INT_MAX)
     return values
 
 
 @contextlib.contextmanager
 def reuse_freed_memory(enabled: bool, device: torch.device) -> Iterator[bool]:
-    """Inside: glibc keeps freed blocks for reuse (CPU erases). Yields whether it is in effect."""
+    """Inside: freed blocks stay in glibc's heap for the next iteration or step, where page
+    faults on fresh buffers would otherwise cost more than the arithmetic (CPU work only).
+    Yields whether the setting is in effect."""
     libc = glibc() if enabled and device.type == "cpu" else None
     if libc is None:
         yield False
@@ -62,6 +76,6 @@ def reuse_freed_memory(enabled: bool, device: torch.device) -> Iterator[bool]:
     try:
         yield applied
     finally:
-        for param, value in _restored().items():
+        for param, value in _after().items():
             libc.mallopt(param, value)
-        libc.malloc_trim(0)  # give the kept blocks back once the loop is done
+        libc.malloc_trim(0)  # give the kept blocks back once the work is done

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kscu.allocator import reuse_freed_memory
 from kscu.families import family_of
 
 
@@ -40,12 +41,13 @@ def sample_images(
 
     uncond = family.encode(pipe, [""])
     images = []
-    for i in range(0, len(prompts), batch_size):
-        x = torch.cat([sampler.noise(seed) for seed in seeds[i : i + batch_size]])
-        cond = family.encode(pipe, prompts[i : i + batch_size])
-        for s in range(steps):
-            x = sampler.guided_step(raw, x, s, cond, uncond, guidance)
-        images.append(sampler.decode(pipe, x))
+    with reuse_freed_memory(True, net.device):  # same values; batched steps allocate alike
+        for i in range(0, len(prompts), batch_size):
+            x = torch.cat([sampler.noise(seed) for seed in seeds[i : i + batch_size]])
+            cond = family.encode(pipe, prompts[i : i + batch_size])
+            for s in range(steps):
+                x = sampler.guided_step(raw, x, s, cond, uncond, guidance)
+            images.append(sampler.decode(pipe, x))
     return torch.cat(images)
 
 
