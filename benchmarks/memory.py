@@ -350,7 +350,8 @@ def main() -> None:
     p.add_argument(
         "--plain-reuse",
         action="store_true",
-        help="also run the plain loop with glibc keeping freed memory, as kscu's erase does",
+        help="also run the plain loop with glibc keeping freed memory, as kscu's erase does "
+        "(glibc's mmap off: --malloc-mmap-threshold has no effect on that row)",
     )
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
     p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
