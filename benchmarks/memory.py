@@ -111,7 +111,9 @@ def child_env(args: argparse.Namespace, reuse: bool = False) -> dict[str, str]:
     """
     env = dict(os.environ)
     if reuse:
-        env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+        from kscu.allocator import ENVIRONMENT, KEEP
+
+        env |= {ENVIRONMENT[param]: str(value) for param, value in KEEP.items()}
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     return env

@@ -74,3 +74,14 @@ def test_nothing_changes_when_off_or_off_the_cpu(enabled, device):
     with reuse_freed_memory(enabled, torch.device(device)) as applied:
         assert not applied
         assert is_mmapped(beyond_free(64))
+
+
+def test_a_nested_user_leaves_the_setting_to_the_outermost():
+    """A sampling walk inside an erase (e.g. a preview from its callback) must not hand the
+    erase's remaining iterations back to glibc's defaults."""
+    cpu = torch.device("cpu")
+    with reuse_freed_memory(True, cpu):
+        with reuse_freed_memory(True, cpu) as inner:
+            assert inner
+        assert not is_mmapped(beyond_free(64))  # still kept after the inner one ended
+    assert is_mmapped(beyond_free(64))

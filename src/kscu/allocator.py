@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from collections.abc import Iterator
 
@@ -39,8 +40,10 @@ ENVIRONMENT = {
     M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
     M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
 }
+_state = {"depth": 0, "applied": False}  # open contexts (nested ones leave it to the outermost)
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The process's glibc, or None when the C library is another one."""
     try:
@@ -72,10 +75,14 @@ def reuse_freed_memory(enabled: bool, device: torch.device) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    applied = all([libc.mallopt(param, value) == 1 for param, value in KEEP.items()])  # set both
+    if _state["depth"] == 0:  # nested (a sampling walk in an erase's callback): the outer one sets
+        _state["applied"] = all([libc.mallopt(p, v) == 1 for p, v in KEEP.items()])  # set both
+    _state["depth"] += 1
     try:
-        yield applied
+        yield _state["applied"]
     finally:
-        for param, value in _after().items():
-            libc.mallopt(param, value)
-        libc.malloc_trim(0)  # give the kept blocks back once the work is done
+        _state["depth"] -= 1
+        if _state["depth"] == 0:  # only the outermost gives the kept blocks back
+            for param, value in _after().items():
+                libc.mallopt(param, value)
+            libc.malloc_trim(0)
