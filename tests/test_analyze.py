@@ -24,7 +24,14 @@ import torch
 
 import kscu.cli
 from kscu.analyze import cli as analyze_cli
-from kscu.analyze.analysis import AnalyzeSettings, analyze, auto_start_step, combine, summarize
+from kscu.analyze.analysis import (
+    AnalyzeSettings,
+    analyze,
+    auto_start_step,
+    combine,
+    measure,
+    summarize,
+)
 from kscu.analyze.core import isotonic, start_from_curve
 from kscu.families import FAMILIES, family_of
 
@@ -314,3 +321,16 @@ def test_plot_is_a_matplotlib_png(tmp_path):
         assert im.format == "PNG" and im.size == (720, 420)
         assert len(set(im.convert("RGB").getdata())) > 20  # lines and text drawn
     assert [p.name for p in tmp_path.iterdir()] == ["analyze.png"]  # no temporary left
+
+
+def test_measurement_walks_in_inference_mode(tiny_pipe):
+    """The switch walks skip autograd's bookkeeping (no gradient is ever taken there)."""
+    modes, eps = [], window_eps(tiny_pipe, "circle")
+
+    def recording(x, t, emb):
+        modes.append(torch.is_inference_mode_enabled())
+        return eps(x, t, emb)
+
+    settings = AnalyzeSettings(samples=2, stride=10).for_family(family_of(tiny_pipe))
+    measure(tiny_pipe, "circle", settings, LatentScorer(), eps=recording, decode=lambda z: z)
+    assert modes and all(modes)

@@ -28,6 +28,34 @@ def test_optimizer_in_backward_gives_the_plain_step_weights(tiny_pipe):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.parametrize("small", [0, 1024, 2**40])
+def test_small_tensors_stepped_together_give_the_plain_step_weights(tiny_pipe, monkeypatch, small):
+    """Tensors of at most SMALL_TENSOR elements wait for the end of the backward and are
+    stepped in one call; the large ones in their hooks, one call each: bit for bit the plain
+    step's weights, whichever tensors fall on which side."""
+    import kscu.optim
+    from kscu.optim import TensorAdam
+
+    monkeypatch.setattr(kscu.optim, "SMALL_TENSOR", small)
+    calls, step = [], TensorAdam.step
+    monkeypatch.setattr(
+        TensorAdam, "step", staticmethod(lambda s, ps: calls.append(len(ps)) or step(s, ps))
+    )
+    other = copy.deepcopy(tiny_pipe)
+    cfg = dict(concepts=["church"], lr=1e-3, iterations=6, num_steps=10, start_step=3)
+    hooked = erase(tiny_pipe, EraseConfig(**cfg), progress=False)
+    monkeypatch.setattr(TensorAdam, "step", staticmethod(step))
+    plain = erase(other, EraseConfig(optimizer_in_backward=False, **cfg), progress=False)
+    assert hooked.losses == plain.losses
+    for n, t in hooked.tensors.items():
+        assert torch.equal(t, plain.tensors[n]), n
+    sizes = [p.numel() for n, p in tiny_pipe.unet.named_parameters() if n in hooked.tensors]
+    n_small = sum(size <= small for size in sizes)
+    per_iteration = sorted([1] * (len(sizes) - n_small) + ([n_small] if n_small else []))
+    assert sorted(calls) == sorted(per_iteration * cfg["iterations"])
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
 def test_offloaded_adam_state_gives_the_same_weights(tiny_pipe, monkeypatch):
     """--offload-adam: the moments live in host memory apart from the device's step copies and
     go back after each step (were they not copied back, the second step would restart them

@@ -170,20 +170,20 @@ def test_bf16_compute_saves_exactly_base_plus_update(tiny_pipe):
     names = trainable_names(tiny_pipe.unet, "noxattn")
     base = {n: params[n].detach().double().clone() for n in names}
     steps = {n: torch.zeros_like(base[n]) for n in names}
-    tensor_step = TensorAdam.__call__  # each trainable tensor's Adam step (kscu.optim)
+    tensor_step = TensorAdam.step  # every trainable tensor's Adam steps (kscu.optim)
     name_of = {id(params[n]): n for n in names}
 
-    def counting_step(self, p):
-        before = p.detach().double().clone()
-        out = tensor_step(self, p)
-        steps[name_of[id(p)]] += p.detach().double() - before
-        return out
+    def counting_step(steppers, stepped):
+        before = [p.detach().double().clone() for p in stepped]
+        tensor_step(steppers, stepped)
+        for p, b in zip(stepped, before, strict=True):
+            steps[name_of[id(p)]] += p.detach().double() - b
 
     cfg = EraseConfig(
         concepts=["church"], dtype="bfloat16", iterations=4, num_steps=10, start_step=3, lr=1e-5
     )
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(TensorAdam, "__call__", counting_step)
+        m.setattr(TensorAdam, "step", staticmethod(counting_step))
         result = erase(tiny_pipe, cfg, progress=False)
     total = changed = sub_ulp = 0
     for n in names:
@@ -324,3 +324,23 @@ def test_reusing_freed_memory_changes_no_value(tiny_pipe):
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[True][1])
     assert any(not torch.equal(runs[True][1][n], base[n]) for n in runs[True][1])  # it moved
+
+
+def test_only_the_edited_forward_records_autograd(tiny_pipe):
+    """The trajectory walk and the frozen predictions run in inference mode (no autograd
+    bookkeeping: the same kernels on the same values, a few percent less time per call on a small
+    model); the edited forward keeps autograd, and the callback gets an ordinary tensor."""
+    cfg = resolve(EraseConfig(concepts=["church"], lr=1e-3, augment=False, **SHORT))
+    modes = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(
+        lambda *_: modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+    )
+    xs = []
+    erase(tiny_pipe, cfg, progress=False, callback=lambda i, e, x, _: xs.append(x))
+    hook.remove()
+    # iteration 0 walks 3 steps from noise, then frozen (inference) and edited (grad) pairs
+    assert modes[:5] == [(True, False)] * 4 + [(False, True)]
+    assert modes.count((False, True)) == cfg.iterations
+    assert set(modes) == {(True, False), (False, True)}
+    assert not any(x.is_inference() for x in xs)
+    xs[0].add_(1)  # usable as any tensor

@@ -11,7 +11,8 @@ networks are built on the meta device: no weights are read):
   plus the float32 temporaries of the one tensor being stepped);
   ``--offload-adam``: the exact moments in host memory (``host_bytes``), and on the device the
   moments of the one tensor being stepped;
-- gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time;
+- gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time,
+  plus the small tensors' that are stepped together after the backward;
 - activations: the buffers autograd saves in the edited forward, each once, at the training
   resolution (measured by running that forward on the meta device, attention as the fused
   kernels save it). Under ``--gradient-checkpointing`` the trace follows diffusers' own
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
+from kscu.optim import steps_together
 from kscu.scope import trainable_names
 
 GRAD_DTYPE_BYTES = 4
@@ -220,6 +222,15 @@ def _adam_bytes(cfg: EraseConfig, trainable: int, largest: int) -> int:
     return trainable * 8
 
 
+def _gradient_elements(cfg: EraseConfig, sizes: list[int]) -> int:
+    """Gradient elements alive at once: all, or (optimizer-in-backward) the largest tensor's
+    plus the small tensors' that wait for the end of the backward (kscu.optim)."""
+    if not cfg.optimizer_in_backward or cfg.dtype == "float16":
+        return sum(sizes)
+    small = [n for n in sizes if steps_together(n, cfg.lean_adam, cfg.offload_adam)]
+    return max((n for n in sizes if n not in small), default=0) + sum(small)
+
+
 def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
     """Expected bytes by component for ``cfg`` on ``model`` (a folder or hub id)."""
     from diffusers import DiffusionPipeline
@@ -259,10 +270,7 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
         "frozen": trainable * _bytes(compute),
         "adam": _adam_bytes(cfg, trainable, largest),
-        "gradients": (
-            largest if cfg.optimizer_in_backward and cfg.dtype != "float16" else trainable
-        )
-        * GRAD_DTYPE_BYTES,
+        "gradients": _gradient_elements(cfg, [params[n].numel() for n in names]) * GRAD_DTYPE_BYTES,
     }
     float32_weights = set(names) | (set(params) if loaded == torch.float32 else set())
     parts["activations"] = activation_bytes(family, pipe_like, cfg, compute, float32_weights)

@@ -5,8 +5,12 @@ By default every trainable tensor is stepped as soon as its gradient is complete
 right after, so the gradients of all trainable tensors never live at once: for SD v1.4's class
 scope that is 3.3 GB of float32 gradients that a plain ``loss.backward(); optimizer.step()``
 holds at its peak. Adam is elementwise, so stepping tensor by tensor is the same update; with
-torch's fused kernel (CUDA and CPU) each step is one kernel. Under float16 the loss scaler must
-see all gradients before any step (to skip a step on overflow), so that path steps them together.
+torch's fused kernel (CUDA and CPU) each step is one kernel. Tensors of at most ``SMALL_TENSOR``
+elements (biases, norms, a small model's layers) are stepped together right after the backward,
+in one call of the same kernel: on the bundled tiny model, whose trainable tensors are nearly all
+small, one call per tensor cost more than the arithmetic. Their gradients live until then (1 MB
+for SD v1.4's class scope: 172 of its 388 tensors). Under float16 the loss scaler must see all
+gradients before any step (to skip a step on overflow), so that path steps them together.
 
 ``offload_state`` keeps Adam's two moments in host memory (pinned when the device is a GPU) and
 moves one tensor's moments to the device for its step and back: the same kernel on the same
@@ -17,8 +21,21 @@ On a CPU erase the moments are in host memory already; the copies are then pure 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 from torch.optim.adam import adam as functional_adam
+
+SMALL_TENSOR = 2**16  # elements (256 KiB of float32 gradient): stepped together after backward
+
+
+def steps_together(numel: int, lean_state: bool = False, offload_state: bool = False) -> bool:
+    """Whether a tensor's exact step waits for the end of the backward, with the other small ones.
+
+    Lean steps keep a seed each, offloaded ones one tensor's moments on the device: both per tensor.
+    """
+    return numel <= SMALL_TENSOR and not lean_state and not offload_state
 
 
 class AdamSteps:
@@ -42,22 +59,30 @@ class AdamSteps:
                 return LeanAdam(group, lr=lr, seed=seed)
             return torch.optim.Adam(group, lr=lr, fused=fused)
 
+        self.waiting: list[tuple[TensorAdam, torch.Tensor]] = []  # small tensors' steps
+        self.hooks = []
         if self.in_backward:
-            steps = [
-                _step_and_free(adam([p], i)) if lean_state else TensorAdam(lr, fused, offload_state)
-                for i, p in enumerate(params)
-            ]
-            self.hooks = [
-                p.register_post_accumulate_grad_hook(step)
-                for p, step in zip(params, steps, strict=True)
-            ]
+            for i, p in enumerate(params):
+                if lean_state:
+                    hook = _step_and_free(adam([p], i))
+                elif steps_together(p.numel(), lean_state, offload_state):
+                    hook = functools.partial(self._wait, TensorAdam(lr, fused))
+                else:
+                    hook = TensorAdam(lr, fused, offload_state)
+                self.hooks.append(p.register_post_accumulate_grad_hook(hook))
         else:
             self.optimizers = [adam(params)]
-            self.hooks = []
+
+    def _wait(self, stepper: TensorAdam, p: torch.Tensor) -> None:
+        self.waiting.append((stepper, p))
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.in_backward:
-            loss.backward()  # each tensor is stepped by its hook as its gradient completes
+            self.waiting.clear()  # nothing left from a backward that raised
+            loss.backward()  # each large tensor is stepped by its hook as its gradient completes
+            if self.waiting:  # the small ones together, in one kernel call
+                TensorAdam.step(*zip(*self.waiting, strict=True))
+                self.waiting.clear()
             return
         (optimizer,) = self.optimizers
         optimizer.zero_grad(set_to_none=True)
@@ -101,23 +126,41 @@ class TensorAdam:
             zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
         return (*zeros, step)
 
-    @torch.no_grad()
     def __call__(self, p: torch.Tensor) -> None:
-        if self.state is None:
-            self.state = self._new_state(p)
-        home_m, home_v, step = self.state
-        m, v = home_m, home_v
-        if self.offload:  # this tensor's moments onto the device, for its step only
-            m, v = (torch.empty_like(p).copy_(s, non_blocking=True) for s in (home_m, home_v))
+        """A gradient hook: this tensor's step, now."""
+        TensorAdam.step([self], [p])
+
+    @staticmethod
+    @torch.no_grad()
+    def step(steppers: Sequence[TensorAdam], params: Sequence[torch.Tensor]) -> None:
+        """Each tensor's step with its own stepper's state, in one kernel call; frees the grads.
+
+        The steppers share lr, betas, eps and kernel (one ``AdamSteps``); a fused call over a list
+        computes every element as a call per tensor would.
+        """
+        first = steppers[0]
+        for stepper, p in zip(steppers, params, strict=True):
+            if stepper.state is None:
+                stepper.state = stepper._new_state(p)
+        homes = [stepper.state for stepper in steppers]
+        ms, vs = [h[0] for h in homes], [h[1] for h in homes]
+        if first.offload:  # the moments onto the device, for the step only
+            ms, vs = ([_beside(p, s) for p, s in zip(params, ss, strict=True)] for ss in (ms, vs))
         functional_adam(
-            [p], [p.grad], [m], [v], [], [step],
-            foreach=False, fused=self.fused, amsgrad=False, beta1=self.betas[0],
-            beta2=self.betas[1], lr=self.lr, weight_decay=0.0, eps=self.eps, maximize=False,
+            list(params), [p.grad for p in params], ms, vs, [], [h[2] for h in homes],
+            foreach=False, fused=first.fused, amsgrad=False, beta1=first.betas[0],
+            beta2=first.betas[1], lr=first.lr, weight_decay=0.0, eps=first.eps, maximize=False,
         )  # fmt: skip
-        if self.offload:  # back home; the stream orders the next read after these copies
-            home_m.copy_(m, non_blocking=True)
-            home_v.copy_(v, non_blocking=True)
-        p.grad = None
+        if first.offload:  # back home; the stream orders the next read after these copies
+            for home, m, v in zip(homes, ms, vs, strict=True):
+                home[0].copy_(m, non_blocking=True)
+                home[1].copy_(v, non_blocking=True)
+        for p in params:
+            p.grad = None
+
+
+def _beside(p: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(p).copy_(state, non_blocking=True)
 
 
 def _step_and_free(optimizer: torch.optim.Optimizer):

@@ -15,7 +15,6 @@ from kscu.allocator import reuse_freed_memory
 from kscu.families import family_of
 
 
-@torch.no_grad()
 def sample_images(
     pipe: Any,
     prompts: list[str],
@@ -39,16 +38,18 @@ def sample_images(
     def raw(x, s, cond):
         return sampler.raw(net, x, s, cond)
 
-    uncond = family.encode(pipe, [""])
     images = []
-    with reuse_freed_memory(True, net.device):  # same values; batched steps allocate alike
+    # inference mode: no_grad without autograd's per-tensor bookkeeping (the same kernels and
+    # values); freed memory kept: the same values, and batched steps allocate alike
+    with torch.inference_mode(), reuse_freed_memory(True, net.device):
+        uncond = family.encode(pipe, [""])
         for i in range(0, len(prompts), batch_size):
             x = torch.cat([sampler.noise(seed) for seed in seeds[i : i + batch_size]])
             cond = family.encode(pipe, prompts[i : i + batch_size])
             for s in range(steps):
                 x = sampler.guided_step(raw, x, s, cond, uncond, guidance)
             images.append(sampler.decode(pipe, x))
-    return torch.cat(images)
+    return torch.cat(images)  # outside inference mode: an ordinary tensor for the caller
 
 
 def to_pil(images: torch.Tensor) -> list:

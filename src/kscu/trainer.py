@@ -174,7 +174,7 @@ def erase(
         emb_noise = torch.Generator("cpu").manual_seed(cfg.seed)
 
         def walk(x, s, c):  # x_s -> x_{s+1} with the edited model and the family's guidance
-            with torch.no_grad():
+            with torch.inference_mode():  # no_grad without autograd's bookkeeping: same values
                 return sampler.guided_step(raw, x, s, cond[c], uncond, cfg.trajectory_guidance)
 
         table = build_schedule(cfg)
@@ -192,8 +192,9 @@ def erase(
                     x = sampler.noise(cfg.seed + i)
                     for k in range(s):
                         x = walk(x, k, c)
+                x = x.clone()  # an ordinary tensor: the edited forward saves it for backward
 
-                with torch.no_grad():
+                with torch.inference_mode():
                     p, n = pair(x, s, cond[c], uncond, frozen=True)
                 cond_e = cond[c]
                 if cfg.augment and i >= augment_from:

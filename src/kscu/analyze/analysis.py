@@ -87,7 +87,7 @@ def decode_latents(pipe: Any, latents: torch.Tensor, sampler: Any = None) -> tor
     return torch.cat(out)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no_grad without autograd's bookkeeping: the same values, less time
 def measure(
     pipe: Any,
     concept: str,
