@@ -227,8 +227,9 @@ def _gradient_elements(cfg: EraseConfig, sizes: list[int]) -> int:
     plus the small tensors' that wait for the end of the backward (kscu.optim)."""
     if not cfg.optimizer_in_backward or cfg.dtype == "float16":
         return sum(sizes)
-    small = [n for n in sizes if steps_together(n, cfg.lean_adam, cfg.offload_adam)]
-    return max((n for n in sizes if n not in small), default=0) + sum(small)
+    waits = [steps_together(n, cfg.lean_adam, cfg.offload_adam) for n in sizes]
+    alone = max((n for n, w in zip(sizes, waits, strict=True) if not w), default=0)
+    return alone + sum(n for n, w in zip(sizes, waits, strict=True) if w)
 
 
 def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
