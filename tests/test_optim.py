@@ -18,8 +18,9 @@ def test_optimizer_in_backward_gives_the_plain_step_weights(tiny_pipe):
     assert hooked.losses == plain.losses
     for n, t in hooked.tensors.items():
         assert torch.equal(t, plain.tensors[n]), n
-    # no gradient is left behind and no hook survives the erase
+    # no gradient is left behind (on either path) and no hook survives the erase
     assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+    assert all(p.grad is None for p in other.unet.parameters())
     before = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
     for p in tiny_pipe.unet.parameters():
         p.requires_grad_(True)
@@ -160,3 +161,18 @@ def test_lean_adam_rounds_each_tensor_with_its_own_noise():
     steps.close()
     assert not torch.equal(a, b)
     assert torch.allclose(a, b, rtol=0, atol=3e-5)  # steps of 1e-3 that differ by rounding only
+
+
+def test_a_backward_that_raises_leaves_no_gradient(tiny_pipe, monkeypatch):
+    """An error in the backward (Ctrl-C arrives in a hook) after the small tensors' gradients are
+    complete but before their step: none is left on the pipeline for a later erase to add to."""
+    from kscu.optim import TensorAdam
+
+    def interrupted(steppers, params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TensorAdam, "step", staticmethod(interrupted))
+    cfg = EraseConfig(concepts=["church"], lr=1e-3, iterations=3, num_steps=10, start_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        erase(tiny_pipe, cfg, progress=False)
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())

@@ -50,7 +50,7 @@ class AdamSteps:
         lean_state: bool = False,
         offload_state: bool = False,
     ):
-        self.scaler = scaler
+        self.params, self.scaler = params, scaler
         self.in_backward = in_backward and scaler is None
         fused = _fused_available(params)
 
@@ -78,7 +78,6 @@ class AdamSteps:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.in_backward:
-            self.waiting.clear()  # nothing left from a backward that raised
             loss.backward()  # each large tensor is stepped by its hook as its gradient completes
             if self.waiting:  # the small ones together, in one kernel call
                 TensorAdam.step(*zip(*self.waiting, strict=True))
@@ -95,10 +94,15 @@ class AdamSteps:
             self.scaler.update()
 
     def close(self) -> None:
-        """Remove the hooks: the caller's parameters must not step on a later backward."""
+        """Remove the hooks and the gradients: the caller's parameters must not step on a later
+        backward, nor start one from this erase's gradients (the plain path's last ones, or the
+        small tensors' of a backward that raised before their step)."""
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+        self.waiting.clear()
+        for p in self.params:
+            p.grad = None
 
 
 class TensorAdam:

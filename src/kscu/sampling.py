@@ -27,7 +27,9 @@ def sample_images(
     """Images (N, 3, H, W) in [0, 1], float32 on the CPU; image i starts from noise ``seeds[i]``.
 
     ``steps`` and ``guidance`` default to the family's evaluation protocol (SD: 50 DDIM steps,
-    CFG 7.5).
+    CFG 7.5). The walk runs in inference mode: a module moved to another device during it (by
+    hooks such as accelerate's CPU offload, which kscu never installs) would keep inference-mode
+    weights that a later erase cannot train.
     """
     family = family_of(pipe)
     steps = family.eval_steps if steps is None else steps
