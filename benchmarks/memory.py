@@ -35,6 +35,7 @@ HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
     "glibc defaults (--no-reuse-freed-memory)": ["--no-reuse-freed-memory"],
+    "eager denoiser calls (--no-trace-denoiser)": ["--no-trace-denoiser"],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],
     "lean Adam state": ["--lean-adam"],

@@ -58,6 +58,8 @@ def test_erase_writes_weights_and_record(tiny_model_dir, tmp_path, capsys):
     assert meta["config"]["reuse_freed_memory"] is True
     kept = "freed blocks kept for reuse" if glibc() is not None else "system default"
     assert meta["host_allocator"] == kept
+    assert meta["config"]["trace_denoiser"] is True
+    assert meta["denoiser_calls"] == "replayed (2 recorded)"  # with and without gradients
 
 
 def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
@@ -295,11 +297,15 @@ def test_esd_augmentation_flags():
     assert augment() is True and augment("--no-augment") is False
 
 
-def test_no_reuse_freed_memory_flag():
+@pytest.mark.parametrize(
+    "field, flag",
+    [("reuse_freed_memory", "--no-reuse-freed-memory"), ("trace_denoiser", "--no-trace-denoiser")],
+)
+def test_exact_speed_switches_are_on_unless_turned_off(field, flag):
     from kscu.cli import build_parser, erase_config_from_args
 
-    def reuse(*flags):
+    def value(*flags):
         args = build_parser().parse_args(["erase", "--concept", "c", "--output", "o", *flags])
-        return erase_config_from_args(args).reuse_freed_memory
+        return getattr(erase_config_from_args(args), field)
 
-    assert reuse() is True and reuse("--no-reuse-freed-memory") is False
+    assert value() is True and value(flag) is False

@@ -109,6 +109,12 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         "slower, same results)",
     )
     p.add_argument(
+        "--no-trace-denoiser",
+        action="store_true",
+        help="CPU float32: call the denoiser through Python each time instead of replaying its "
+        "recorded operations (slower, same results)",
+    )
+    p.add_argument(
         "--no-optimizer-in-backward",
         action="store_true",
         help="hold every gradient, then one Adam step (same update; more memory)",
@@ -159,6 +165,7 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         offload_adam=args.offload_adam,
         fast_cpu_conv=args.fast_cpu_conv,
         reuse_freed_memory=not args.no_reuse_freed_memory,
+        trace_denoiser=not args.no_trace_denoiser,
         augment=args.augment,
         family=args.family,
         **overrides,

@@ -144,3 +144,17 @@ def test_a_walk_looks_up_the_network_dtype_once(tiny_pipe, monkeypatch):
     tiny_pipe.unet.to(torch.bfloat16)
     fresh = family.sampler(tiny_pipe, 4)
     assert fresh.network_dtype(tiny_pipe.unet) == torch.bfloat16 and len(lookups) == 2
+
+
+def test_the_timestep_tensor_is_the_one_diffusers_makes(tiny_pipe):
+    """raw passes each int timestep as a [1] int64 tensor (so a record keeps it an input); the
+    UNet's output is bit for bit the one it gives for the plain int, at every step."""
+    family = family_of(tiny_pipe)
+    sampler = family.sampler(tiny_pipe, 6)
+    cond = family.encode(tiny_pipe, ["a church"])
+    x = sampler.noise(3)
+    net = tiny_pipe.unet
+    with torch.no_grad():
+        for s, t in enumerate(sampler.timesteps):
+            own = net(x, int(t), encoder_hidden_states=cond["encoder_hidden_states"]).sample
+            assert torch.equal(sampler.raw(net, x, s, cond), own.float())

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from kscu.tracing import TracedDenoiser
+
 Cond = dict[str, torch.Tensor]
 # raw(x, s, cond) -> the denoiser's output for rows x at step index s, float32
 RawFn = Callable[[torch.Tensor, int, Cond], torch.Tensor]
@@ -80,6 +82,7 @@ class Sampler:
     timesteps: list[float]
     loss_space: str
     resolution: int  # the image size the sampler works at, in pixels
+    traced: TracedDenoiser | None = None  # set by a caller to replay recorded calls (exact)
 
     def noise(self, seed: int) -> torch.Tensor:
         raise NotImplementedError
@@ -88,6 +91,13 @@ class Sampler:
         self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def call(self, module: nn.Module, params: dict[str, torch.Tensor] | None, **kwargs) -> Any:
+        """The denoiser call every ``raw`` makes: replayed from a record when one was set up for
+        this module (``kscu.tracing``), else ``call_module``."""
+        if self.traced is not None and self.traced.module is module:
+            return self.traced(params, kwargs)
+        return call_module(module, params, **kwargs)
 
     def to_loss_space(self, out: torch.Tensor, x: torch.Tensor, s: int) -> torch.Tensor:
         raise NotImplementedError

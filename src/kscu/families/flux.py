@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_rows
+from kscu.families.base import Cond, RawFn, Sampler, cond_rows
 from kscu.families.sd import _token_ids
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -174,7 +174,7 @@ class FlowSampler(Sampler):
         if module.config.guidance_embeds:
             guidance = torch.full((rows,), self.guidance, device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x.device)
-        out = call_module(
+        out = self.call(
             module,
             params,
             hidden_states=x.to(dtype),

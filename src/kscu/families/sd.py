@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, call_module, cond_cat, cond_rows
+from kscu.families.base import Cond, RawFn, Sampler, cond_cat, cond_rows
 from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
 
 log = logging.getLogger("kscu")
@@ -174,10 +174,13 @@ class DDIMSampler(Sampler):
         dtype = self.network_dtype(module)  # inputs in the network's dtype (autocast may recast)
         cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
         kwargs = self.family.unet_kwargs(cond, len(x), self.resolution)
-        t = self.timesteps[s]
-        out = call_module(
-            module, params, sample=x.to(dtype), timestep=t, return_dict=False, **kwargs
+        # the tensor diffusers makes of an int timestep (shape [1]; int32 where it uses int32),
+        # passed as one so that a record (kscu.tracing) keeps it an input, not a constant
+        narrow = x.device.type in ("mps", "npu")
+        t = torch.tensor(
+            [self.timesteps[s]], device=x.device, dtype=torch.int32 if narrow else None
         )
+        out = self.call(module, params, sample=x.to(dtype), timestep=t, return_dict=False, **kwargs)
         return out[0].float()
 
     def to_loss_space(self, out: torch.Tensor, x: torch.Tensor, s: int) -> torch.Tensor:
