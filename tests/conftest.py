@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
+# Tests never reach the Hugging Face Hub: a name that is not a local folder (a run's base_model
+# "tiny") fails at once instead of after huggingface_hub's retries on a machine without DNS
+# (24 s per lookup here). Set before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -36,3 +43,25 @@ def tiny_model_dir(tmp_path_factory, _tiny_template) -> Path:
 def tiny_clip(tmp_path_factory) -> Path:
     """A random CLIP folder, passed wherever a Hub id such as openai/clip-vit-large-patch14 goes."""
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture
+def replay_log(monkeypatch):
+    """What kscu.tracing does from here on: ``recorded`` (each record made; None: could not be
+    recorded) and ``through_python`` (one entry per call that ran through Python)."""
+    from kscu import tracing
+
+    log = SimpleNamespace(recorded=[], through_python=[])
+    record, eager = tracing.TracedDenoiser._record, tracing._eager
+
+    def spy_record(*args):
+        log.recorded.append(record(*args))
+        return log.recorded[-1]
+
+    def spy_eager(*args):
+        log.through_python.append(1)
+        return eager(*args)
+
+    monkeypatch.setattr(tracing.TracedDenoiser, "_record", spy_record)
+    monkeypatch.setattr(tracing, "_eager", spy_eager)
+    return log

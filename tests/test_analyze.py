@@ -334,3 +334,24 @@ def test_measurement_walks_in_inference_mode(tiny_pipe):
     settings = AnalyzeSettings(samples=2, stride=10).for_family(family_of(tiny_pipe))
     measure(tiny_pipe, "circle", settings, LatentScorer(), eps=recording, decode=lambda z: z)
     assert modes and all(modes)
+
+
+def test_measurement_replays_the_denoiser_with_the_same_values(tiny_pipe, monkeypatch, replay_log):
+    """With the pipeline's own UNet (a CPU, float32) the switch walks are replayed from records
+    (kscu.tracing): the same curve as calls through Python."""
+    settings = AnalyzeSettings(samples=2, stride=10).for_family(family_of(tiny_pipe))
+
+    def run() -> dict:
+        return measure(tiny_pipe, "circle", settings, LatentScorer(), decode=lambda z: z)
+
+    recorded, through_python = replay_log.recorded, replay_log.through_python
+    replayed = run()
+    made = len(recorded)
+    assert made and None not in recorded
+    assert len(through_python) == 2 * made  # each record's first call and its check; none dropped
+    monkeypatch.setattr("kscu.families.base.traceable", lambda *_: False)
+    plain = run()
+    assert len(recorded) == made  # the plain run called through Python
+    assert {k: v for k, v in replayed.items() if k != "seconds"} == {
+        k: v for k, v in plain.items() if k != "seconds"
+    }

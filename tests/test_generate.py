@@ -169,3 +169,22 @@ def test_weights_fingerprint_is_the_file_hash(tiny_pipe, tmp_path):
     record = json.loads((out / SETTINGS).read_text())
     digest = hashlib.sha256((tmp_path / "w" / "weights.safetensors").read_bytes()).hexdigest()
     assert record["weights_sha256"] == digest and record["model"] is None
+
+
+def test_batches_share_their_records(tiny_pipe, tmp_path, monkeypatch, replay_log):
+    """Denoiser calls are replayed (kscu.tracing) with one record per batch shape for the whole
+    run, not one per batch: recording costs two calls' time. The images are the ones a run
+    through Python makes, bit for bit."""
+    recorded, through_python = replay_log.recorded, replay_log.through_python
+    rows = [PromptRow(case_number=c, prompt=f"a cat {c}") for c in range(3)]
+    generate_images(tiny_pipe, rows, tmp_path / "replayed", steps=3, progress=False)
+    assert len(recorded) == 1 and recorded[0] is not None  # three batches of one row
+    # of the 9 calls only the record's first (recorded) and second (checked) ran through Python:
+    # a replay that differed from Python would have been dropped, and the rest run through it
+    assert len(through_python) == 2
+    monkeypatch.setattr("kscu.families.base.traceable", lambda *_: False)
+    generate_images(tiny_pipe, rows, tmp_path / "plain", steps=3, progress=False)
+    assert len(recorded) == 1
+    for c in range(3):
+        replayed = (tmp_path / "replayed" / f"{c}.png").read_bytes()
+        assert replayed == (tmp_path / "plain" / f"{c}.png").read_bytes()

@@ -29,6 +29,7 @@ from kscu.fileio import atomic_target, read_json_object, write_text
 from kscu.models import is_bundled_model, native_resolution
 from kscu.promptfile import PromptRow
 from kscu.sampling import sample_images, to_pil
+from kscu.tracing import TracedDenoiser
 
 MANIFEST = "manifest.csv"
 SETTINGS = "generate.json"
@@ -103,6 +104,7 @@ def generate_images(
     todo = [r for r in mine if not (output / image_name(r)).exists()]
     written: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"generate[{process_index}]", disable=not progress)
+    records = TracedDenoiser(family.denoiser(pipe))  # each batch shape recorded once (exact)
     for batch in _batches(todo, batch_size, guidance):
         images = to_pil(
             sample_images(
@@ -113,6 +115,7 @@ def generate_images(
                 _g(batch[0], guidance),
                 size,
                 batch_size=len(batch),
+                replay=records,
             )
         )
         for row, image in zip(batch, images, strict=True):

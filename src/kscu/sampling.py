@@ -13,6 +13,7 @@ import torch
 
 from kscu.allocator import reuse_freed_memory
 from kscu.families import family_of
+from kscu.tracing import TracedDenoiser
 
 
 def sample_images(
@@ -23,19 +24,26 @@ def sample_images(
     guidance: float | None = None,
     resolution: int | None = None,
     batch_size: int = 16,
+    replay: bool | TracedDenoiser = True,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1], float32 on the CPU; image i starts from noise ``seeds[i]``.
 
     ``steps`` and ``guidance`` default to the family's evaluation protocol (SD: 50 DDIM steps,
     CFG 7.5). The walk runs in inference mode: a module moved to another device during it (by
     hooks such as accelerate's CPU offload, which kscu never installs) would keep inference-mode
-    weights that a later erase cannot train.
+    weights that a later erase cannot train. ``replay``: the denoiser's calls are replayed from
+    records where that is exact (``kscu.tracing``; a CPU in float32), the same values; given a
+    ``TracedDenoiser``, its records of earlier batches serve this call too (a record costs two
+    calls' time, which a short walk of a large model does not win back).
     """
     family = family_of(pipe)
     steps = family.eval_steps if steps is None else steps
     guidance = family.eval_guidance if guidance is None else guidance
     sampler = family.sampler(pipe, steps, resolution, guidance=guidance)
     net = family.denoiser(pipe)
+    if replay:
+        records = replay if isinstance(replay, TracedDenoiser) else None
+        sampler.replay(net, net.dtype, records=records)
 
     def raw(x, s, cond):
         return sampler.raw(net, x, s, cond)

@@ -4,7 +4,8 @@ On a CPU a small denoiser spends most of each call in Python (nn.Module dispatch
 own code), not in its kernels: the bundled world's UNet takes about 25 ms per batch-of-2 call
 through Python and 15 ms replayed. ``torch.jit.trace`` records the aten operations that one call
 makes; replaying the record runs exactly those operations, in the same order, on the same
-kernels, so every value is bit-identical (tested: outputs, gradients, whole erases). The graph
+kernels, so every value is bit-identical (tested: outputs, gradients, whole erases). A record
+made without gradients also drops repeated and shape-only work (``_simplify``). The graph
 executor's own optimizations (fusion, its autodiff) are turned off: autograd records the
 replayed operations as it records eager ones, so gradients and the per-parameter optimizer
 hooks are unchanged.
@@ -149,9 +150,30 @@ class TracedDenoiser:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer notices
                 try:
-                    return torch.jit.trace(call, tuple(examples), check_trace=False)
+                    graph = torch.jit.trace(call, tuple(examples), check_trace=False)
+                    if not grad:
+                        _simplify(graph.graph)
                 except Exception:  # noqa: BLE001 - untraceable code runs eager, as before
                     return None
+        return graph
+
+
+def _simplify(graph: Any) -> None:
+    """Remove a no-gradient record's repeated and constant work; each value stays the same.
+
+    The record holds for fixed input shapes (they are in its key), so shape arithmetic folds to
+    constants (peephole; constant propagation of numbers only: no tensor is computed ahead, so a
+    tensor the module holds outside its parameters is read at each call, as through Python);
+    the same pure operation on the same inputs is made once (common subexpressions: for example
+    the time embedding's SiLU, which every ResNet block applies again); what no output needs
+    goes. Every remaining operation runs on the same inputs and kernels as before. Not for
+    records with gradients: there, one operation instead of several would sum its gradients in
+    another order.
+    """
+    torch._C._jit_pass_peephole(graph)
+    torch._C._jit_pass_constant_propagation_immutable_types(graph)
+    torch._C._jit_pass_cse(graph)
+    torch._C._jit_pass_dce(graph)
 
 
 def _same(a: Any, b: Any) -> bool:

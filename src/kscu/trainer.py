@@ -42,7 +42,6 @@ from kscu.optim import AdamSteps
 from kscu.prompts import augmented_prompts
 from kscu.schedule import Entry, key_step_table, uniform_table
 from kscu.scope import trainable_names
-from kscu.tracing import TracedDenoiser, traceable
 
 
 @dataclass
@@ -148,8 +147,8 @@ def erase(
         sampler = family.sampler(
             pipe, cfg.num_steps, cfg.resolution, cfg.loss_space, guidance=cfg.trajectory_guidance
         )
-        if cfg.trace_denoiser and traceable(net, compute_dtype, cfg.gradient_checkpointing):
-            sampler.traced = TracedDenoiser(net)  # the same operations, less Python (exact)
+        if cfg.trace_denoiser:  # the same operations, less Python (exact)
+            sampler.replay(net, compute_dtype, cfg.gradient_checkpointing)
 
         def raw(x, s, cond, frozen: bool = False) -> torch.Tensor:
             """The denoiser's output for rows x at step s, in the sampler's own space."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kscu.tracing import TracedDenoiser
+from kscu.tracing import TracedDenoiser, traceable
 
 Cond = dict[str, torch.Tensor]
 # raw(x, s, cond) -> the denoiser's output for rows x at step index s, float32
@@ -91,6 +91,20 @@ class Sampler:
         self, module: nn.Module, x: torch.Tensor, s: int, cond: Cond, params=None
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def replay(
+        self,
+        module: nn.Module,
+        dtype: torch.dtype,
+        checkpointing: bool = False,
+        records: TracedDenoiser | None = None,
+    ) -> None:
+        """Replay ``module``'s calls from records from now on, where that is exact and pays
+        (``kscu.tracing.traceable``: a CPU, float32, no gradient checkpointing). ``records``:
+        those of earlier walks of the same module (each structure is recorded once)."""
+        if traceable(module, dtype, checkpointing):
+            same = records is not None and records.module is module
+            self.traced = records if same else TracedDenoiser(module)
 
     def call(self, module: nn.Module, params: dict[str, torch.Tensor] | None, **kwargs) -> Any:
         """The denoiser call every ``raw`` makes: replayed from a record when one was set up for
