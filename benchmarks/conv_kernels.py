@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import machine
 
 from kscu.models import cpu_convolution
 
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path("conv_kernels.json"))
     args = p.parse_args()
     record = {
-        "machine": platform.platform(),
+        **machine(),
         "threads": torch.get_num_threads(),
         "conv_1280_on_1x1": conv_layer(1, args.repeats),
         "conv_1280_on_2x2": conv_layer(2, args.repeats),

@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_model, machine
 
 HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
@@ -260,7 +261,7 @@ def flux_summary(args: argparse.Namespace, folder: Path, runs: dict, extra: list
 
 
 def report(args: argparse.Namespace, rows: dict) -> None:
-    where = f"CPU ({platform.processor() or platform.machine()})"
+    where = f"CPU ({cpu_model()})"
     shape = f"{args.resolution} px, {args.iterations} iterations, {args.dtype}"
     print(f"{args.model}, class mode, {shape}, {where}")
     print(
@@ -380,7 +381,7 @@ def main() -> None:
         rows = build(args, Path(tmp))
     report(args, rows)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    record = {"settings": settings, "machine": platform.platform(), "rows": rows}
+    record = {"settings": settings, **machine(), "rows": rows}
     args.json.write_text(json.dumps(record, indent=2))
 
 

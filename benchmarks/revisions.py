@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = """
@@ -113,7 +114,7 @@ def main() -> None:
         "head": subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
-        "machine": platform.platform(),
+        **machine(),
         "runs": runs,
         "medians": summary,
     }

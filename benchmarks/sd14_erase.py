@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import resource
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from kscu.config import EraseConfig, resolve
 from kscu.scope import trainable_names
@@ -182,7 +182,7 @@ def main() -> None:
     result, stamps, total = timed_erase(pipe, cfg, device)
     median, p90 = median_p90(stamps, args.warmup)
     full = resolve(EraseConfig(concepts=["church"], mode=args.mode)).iterations
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     report = {
         "device": name or device.type,
         "mode": args.mode,

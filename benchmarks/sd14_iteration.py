@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from machine import machine
 
 import kscu  # noqa: F401 - before diffusers: the torchvision fix (kscu.torchvision_compat)
 
@@ -140,7 +140,7 @@ def main() -> None:
         from diffusers import UNet2DConditionModel
 
         report = {
-            "machine": platform.platform(),
+            **machine(),
             "settings": {"resolution": args.resolution, "iterations": args.iterations},
             "flops_gflop": flops(
                 UNet2DConditionModel.from_pretrained(folder / "unet"), args.resolution

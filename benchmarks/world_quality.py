@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
+from machine import machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": args.guidance,
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        **machine(),
         "python": sys.version.split()[0],
     }
     with open(args.output, "w") as f:
