@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,6 @@ from machine import machine
 
 import kscu  # noqa: F401 - before diffusers: the torchvision fix (kscu.torchvision_compat)
 
-HERE = Path(__file__).parent
 CHILD = """
 import sys, time, torch
 from kscu.allocator import reuse_freed_memory
@@ -54,8 +52,7 @@ def model_folder(args: argparse.Namespace, scratch: Path) -> Path:
     if args.model_dir and (args.model_dir / "model_index.json").exists():
         return args.model_dir
     folder = args.model_dir or scratch / "sd14"
-    sys.path.insert(0, str(HERE))
-    from memory import save_sd14
+    from memory import save_sd14  # this script's folder is on sys.path, as for machine
 
     save_sd14(folder)
     return folder
@@ -110,9 +107,8 @@ def profile(folder: Path, resolution: int, iterations: int) -> dict[str, float]:
 
 def onednn(folder: Path, resolution: int) -> dict[str, float]:
     """Milliseconds oneDNN spends per kind of primitive in one batch-of-2 forward."""
-    env = dict(os.environ)
     run = [sys.executable, "-c", CHILD, str(folder / "unet"), str(resolution)]
-    out = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     total: Counter = Counter()
     total["forward ms (without the log)"] = 1e3 * float(out.split("FORWARD ", 1)[1].split()[0])
     for line in out.split("VERBOSE-START", 1)[1].splitlines():
