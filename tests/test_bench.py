@@ -201,3 +201,78 @@ def test_fast_cpu_conv_is_each_erases_own(tmp_path, capsys, monkeypatch):
         meta = json.loads((tmp_path / run / "kscu.json").read_text())
         assert meta["config"]["fast_cpu_conv"] is True
         assert meta["convolution"] == "torch native (--fast-cpu-conv)"
+
+
+def test_jobs_erase_in_parallel_exactly_as_kscu_erase_with_that_many_threads(tmp_path, monkeypatch):
+    """kscu bench --jobs 2: the erases run in two worker processes with half the threads each;
+    each run folder then holds exactly what `kscu erase` writes with that many threads, the
+    bench loads it instead of erasing again, and the records say how it ran."""
+    from safetensors.torch import load_file
+
+    import kscu.bench as bench
+    import kscu.runner as runner
+    from kscu.config import EraseConfig
+    from kscu.models import load_pipeline
+
+    monkeypatch.setattr(
+        bench.Judge, "score", lambda self, pipe: {"UA": 0.0, "IRA": 1.0, "CRA": 1.0, "FD": 0.0}
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        erased_here = []
+        real = runner.erase_to_folder
+        monkeypatch.setattr(
+            runner, "erase_to_folder", lambda *a, **k: erased_here.append(1) or real(*a, **k)
+        )
+        args = dict(iterations=3, samples=2, steps=2, progress=False)
+        report = bench.run_bench("heart", "class", ["kscu", "esd"], tmp_path, jobs=2, **args)
+        assert not erased_here  # both erases ran in the workers
+        assert report["jobs"] == 2 and "2 at a time" in (tmp_path / "bench.md").read_text()
+        torch.set_num_threads(1)
+        for row in report["rows"][1:]:
+            meta = json.loads((tmp_path / row["label"] / "kscu.json").read_text())
+            assert meta["torch_threads"] == 1 and row["seconds"] == round(meta["seconds"], 2)
+            cfg = EraseConfig(concepts=["heart"], mode="class", method=row["method"], iterations=3)
+            real(cfg, None, tmp_path / "ref", False, pipe=load_pipeline(None), overwrite=True)
+            ours = load_file(tmp_path / row["label"] / "weights.safetensors")
+            reference = load_file(tmp_path / "ref" / "weights.safetensors")
+            assert ours.keys() == reference.keys()
+            assert all(torch.equal(ours[k], reference[k]) for k in ours), row["label"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_jobs_out_of_range_is_one_line(tmp_path, capsys):
+    args = ["bench", "--concept", "heart", "--output", str(tmp_path / "b"), "--quiet"]
+    code, _, err = run_cli([*args, "--jobs", "0"], capsys)
+    assert code == 2 and "--jobs 0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_reuse_loads_an_automatic_start_steps_run(tmp_path, monkeypatch):
+    """A finished `--start-step auto` erase is found again by the step it measured (the path
+    --jobs takes to load what its workers erased); other settings still erase again."""
+    import kscu.analyze
+    import kscu.bench as bench
+    import kscu.runner as runner
+
+    def fake_analysis(pipe, model, concepts, mode, **kwargs):
+        return {"curve": [0.0] * 50, "recommended_start_step": 20, "rule": "test"}
+
+    monkeypatch.setattr(kscu.analyze, "auto_start_step", fake_analysis, raising=False)
+    monkeypatch.setattr(
+        bench.Judge, "score", lambda self, pipe: {"UA": 0.0, "IRA": 1.0, "CRA": 1.0, "FD": 0.0}
+    )
+    args = dict(iterations=2, samples=2, steps=2, start_step="auto", progress=False)
+    first = bench.run_bench("heart", "class", ["kscu"], tmp_path, **args)
+    assert first["rows"][1]["start_step"] == 20
+    erased = []
+    real = runner.erase_to_folder
+    monkeypatch.setattr(
+        runner, "erase_to_folder", lambda *a, **k: erased.append(1) or real(*a, **k)
+    )
+    again = bench.run_bench("heart", "class", ["kscu"], tmp_path, reuse=True, **args)
+    assert not erased and again["rows"][1]["start_step"] == 20
+    bench.run_bench("heart", "class", ["kscu"], tmp_path, reuse=True, **{**args, "iterations": 3})
+    assert len(erased) == 1

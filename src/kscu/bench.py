@@ -20,13 +20,17 @@ key-step window (the paper's ablation: all steps 0:50, the last 70% 14:50, the f
 from __future__ import annotations
 
 import copy
+import dataclasses
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kscu.config import EraseConfig, settings_label
 from kscu.errors import KscuError
@@ -187,6 +191,7 @@ def run_bench(
     attack: str | None = None,
     attack_settings: Any = None,
     reuse: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Erase with each method from the same start, score all models, write bench.json/md/png.
 
@@ -198,6 +203,8 @@ def run_bench(
     (an ``AttackSettings``; default: the attack's tiny-world defaults, 16 prompts).
     ``reuse`` loads erases already in ``output`` with the same resolved settings instead of
     erasing again, and resumes their attacks; every score is computed again.
+    ``jobs`` > 1 runs the erases first, that many at a time in their own processes, the CPU
+    threads split between them (see ``_erase_in_parallel``); scoring follows with all threads.
     """
     from kscu.models import is_bundled_model, load_pipeline
     from kscu.runner import prepare
@@ -215,6 +222,12 @@ def run_bench(
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
     if attack is not None:
         attack_settings = _attack_settings(attack, attack_settings)
+    threads = torch.get_num_threads()
+    if not 1 <= jobs <= threads:
+        raise KscuError(
+            f"--jobs {jobs}: give 1 to {threads} (the CPU threads torch uses here), "
+            "one erase per job"
+        )
 
     def runs_for(seed: int) -> list[tuple[str, str, EraseConfig]]:
         runs = []
@@ -237,9 +250,22 @@ def run_bench(
     original = copy.deepcopy(pipe.unet.state_dict())
     # --fast-cpu-conv is each erase's own (generation, batched 128 rows, is faster with oneDNN)
     native_conv = bool((overrides or {}).get("fast_cpu_conv"))
+
+    def folder_of(seed: int) -> Path:
+        return output if len(seeds) == 1 else output / f"seed{seed}"
+
+    pending = [
+        (cfg, folder_of(s) / _folder(label))
+        for s in seeds
+        for _, label, cfg in runs_for(s)
+        if not (reuse and _recorded_config(model, cfg, folder_of(s) / _folder(label), pipe))
+    ]
+    erased = min(jobs, len(pending)) > 1  # with one erase to run, it runs here, as without
+    if erased:
+        _erase_in_parallel(model, pending, min(jobs, len(pending)), progress)
     per_seed = []
     for s in seeds:
-        folder = output if len(seeds) == 1 else output / f"seed{s}"
+        folder = folder_of(s)
         judge = Judge(bench_prompts(concept, samples, s), s, steps, guidance)
         attacker = None
         if attack is not None:
@@ -248,7 +274,7 @@ def run_bench(
             )
         per_seed.append(
             _score_runs(
-                pipe, original, model, runs_for(s), judge, attacker, folder, progress, reuse
+                pipe, original, model, runs_for(s), judge, attacker, folder, progress, reuse, erased
             )
         )
     pipe.unet.load_state_dict(original)
@@ -263,6 +289,7 @@ def run_bench(
         "steps": steps,
         "guidance": guidance,
         "fast_cpu_conv": native_conv,
+        "jobs": jobs if erased else 1,
         "attack": None if attack is None else asdict(attack_settings),
         "rows": aggregate(per_seed),
     }
@@ -273,12 +300,13 @@ def run_bench(
 
 
 def _score_runs(
-    pipe, original, model, runs, judge, attacker, output, progress, reuse=False
+    pipe, original, model, runs, judge, attacker, output, progress, reuse=False, erased=False
 ) -> list[BenchRow]:
     """The original row, then one row per erase, each from the original weights (one seed).
 
     ``reuse``: a run folder that already holds an erase of the same resolved settings is loaded
     instead of erased again (its recorded seconds are kept); scores are always recomputed.
+    ``erased``: every run folder holds its erase already (``_erase_in_parallel``); load them.
     """
     from kscu.runner import erase_to_folder
 
@@ -293,7 +321,9 @@ def _score_runs(
     for method, label, cfg in runs:
         pipe.unet.load_state_dict(original)
         folder = output / _folder(label)  # the bench owns its run folders: a rerun replaces them
-        record = _finished_run(pipe, model, cfg, folder) if reuse else None
+        record = _finished_run(pipe, model, cfg, folder) if reuse or erased else None
+        if record is None and erased:
+            raise KscuError(f"the parallel erase of {label} left no matching run in {folder}")
         if record is None:
             started = time.perf_counter()
             result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
@@ -317,21 +347,73 @@ def _score_runs(
     return rows
 
 
+def _recorded_config(model: str | None, cfg: EraseConfig, folder: Path, pipe: Any) -> dict | None:
+    """The metadata of an erase of ``cfg`` in ``folder`` (same resolved settings), else None.
+
+    An automatic start step matches the step that run measured (the measurement, on the same
+    original weights, is deterministic).
+    """
+    from kscu.checkpoint import WEIGHTS, read_metadata
+    from kscu.runner import prepare
+
+    if not (folder / WEIGHTS).is_file():
+        return None
+    meta = read_metadata(folder)
+    recorded = meta.get("config") or {}
+    if cfg.start_step == "auto":
+        if "start_step_analysis" not in meta:
+            return None
+        cfg = dataclasses.replace(cfg, start_step=recorded.get("start_step"))
+    return meta if recorded == prepare(cfg, model, pipe).to_dict() else None
+
+
 def _finished_run(pipe: Any, model: str | None, cfg: EraseConfig, folder: Path) -> dict | None:
     """The record of an erase of ``cfg`` already in ``folder``, loaded into ``pipe``; else None.
 
     The bench's seconds for a reused run are the erase's own recorded seconds.
     """
-    from kscu.checkpoint import WEIGHTS, load_erased, read_metadata
-    from kscu.runner import prepare
+    from kscu.checkpoint import load_erased
 
-    if cfg.start_step == "auto" or not (folder / WEIGHTS).is_file():
-        return None
-    meta = read_metadata(folder)
-    if meta.get("config") != prepare(cfg, model, pipe).to_dict():
+    meta = _recorded_config(model, cfg, folder, pipe)
+    if meta is None:
         return None
     load_erased(pipe, folder)  # checks the base model's fingerprint too
     return meta | {"bench_seconds": meta["seconds"]}
+
+
+def _erase_in_parallel(
+    model: str | None, pending: list[tuple[EraseConfig, Path]], jobs: int, progress: bool
+) -> None:
+    """The bench's erases, ``jobs`` at a time, each in its own process with 1/jobs of the threads.
+
+    The bundled world's kernels are too small to split well: on 2 cores its erase takes about
+    as long with 1 thread as with 2, so two erases at once finish in about the time of one.
+    Each erase is exactly ``kscu erase`` run with that many threads; since a float32 result's
+    last bits depend on the thread count (parallel reductions sum in another order), the
+    weights differ in their last bits from the serial bench's, which is why this is opt-in.
+    """
+    threads = max(1, torch.get_num_threads() // jobs)
+    # ESD's erases first: each of its iterations walks from noise, so they are the longest, and
+    # starting the longest first packs the jobs best
+    pending = sorted(pending, key=lambda run: run[0].method != "esd")
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_erase_alone, model, cfg, f, threads) for cfg, f in pending]
+        try:
+            for done in tqdm(as_completed(futures), "erases", len(futures), disable=not progress):
+                done.result()  # an erase's error (a KscuError) is raised here
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _erase_alone(model: str | None, cfg: EraseConfig, folder: Path, threads: int) -> None:
+    """One bench erase in a worker process: as ``_score_runs`` runs it, with ``threads`` threads."""
+    from kscu.models import load_pipeline
+    from kscu.runner import erase_to_folder
+
+    torch.set_num_threads(threads)
+    erase_to_folder(cfg, model, folder, False, pipe=load_pipeline(model), overwrite=True)
 
 
 def _attack_settings(method: str, settings: Any = None) -> Any:
@@ -444,6 +526,11 @@ def markdown(report: dict[str, Any]) -> str:
             else ""
         )
         + (" Erases with --fast-cpu-conv." if report.get("fast_cpu_conv") else "")
+        + (
+            f" Erases {report['jobs']} at a time, each with 1/{report['jobs']} of the threads."
+            if report.get("jobs", 1) > 1
+            else ""
+        )
         + "\n\n"
     )
     columns = [("UA ↑", "UA", ".3f"), ("IRA ↑", "IRA", ".3f"), ("CRA ↑", "CRA", ".3f")]

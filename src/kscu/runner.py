@@ -73,6 +73,8 @@ def run_record(result: EraseResult, base_model: str, device: torch.device) -> di
         "diffusers_version": diffusers.__version__,
         "python_version": platform.python_version(),
         "device": str(device),
+        # a float32 result's last bits depend on the CPU and on its thread count
+        "torch_threads": torch.get_num_threads(),
         "trainable_elements": trainable,
         **result.record,  # "family", "timesteps" (the sampler's, in step order), "loss_space"
         "schedule": [[c, s] for c, s in result.schedule],
