@@ -212,7 +212,6 @@ def test_jobs_erase_in_parallel_exactly_as_kscu_erase_with_that_many_threads(tmp
     import kscu.bench as bench
     import kscu.runner as runner
     from kscu.config import EraseConfig
-    from kscu.models import load_pipeline
 
     monkeypatch.setattr(
         bench.Judge, "score", lambda self, pipe: {"UA": 0.0, "IRA": 1.0, "CRA": 1.0, "FD": 0.0}
@@ -228,13 +227,17 @@ def test_jobs_erase_in_parallel_exactly_as_kscu_erase_with_that_many_threads(tmp
         args = dict(iterations=3, samples=2, steps=2, progress=False)
         report = bench.run_bench("heart", "class", ["kscu", "esd"], tmp_path, jobs=2, **args)
         assert not erased_here  # both erases ran in the workers
-        assert report["jobs"] == 2 and "2 at a time" in (tmp_path / "bench.md").read_text()
+        assert report["jobs"] == 2
+        assert (
+            "2 at a time (--jobs) with 1 CPU thread(s) each" in (tmp_path / "bench.md").read_text()
+        )
         torch.set_num_threads(1)
         for row in report["rows"][1:]:
             meta = json.loads((tmp_path / row["label"] / "kscu.json").read_text())
-            assert meta["torch_threads"] == 1 and row["seconds"] == round(meta["seconds"], 2)
+            assert meta["torch_threads"] == row["torch_threads"] == 1
+            assert row["seconds"] == round(meta["seconds"], 2)
             cfg = EraseConfig(concepts=["heart"], mode="class", method=row["method"], iterations=3)
-            real(cfg, None, tmp_path / "ref", False, pipe=load_pipeline(None), overwrite=True)
+            real(cfg, None, tmp_path / "ref", False, overwrite=True)  # as `kscu erase` runs it
             ours = load_file(tmp_path / row["label"] / "weights.safetensors")
             reference = load_file(tmp_path / "ref" / "weights.safetensors")
             assert ours.keys() == reference.keys()
@@ -243,11 +246,38 @@ def test_jobs_erase_in_parallel_exactly_as_kscu_erase_with_that_many_threads(tmp
         torch.set_num_threads(threads)
 
 
-def test_jobs_out_of_range_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--jobs", "0"], "--jobs 0"),
+        (["--jobs", str(torch.get_num_threads() + 1)], "the CPU threads torch uses here"),
+        (["--methods", "kscu,esd,kscu"], "kscu asked for twice"),
+        (["--step-ranges", "14:50,14:50"], "kscu[14:50] asked for twice"),
+    ],
+)
+def test_bench_refuses_bad_jobs_and_repeated_rows_in_one_line(tmp_path, capsys, flags, message):
     args = ["bench", "--concept", "heart", "--output", str(tmp_path / "b"), "--quiet"]
-    code, _, err = run_cli([*args, "--jobs", "0"], capsys)
-    assert code == 2 and "--jobs 0" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli([*args, *flags], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_a_failed_parallel_erase_is_one_line_and_stops_the_bench(tmp_path, capsys):
+    """An erase that fails in its worker (here: its run folder holds a stranger's file) ends
+    the bench with that erase's own one-line error, exit 2, and no report."""
+    (tmp_path / "esd").mkdir()
+    (tmp_path / "esd" / "notes.txt").write_text("not a run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = ["--concept", "heart", "--iterations", "3", "--samples", "2", "--steps", "2"]
+        code, _, err = run_cli(
+            ["bench", *args, "--output", tmp_path, "--jobs", "2", "--quiet"], capsys
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "esd" in err, err
+    assert (tmp_path / "esd" / "notes.txt").exists() and not (tmp_path / "bench.json").exists()
 
 
 def test_reuse_loads_an_automatic_start_steps_run(tmp_path, monkeypatch):

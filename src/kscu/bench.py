@@ -19,11 +19,15 @@ key-step window (the paper's ablation: all steps 0:50, the last 70% 14:50, the f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ class BenchRow:
     iterations: int | None = None
     final_loss: float | None = None
     settings: str | None = None  # what was really run: iterations, lr, scope, augmentation
+    torch_threads: int | None = None  # the erase's CPU threads: its last bits depend on them
     UA_attack: float | None = None  # UA after the attack (--attack), on the attacked prompts
     UA_attack_pre: float | None = None  # UA on the same attacked prompts and seeds, no attack
 
@@ -242,6 +247,10 @@ def run_bench(
             runs.append(("kscu", f"kscu[{s}:{e}]", cfg))
         return runs
 
+    labels = [label for _, label, _ in runs_for(seeds[0])]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise KscuError(f"{', '.join(twice)} asked for twice; give each method and range once")
     for _, _, cfg in runs_for(seeds[0]):  # validate every run before the first one starts
         prepare(cfg, model)
 
@@ -329,7 +338,7 @@ def _score_runs(
             result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
             seconds = time.perf_counter() - started
             record = {"config": result.config.to_dict(), "final_loss": result.losses[-1]}
-            record["bench_seconds"] = seconds
+            record |= {"bench_seconds": seconds, "torch_threads": torch.get_num_threads()}
         rc = record["config"]
         rows.append(
             BenchRow(
@@ -342,6 +351,7 @@ def _score_runs(
                 iterations=rc["iterations"],
                 final_loss=record["final_loss"],
                 settings=settings_label(rc),
+                torch_threads=record.get("torch_threads"),  # None: a run from before it was kept
             )
         )
     return rows
@@ -391,35 +401,96 @@ def _erase_in_parallel(
     Each erase is exactly ``kscu erase`` run with that many threads; since a float32 result's
     last bits depend on the thread count (parallel reductions sum in another order), the
     weights differ in their last bits from the serial bench's, which is why this is opt-in.
+    A failed erase or an interrupt stops the others at once (each writes its run folder only
+    when it is complete, so a stopped one leaves nothing but its hidden temporary folder); the
+    workers ignore Ctrl-C, which reaches the bench, and end on its SIGTERM as on an exit.
     """
     threads = max(1, torch.get_num_threads() // jobs)
     # ESD's erases first: each of its iterations walks from noise, so they are the longest, and
     # starting the longest first packs the jobs best
-    pending = sorted(pending, key=lambda run: run[0].method != "esd")
+    queue = sorted(pending, key=lambda run: run[0].method != "esd")
     context = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = [pool.submit(_erase_alone, model, cfg, f, threads) for cfg, f in pending]
-        try:
-            for done in tqdm(as_completed(futures), "erases", len(futures), disable=not progress):
-                done.result()  # an erase's error (a KscuError) is raised here
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    running: dict[int, tuple[Any, Any, Path]] = {}  # sentinel -> process, its pipe, its folder
+    bar = tqdm(total=len(queue), desc="erases", disable=not progress)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                cfg, folder = queue.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                args = (model, cfg, folder, threads, send)
+                process = context.Process(target=_erase_alone, args=args, daemon=True)
+                with _interrupts_ignored():  # Ctrl-C is the bench's: it stops the workers
+                    process.start()
+                send.close()
+                running[process.sentinel] = (process, receive, folder)
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                process, receive, folder = running.pop(sentinel)
+                error = _message(receive)
+                receive.close()
+                process.join()
+                if error is None and process.exitcode != 0:
+                    error = (
+                        f"the erase into {folder} stopped (its process exited with code "
+                        f"{process.exitcode}); run the bench without --jobs to see why"
+                    )
+                if error is not None:
+                    raise KscuError(error) if isinstance(error, str) else RuntimeError(error[0])
+                bar.update()
+    finally:
+        for process, _, _ in running.values():
+            process.terminate()
+        for process, _, _ in running.values():
+            process.join()
+        bar.close()
 
 
-def _erase_alone(model: str | None, cfg: EraseConfig, folder: Path, threads: int) -> None:
-    """One bench erase in a worker process: as ``_score_runs`` runs it, with ``threads`` threads."""
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored while a worker starts, so the worker (which inherits it) ignores it too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller's own thread keeps them
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _message(receive: Any) -> Any:
+    """What a finished worker sent, or None (a worker that succeeded closes its end unsent)."""
+    try:
+        return receive.recv()
+    except EOFError:
+        return None
+
+
+def _erase_alone(model: str | None, cfg: EraseConfig, folder: Path, threads: int, report) -> None:
+    """One bench erase in a worker process, as ``_score_runs`` runs it, with ``threads`` threads.
+
+    Sends ``report`` a KscuError's message (one line for the user), a bug's traceback as a
+    1-tuple, or nothing. The bench's SIGTERM ends it as an exit does (SystemExit: cleanups run,
+    nothing is printed).
+    """
     from kscu.models import load_pipeline
     from kscu.runner import erase_to_folder
 
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     torch.set_num_threads(threads)
-    erase_to_folder(cfg, model, folder, False, pipe=load_pipeline(model), overwrite=True)
+    try:
+        erase_to_folder(cfg, model, folder, False, pipe=load_pipeline(model), overwrite=True)
+    except KscuError as e:
+        report.send(str(e))
+    except Exception:
+        report.send((f"an erase into {folder} failed:\n{traceback.format_exc()}",))
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _attack_settings(method: str, settings: Any = None) -> Any:
     """The attack's settings for the bench (checked before anything runs)."""
-    import dataclasses
-
     from kscu.attack.settings import AttackSettings
 
     settings = dataclasses.replace(settings or AttackSettings(), method=method)
@@ -431,8 +502,6 @@ class _Attacker:
     """Runs ``kscu attack`` on the bench's target prompts (same seeds, steps and guidance)."""
 
     def __init__(self, pipe, original, concept, seed, judge, settings, output, progress):
-        import dataclasses
-
         from kscu.attack.judges import WorldJudge
         from kscu.attack.run import attack_targets
 
@@ -526,11 +595,7 @@ def markdown(report: dict[str, Any]) -> str:
             else ""
         )
         + (" Erases with --fast-cpu-conv." if report.get("fast_cpu_conv") else "")
-        + (
-            f" Erases {report['jobs']} at a time, each with 1/{report['jobs']} of the threads."
-            if report.get("jobs", 1) > 1
-            else ""
-        )
+        + _threads_note(report)
         + "\n\n"
     )
     columns = [("UA ↑", "UA", ".3f"), ("IRA ↑", "IRA", ".3f"), ("CRA ↑", "CRA", ".3f")]
@@ -550,6 +615,18 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [_cell(r, key, fmt, several) for _, key, fmt in columns]
         lines.append(f"| {r['label']} | {settings} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def _threads_note(report: dict[str, Any]) -> str:
+    """How many CPU threads the erases had: their weights' last bits depend on it."""
+    counts = sorted({r["torch_threads"] for r in report["rows"] if r.get("torch_threads")})
+    jobs = report.get("jobs", 1)
+    ran = f" Erases ran {jobs} at a time (--jobs)" if jobs > 1 else " Erases ran"
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return f"{ran} with {counts[0]} CPU thread(s) each."
+    return f"{ran} with {'/'.join(map(str, counts))} CPU threads (per row: torch_threads)."
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str, spread: bool) -> str:
