@@ -276,7 +276,7 @@ def test_a_failed_parallel_erase_is_one_line_and_stops_the_bench(tmp_path, capsy
         )
     finally:
         torch.set_num_threads(threads)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "esd" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no kscu run" in err, err
     assert (tmp_path / "esd" / "notes.txt").exists() and not (tmp_path / "bench.json").exists()
 
 

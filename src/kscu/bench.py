@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
@@ -43,6 +44,7 @@ from kscu.preview import save_png
 from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 ATTRIBUTES = ("shape", "color", "texture")
+PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent dies
 
 
 @dataclass
@@ -410,21 +412,23 @@ def _erase_in_parallel(
     # starting the longest first packs the jobs best
     queue = sorted(pending, key=lambda run: run[0].method != "esd")
     context = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
-    running: dict[int, tuple[Any, Any, Path]] = {}  # sentinel -> process, its pipe, its folder
+    running: dict[Any, tuple[Any, Path]] = {}  # its pipe's end -> worker process, its folder
     bar = tqdm(total=len(queue), desc="erases", disable=not progress)
     try:
         while queue or running:
             while queue and len(running) < jobs:
                 cfg, folder = queue.pop(0)
                 receive, send = context.Pipe(duplex=False)
-                args = (model, cfg, folder, threads, send)
+                args = (model, cfg, folder, threads, send, os.getpid())
                 process = context.Process(target=_erase_alone, args=args, daemon=True)
                 with _interrupts_ignored():  # Ctrl-C is the bench's: it stops the workers
                     process.start()
+                    running[receive] = (process, folder)
                 send.close()
-                running[process.sentinel] = (process, receive, folder)
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                process, receive, folder = running.pop(sentinel)
+            # a pipe is readable when its worker sent its error or ended (end of file); read
+            # before joining, so that a long message never waits for a reader
+            for receive in multiprocessing.connection.wait(list(running)):
+                process, folder = running.pop(receive)
                 error = _message(receive)
                 receive.close()
                 process.join()
@@ -437,10 +441,13 @@ def _erase_in_parallel(
                     raise KscuError(error) if isinstance(error, str) else RuntimeError(error[0])
                 bar.update()
     finally:
-        for process, _, _ in running.values():
+        for process, _ in running.values():
             process.terminate()
-        for process, _, _ in running.values():
-            process.join()
+        for process, _ in running.values():
+            process.join(timeout=30)
+            if process.is_alive():  # SIGTERM's exit was swallowed somewhere: end it for sure
+                process.kill()
+                process.join()
         bar.close()
 
 
@@ -465,17 +472,26 @@ def _message(receive: Any) -> Any:
         return None
 
 
-def _erase_alone(model: str | None, cfg: EraseConfig, folder: Path, threads: int, report) -> None:
+def _erase_alone(
+    model: str | None, cfg: EraseConfig, folder: Path, threads: int, report: Any, bench: int
+) -> None:
     """One bench erase in a worker process, as ``_score_runs`` runs it, with ``threads`` threads.
 
     Sends ``report`` a KscuError's message (one line for the user), a bug's traceback as a
-    1-tuple, or nothing. The bench's SIGTERM ends it as an exit does (SystemExit: cleanups run,
-    nothing is printed).
+    1-tuple, or nothing. SIGTERM ends it as an exit does (SystemExit: cleanups run, nothing is
+    printed): the bench's, or on Linux the kernel's when the bench's process ``bench`` dies in
+    any way, so no worker goes on writing into a bench that is gone.
     """
+    from kscu.allocator import glibc
     from kscu.models import load_pipeline
     from kscu.runner import erase_to_folder
 
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    libc = glibc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != bench:  # the bench died before the line above
+        raise SystemExit(1)
     torch.set_num_threads(threads)
     try:
         erase_to_folder(cfg, model, folder, False, pipe=load_pipeline(model), overwrite=True)
@@ -619,7 +635,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _threads_note(report: dict[str, Any]) -> str:
     """How many CPU threads the erases had: their weights' last bits depend on it."""
-    counts = sorted({r["torch_threads"] for r in report["rows"] if r.get("torch_threads")})
+    rows = report["rows"]
+    counts = {r["torch_threads"] for r in rows} | {
+        n for r in rows for n in r.get("torch_threads_per_seed", [])
+    }
+    counts = sorted(n for n in counts if n)
     jobs = report.get("jobs", 1)
     ran = f" Erases ran {jobs} at a time (--jobs)" if jobs > 1 else " Erases ran"
     if not counts:
