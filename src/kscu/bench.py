@@ -636,7 +636,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _threads_note(report: dict[str, Any]) -> str:
     """How many CPU threads the erases had: their weights' last bits depend on it."""
     rows = report["rows"]
-    counts = {r["torch_threads"] for r in rows} | {
+    counts = {r.get("torch_threads") for r in rows} | {
         n for r in rows for n in r.get("torch_threads_per_seed", [])
     }
     counts = sorted(n for n in counts if n)
