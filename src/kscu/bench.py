@@ -640,10 +640,10 @@ def _threads_note(report: dict[str, Any]) -> str:
         n for r in rows for n in r.get("torch_threads_per_seed", [])
     }
     counts = sorted(n for n in counts if n)
+    if not counts:  # a report from before threads were recorded
+        return ""
     jobs = report.get("jobs", 1)
     ran = f" Erases ran {jobs} at a time (--jobs)" if jobs > 1 else " Erases ran"
-    if not counts:
-        return ""
     if len(counts) == 1:
         return f"{ran} with {counts[0]} CPU thread(s) each."
     return f"{ran} with {'/'.join(map(str, counts))} CPU threads (per row: torch_threads)."
