@@ -107,3 +107,42 @@ def test_folder_replace_swaps_whole_folders(tmp_path):
         (folder / "new.json").write_text("new")
     assert sorted(p.name for p in run.iterdir()) == ["new.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_between_the_renames_waits_for_the_swap(tmp_path, monkeypatch, signum):
+    """Ctrl-C (or a bench worker's SIGTERM) right after the earlier run is moved aside: the new
+    run is moved in and the old one removed first, then the signal takes effect as it would have;
+    the folder never holds its earlier version only under a hidden name."""
+    import signal
+
+    import kscu.fileio
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "old.json").write_text("old")
+    rename, calls = os.rename, []
+
+    def interrupted(src, dst):
+        rename(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the earlier version is now aside
+            signal.raise_signal(getattr(signal, signum))
+
+    def stop(signum, frame):
+        raise SystemExit(f"signal {signum}")
+
+    monkeypatch.setattr(kscu.fileio.os, "rename", interrupted)
+    # Python's Ctrl-C handler (pytest may start with SIGINT ignored), a bench worker's SIGTERM one
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: stop}
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)), atomic_folder(run, True) as folder:
+            (folder / "new.json").write_text("new")
+        assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    assert len(calls) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["new.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -176,3 +176,41 @@ def test_a_backward_that_raises_leaves_no_gradient(tiny_pipe, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         erase(tiny_pipe, cfg, progress=False)
     assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("options", [{}, {"offload_state": True}, {"lean_state": True}])
+def test_adam_state_is_made_before_the_first_forward(monkeypatch, options):
+    """Every moment exists (zeros) once the steps are set up, and the first backward steps into
+    that memory rather than allocating the state among its activations (kscu.allocator's heap
+    kept it apart from the buffers an iteration frees and takes back)."""
+    import kscu.optim
+    from kscu.optim import AdamSteps, LeanAdam, TensorAdam
+
+    monkeypatch.setattr(kscu.optim, "SMALL_TENSOR", 10)  # both kinds of step: 8 and 64 elements
+    made: list = []
+    for cls in (TensorAdam, LeanAdam):
+        init = cls.__init__
+        monkeypatch.setattr(
+            cls,
+            "__init__",
+            lambda self, *a, _init=init, **k: made.append(self) or _init(self, *a, **k),
+        )
+    params = [torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8, 8))]
+    adam = AdamSteps(params, lr=1e-3, **options)
+    moments = []
+    for opt in made:
+        states = (
+            [opt.state]
+            if isinstance(opt, TensorAdam)
+            else [opt.state[p] for p in params if p in opt.state]
+        )
+        for state in states:
+            m, v = (state[0], state[1]) if isinstance(state, tuple) else (state["m"], state["v"])
+            assert not m.any() and not v.any()
+            moments += [m, v]
+    assert len(moments) == 2 * len(params)
+    where = [t.untyped_storage().data_ptr() for t in moments]
+    adam.backward(sum((p * p).sum() for p in params))
+    assert [t.untyped_storage().data_ptr() for t in moments] == where
+    assert all(t.any() for t in moments)  # the step wrote into them
+    adam.close()

@@ -125,15 +125,6 @@ def erase(
         for n in names:  # float32 masters, exact upcasts: lr-sized steps must not round away
             params[n].data = params[n].data.float()
             params[n].requires_grad_(True)
-        scaler = torch.amp.GradScaler(net.device.type) if cfg.dtype == "float16" else None
-        adam = AdamSteps(
-            [params[n] for n in names],
-            cfg.lr,
-            cfg.optimizer_in_backward,
-            scaler,
-            lean_state=cfg.lean_adam,
-            offload_state=cfg.offload_adam,
-        )
 
         def autocast():
             if compute_dtype == torch.float32:
@@ -179,6 +170,17 @@ def erase(
             with torch.inference_mode():  # no_grad without autograd's bookkeeping: same values
                 return sampler.guided_step(raw, x, s, cond[c], uncond, cfg.trajectory_guidance)
 
+        # Adam's moments are made here (kscu.optim): after the encoders left the accelerator,
+        # before the first forward and outside the allocator's reuse of freed blocks
+        scaler = torch.amp.GradScaler(net.device.type) if cfg.dtype == "float16" else None
+        adam = AdamSteps(
+            [params[n] for n in names],
+            cfg.lr,
+            cfg.optimizer_in_backward,
+            scaler,
+            lean_state=cfg.lean_adam,
+            offload_state=cfg.offload_adam,
+        )
         table = build_schedule(cfg)
         losses: list[float] = []
         x, previous, ticks = None, None, [time.perf_counter()]
@@ -237,7 +239,7 @@ def erase(
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     record["host_allocator"] = "freed blocks kept for reuse" if reused else "system default"
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
-    # per iteration: the first pays every first touch (Adam state, gradients), the rest do not
+    # per iteration: the first pays every first touch (gradients, activations), the rest do not
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
