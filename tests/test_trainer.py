@@ -326,6 +326,40 @@ def test_reusing_freed_memory_changes_no_value(tiny_pipe):
     assert any(not torch.equal(runs[True][1][n], base[n]) for n in runs[True][1])  # it moved
 
 
+def test_adam_moments_are_made_after_the_encoders_leave_and_before_the_loop(tiny_pipe, monkeypatch):
+    """The moments exist before the allocator starts keeping freed blocks (so they sit apart from
+    the buffers the loop reuses) and after the encoders left the accelerator (so they do not add
+    to its peak while the prompts are encoded)."""
+    import contextlib
+
+    import kscu.trainer
+
+    events: list[str] = []
+    offload, reuse, init = (
+        kscu.trainer.offload_modules,
+        kscu.trainer.reuse_freed_memory,
+        TensorAdam.__init__,
+    )
+    monkeypatch.setattr(
+        kscu.trainer, "offload_modules", lambda *a: events.append("offload") or offload(*a)
+    )
+    monkeypatch.setattr(
+        TensorAdam,
+        "__init__",
+        lambda self, *a, **k: events.append("moments") or init(self, *a, **k),
+    )
+
+    @contextlib.contextmanager
+    def reusing(*a):
+        events.append("loop")
+        with reuse(*a) as applied:
+            yield applied
+
+    monkeypatch.setattr(kscu.trainer, "reuse_freed_memory", reusing)
+    result = erase(tiny_pipe, EraseConfig(concepts=["church"], lr=1e-3, **SHORT), False)
+    assert events == ["offload", *["moments"] * len(result.tensors), "loop"]
+
+
 def test_only_the_edited_forward_records_autograd(tiny_pipe):
     """The trajectory walk and the frozen predictions run in inference mode (no autograd
     bookkeeping: the same kernels on the same values, a few percent less time per call on a small

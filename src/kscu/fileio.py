@@ -123,12 +123,16 @@ def _signals_deferred() -> Iterator[None]:
     previous: dict[int, Any] = {}
     try:
         for s in kinds:  # a signal arriving meanwhile runs its own handler before the swap starts
-            previous[s] = signal.signal(s, lambda signum, frame: arrived.append(signum))
+            previous[s] = signal.getsignal(s)  # kept first: the change may end in that handler
+            signal.signal(s, lambda signum, frame: arrived.append(signum))
         yield
     finally:
         late = _restore_handlers(previous)
         for signum in dict.fromkeys(arrived):  # now, with the handlers the caller had
-            signal.raise_signal(signum)
+            try:
+                signal.raise_signal(signum)
+            except BaseException as e:  # every kind still gets its turn
+                late = late or e
         if late is not None:
             raise late
 

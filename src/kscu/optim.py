@@ -17,8 +17,8 @@ loop (zeros, as torch's Adam makes them at its first step, so the same update), 
 backward's hooks: made there, they landed among that backward's activations, and on a CPU erase,
 whose freed blocks stay in glibc's heap for reuse (``kscu.allocator``), later iterations could not
 fill the holes around them. Made first, the large ones are mapped apart from the heap (glibc's
-default until the erase loop starts): on FLUX-width blocks with checkpointing, one run each way,
-the resident set extrapolated to FLUX.1-dev's 57 blocks went from 79.5 to 50.2 GiB (plan 52.0;
+default until the erase loop starts): on FLUX-width blocks with checkpointing, two runs each way,
+a joint block's share of the resident set went from 1.81-1.93 to 1.61-1.62 GiB (plan 1.50;
 README, Performance). The plain path keeps ``torch.optim.Adam``, which makes them at its step.
 
 ``offload_state`` keeps Adam's two moments in host memory (pinned when the device is a GPU) and

@@ -239,7 +239,8 @@ def erase(
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     record["host_allocator"] = "freed blocks kept for reuse" if reused else "system default"
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
-    # per iteration: the first pays every first touch (gradients, activations), the rest do not
+    # per iteration: the first pays every first touch (gradients, activations; on the plain path
+    # torch's Adam state), the rest do not
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
