@@ -214,3 +214,24 @@ def test_adam_state_is_made_before_the_first_forward(monkeypatch, options):
     assert [t.untyped_storage().data_ptr() for t in moments] == where
     assert all(t.any() for t in moments)  # the step wrote into them
     adam.close()
+
+
+def test_no_hook_is_left_when_the_moments_do_not_fit(monkeypatch):
+    """Making the moments can run out of memory (a GPU too small): the caller's parameters must
+    not keep hooks from the half-built steps, or their next backward would take Adam steps."""
+    from kscu.optim import AdamSteps, TensorAdam
+
+    made, new_state = [], TensorAdam._new_state
+
+    def tight(self, p):
+        if len(made) == 1:
+            raise torch.OutOfMemoryError("no room for the moments")
+        made.append(p)
+        return new_state(self, p)
+
+    monkeypatch.setattr(TensorAdam, "_new_state", tight)
+    params = [torch.nn.Parameter(torch.ones(2**17)) for _ in range(2)]  # stepped one by one
+    with pytest.raises(torch.OutOfMemoryError):
+        AdamSteps(params, lr=1e-3)
+    (params[0] * params[1]).sum().backward()
+    assert all(torch.equal(p, torch.ones(2**17)) for p in params)  # no step was taken

@@ -71,14 +71,16 @@ class AdamSteps:
         self.waiting: list[tuple[TensorAdam, torch.Tensor]] = []  # small tensors' steps
         self.hooks = []
         if self.in_backward:
+            steps = []  # every moment first: running out of memory here leaves no hook behind
             for i, p in enumerate(params):
                 if lean_state:
-                    hook = _step_and_free(adam([p], i))
+                    steps.append(_step_and_free(adam([p], i)))
                 elif steps_together(p.numel(), lean_state, offload_state):
-                    hook = functools.partial(self._wait, TensorAdam(p, lr, fused))
+                    steps.append(functools.partial(self._wait, TensorAdam(p, lr, fused)))
                 else:
-                    hook = TensorAdam(p, lr, fused, offload_state)
-                self.hooks.append(p.register_post_accumulate_grad_hook(hook))
+                    steps.append(TensorAdam(p, lr, fused, offload_state))
+            for p, step in zip(params, steps, strict=True):
+                self.hooks.append(p.register_post_accumulate_grad_hook(step))
         else:
             self.optimizers = [adam(params)]
 
