@@ -19,14 +19,12 @@ key-step window (the paper's ablation: all steps 0:50, the last 70% 14:50, the f
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kscu import interrupts
 from kscu.config import EraseConfig, settings_label
 from kscu.errors import KscuError
 from kscu.fileio import write_json, write_text
@@ -421,7 +420,8 @@ def _erase_in_parallel(
                 receive, send = context.Pipe(duplex=False)
                 args = (model, cfg, folder, threads, send, os.getpid())
                 process = context.Process(target=_erase_alone, args=args, daemon=True)
-                with _interrupts_ignored():  # Ctrl-C is the bench's: it stops the workers
+                # Ctrl-C is the bench's (it stops the workers): a worker inherits SIGINT ignored
+                with interrupts.replaced({signal.SIGINT: signal.SIG_IGN}):
                     process.start()
                     running[receive] = (process, folder)
                 send.close()
@@ -449,19 +449,6 @@ def _erase_in_parallel(
                 process.kill()
                 process.join()
         bar.close()
-
-
-@contextlib.contextmanager
-def _interrupts_ignored():
-    """SIGINT ignored while a worker starts, so the worker (which inherits it) ignores it too."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; a caller's own thread keeps them
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _message(receive: Any) -> Any:

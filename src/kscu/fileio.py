@@ -15,11 +15,11 @@ import secrets
 import shutil
 import signal
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kscu import interrupts
 from kscu.errors import KscuError
 
 
@@ -104,60 +104,12 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
         _remove(tmp)
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (each kind once).
-
-    Python runs signal handlers in the main thread between any two bytecodes, so a Ctrl-C (or a
-    bench worker's SIGTERM) between the two renames of a swap would leave the earlier version
-    only under its hidden name. Blocking the signals in this thread is not enough: another thread
-    (OpenMP's, tqdm's) may receive them for the process. Handlers are process-wide and can be set
-    from the main thread only; elsewhere a handler cannot interrupt this thread anyway. A handler
-    installed outside Python cannot be put back, so its signal is left alone.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kinds = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
-    arrived: list[int] = []
-    previous: dict[int, Any] = {}
-    try:
-        for s in kinds:  # a signal arriving meanwhile runs its own handler before the swap starts
-            previous[s] = signal.getsignal(s)  # kept first: the change may end in that handler
-            signal.signal(s, lambda signum, frame: arrived.append(signum))
-        yield
-    finally:
-        late = _restore_handlers(previous)
-        for signum in dict.fromkeys(arrived):  # now, with the handlers the caller had
-            try:
-                signal.raise_signal(signum)
-            except BaseException as e:  # every kind still gets its turn
-                late = late or e
-        if late is not None:
-            raise late
-
-
-def _restore_handlers(previous: dict[int, Any]) -> BaseException | None:
-    """Put every handler back, even if a signal arrives meanwhile: ``signal.signal`` runs pending
-    handlers before it changes one, so a handler already restored may raise (Ctrl-C again) and
-    the change is then retried. Returns what such a handler raised."""
-    late = None
-    for s, handler in previous.items():
-        while True:
-            try:
-                signal.signal(s, handler)
-                break
-            except BaseException as e:
-                late = late or e
-    return late
-
-
 def _swap_in(new: Path, path: Path, replace: bool) -> None:
     """Move ``new`` to ``path``, the version there (if any) aside and then away. Signals also
     wait for that removal (the old run's files, images included), so an interrupted swap leaves
     no half-deleted hidden copy behind."""
     old = None
-    with _signals_deferred():
+    with interrupts.deferred(signal.SIGINT, signal.SIGTERM):
         if path.exists() or path.is_symlink():
             if not replace and not (path.is_dir() and not any(path.iterdir())):
                 raise KscuError(
