@@ -12,11 +12,18 @@ autocast under bf16), side by side in one run:
     python benchmarks/memory.py --model sd14 --resolution 256 --dtype bfloat16 --json m.json
 
 ``--model flux-width``: FLUX.1-dev's transformer at full width (hidden 3072, 24 heads of 128,
-T5 width 4096, the real block shapes) with 1+1, 2+1 and 1+2 joint+single blocks; the differences
+T5 width 4096, the real block shapes) with 1+1, 2+1 and 1+2 joint+single blocks by default (see
+``--added-blocks``); the differences
 give each block kind's bytes, extrapolated to FLUX.1-dev's 19 + 38 blocks. The plan of the full
 19 + 38 model (built on the meta device from its config) is printed beside it:
 
     python benchmarks/memory.py --model flux-width --resolution 512 --dtype bfloat16
+
+The extrapolation weighs the 1+1 run by -54 (2+1 by 18, 1+2 by 37), so a CPU run's resident-set
+noise (glibc's heap keeps a varying 0.7-1.2 GiB of freed buffers) is multiplied by as much.
+``--added-blocks 3,6`` measures 1+1, 4+1 and 1+7 instead, each difference divided by the blocks
+it adds (weights -11.2, 6 and 6.2), and ``--repeats N`` takes each shape's median of N runs. The
+price is time: on 2 cores a 4+1 or 1+7 run takes 2-4 minutes where 2+1 takes 1-2.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +54,6 @@ VARIANTS: dict[str, list[str]] = {
     "native convolution (--fast-cpu-conv)": ["--fast-cpu-conv"],  # float32 only: a speed option
     "fastest CPU: native conv + held gradients": ["--fast-cpu-conv", "--no-optimizer-in-backward"],
 }
-FLUX_SHAPES = {"1+1": (1, 1), "2+1": (2, 1), "1+2": (1, 2)}  # joint + single-stream blocks
 FLUX_DEV_BLOCKS = (19, 38)
 GIB = 2**30
 
@@ -130,6 +137,7 @@ def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str])
         env=child_env(args),
     )
     meta = json.loads((out / "kscu.json").read_text())
+    shutil.rmtree(out)  # its float32 weights (GBs per FLUX run) are not what is measured
     return {
         "measured_bytes": meta["peak_memory_bytes"]["bytes"],
         "kind": meta["peak_memory_bytes"]["kind"],
@@ -214,23 +222,45 @@ def sd14_rows(args: argparse.Namespace, folder: Path) -> dict:
     return rows
 
 
+def flux_shapes(added: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """1+1, then 1+1 with ``added[0]`` more joint blocks, then with ``added[1]`` more single."""
+    shapes = [(1, 1), (1 + added[0], 1), (1, 1 + added[1])]
+    return {f"{joint}+{single}": (joint, single) for joint, single in shapes}
+
+
 def extrapolate(small: dict[str, int]) -> int:
-    """Bytes of 19 + 38 blocks from the 1+1, 2+1 and 1+2 figures (blocks add, the rest stays)."""
-    joint, single = small["2+1"] - small["1+1"], small["1+2"] - small["1+1"]
-    return small["1+1"] + (FLUX_DEV_BLOCKS[0] - 1) * joint + (FLUX_DEV_BLOCKS[1] - 1) * single
+    """Bytes of 19 + 38 blocks from 1+1, (1+J)+1 and 1+(1+S) (blocks add, the rest stays): each
+    block kind's bytes are its shape's difference from 1+1 divided by the blocks it adds."""
+    shapes = {tuple(int(n) for n in k.split("+")): v for k, v in small.items()}
+    base = shapes[(1, 1)]
+    (joints, _), joint = next((k, v) for k, v in shapes.items() if k[0] > 1)
+    (_, singles), single = next((k, v) for k, v in shapes.items() if k[1] > 1)
+    per_joint, per_single = (joint - base) / (joints - 1), (single - base) / (singles - 1)
+    total = base + (FLUX_DEV_BLOCKS[0] - 1) * per_joint + (FLUX_DEV_BLOCKS[1] - 1) * per_single
+    return round(total)
 
 
 def flux_rows(args: argparse.Namespace, folder: Path) -> dict:
     rows = {}
     for name, extra in chosen_variants(args).items():
         runs = {}
-        for shape, (joint, single) in FLUX_SHAPES.items():
+        for shape, (joint, single) in flux_shapes(args.added_blocks).items():
             model = flux_model(args, folder, shape)
             if not (model / "model_index.json").exists():
                 save_flux_width(model, joint, single)
-            runs[shape] = kscu_run(model, folder / f"{name.split()[0]}-{shape}", args, extra)
+            out = f"{name.split()[0]}-{shape}"
+            repeats = [
+                kscu_run(model, folder / f"{out}-{k}", args, extra) for k in range(args.repeats)
+            ]
+            runs[shape] = median_run(repeats)
         rows[name] = flux_summary(args, folder, runs, extra)
     return rows
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The first run's record with the median of every run's measured peak (all kept beside)."""
+    measured = [r["measured_bytes"] for r in runs]
+    return {**runs[0], "measured_bytes": round(statistics.median(measured)), "runs": measured}
 
 
 def flux_model(args: argparse.Namespace, folder: Path, shape: str) -> Path:
@@ -344,6 +374,24 @@ def replan(args: argparse.Namespace) -> None:
     args.json.write_text(json.dumps(record, indent=2))
 
 
+def block_pair(text: str) -> tuple[int, int]:
+    """``J,S`` with J, S >= 1, for ``--added-blocks``."""
+    try:
+        pair = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"expected J,S: two whole numbers >= 1, not {text!r}")
+    return pair
+
+
+def at_least_one(text: str) -> int:
+    """A whole number >= 1, for ``--repeats``."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("sd14", "flux-width"), default="sd14")
@@ -358,6 +406,19 @@ def main() -> None:
         "(glibc's mmap off: --malloc-mmap-threshold has no effect on that row)",
     )
     p.add_argument("--only", default=None, help="comma-separated variant names' first words")
+    p.add_argument(
+        "--added-blocks",
+        type=block_pair,
+        default=(1, 1),
+        metavar="J,S",
+        help="flux-width: measure 1+1, (1+J)+1 and 1+(1+S) blocks (default 1,1)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=at_least_one,
+        default=1,
+        help="flux-width: runs per shape, median taken",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="keep/reuse the built models")
     p.add_argument("--json", type=Path, default=Path("memory.json"))
     p.add_argument(
