@@ -35,6 +35,19 @@ def test_plan_counts_the_components(tiny_model_dir, monkeypatch):
     assert plan(str(tiny_model_dir), held, sd)["bytes"]["gradients"] == 4 * n
 
 
+def test_a_checkpoint_in_the_compute_dtype_is_its_own_frozen_copy(tiny_pipe, tmp_path):
+    """bf16 weights with bf16 compute (FLUX.1's case): the loaded tensors are the frozen copy,
+    counted in weights, and the masters are 4 new bytes each (kscu.trainer._frozen)."""
+    tiny_pipe.unet.to(torch.bfloat16)
+    tiny_pipe.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    sd = FAMILIES["sd"]
+    cfg = resolve(EraseConfig(concepts=["church"], dtype="bfloat16"), family=sd)
+    p = plan(str(tmp_path / "bf16"), cfg, sd)
+    n = p["trainable_elements"]
+    assert p["bytes"]["masters"] == 4 * n and p["bytes"]["frozen"] == 0
+    assert p["bytes"]["restore_copy"] == 0  # the loaded tensors restore the pipeline exactly
+
+
 def test_cli_plan_prints_and_erases_nothing(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--output", str(out)]

@@ -163,6 +163,34 @@ def test_nan_loss_stops_with_a_clear_error_and_restores_the_model(tiny_pipe):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_a_bf16_denoiser_is_its_own_frozen_copy(tiny_pipe, monkeypatch):
+    """Loaded in the compute dtype, the trainable tensors' own storage serves the frozen calls
+    (no second copy: on a CPU the loaded one is the checkpoint's memory map and stays resident);
+    the masters are new float32 tensors, so the frozen values never move. float32 must copy."""
+    from kscu.families.sd import DDIMSampler
+
+    frozen_params = []
+    raw = DDIMSampler.raw
+
+    def spy(self, module, x, s, cond, params=None):
+        if params is not None:
+            frozen_params.append(params)
+        return raw(self, module, x, s, cond, params=params)
+
+    monkeypatch.setattr(DDIMSampler, "raw", spy)
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        pipe = tiny_pipe.to(dtype=torch_dtype)
+        names = trainable_names(pipe.unet, "noxattn")
+        loaded = {n: p.detach() for n, p in pipe.unet.named_parameters() if n in names}
+        values = {n: t.clone() for n, t in loaded.items()}
+        frozen_params.clear()
+        erase(pipe, EraseConfig(concepts=["church"], dtype=dtype, lr=1e-3, **SHORT), False)
+        seen = frozen_params[-1]
+        shared = [seen[n].data_ptr() == loaded[n].data_ptr() for n in names]
+        assert all(shared) if dtype == "bfloat16" else not any(shared), dtype
+        assert all(torch.equal(seen[n], values[n]) for n in names)  # the base, never stepped
+
+
 def test_bf16_compute_saves_exactly_base_plus_update(tiny_pipe):
     """A float32 base erased with bf16 compute: saved - base is the float32 masters' summed
     Adam steps, with no bf16 rounding of the base, and sub-ulp updates survive."""
@@ -202,6 +230,7 @@ def test_failed_erase_leaves_the_pipeline_and_rng_as_they_were(tiny_pipe, monkey
     unet = tiny_pipe.unet.to(torch.bfloat16).train()
     unet.conv_in.weight.requires_grad_(True)
     before = snapshot(unet)
+    storage = {n: p.data_ptr() for n, p in unet.named_parameters()}
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     rng = torch.random.get_rng_state()
 
@@ -212,6 +241,8 @@ def test_failed_erase_leaves_the_pipeline_and_rng_as_they_were(tiny_pipe, monkey
     cfg = EraseConfig(concepts=["church"], dtype="bfloat16", lr=1e-2, **SHORT)
     with pytest.raises(KeyboardInterrupt):
         erase(tiny_pipe, cfg, progress=False, callback=interrupt)
+    # bf16 weights are their own frozen copy (kscu.trainer._frozen): each goes back as loaded
+    assert {n: p.data_ptr() for n, p in unet.named_parameters()} == storage
     monkeypatch.setattr(
         "kscu.trainer.augmented_prompts", lambda *a: (_ for _ in ()).throw(ValueError("bad"))
     )

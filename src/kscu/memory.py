@@ -6,7 +6,9 @@ networks are built on the meta device: no weights are read):
 - weights: the denoiser as loaded (the checkpoint's dtype, or float32 where an exact upcast is
   needed), the text encoders and the VAE in the compute dtype;
 - masters: float32 copies of the trainable tensors (none extra when the denoiser is float32);
-- frozen: the original trainable tensors in the compute dtype (the frozen model's weights);
+- frozen: the original trainable tensors in the compute dtype (the frozen model's weights). A
+  checkpoint stored in the compute dtype (FLUX.1's bf16) is its own frozen copy: its tensors,
+  counted in weights, stay as loaded and the masters are new float32 tensors (4 bytes each);
 - adam: Adam's two float32 moments per trainable element (``--lean-adam``: two bf16 moments,
   plus the float32 temporaries of the one tensor being stepped);
   ``--offload-adam``: the exact moments in host memory (``host_bytes``), and on the device the
@@ -268,8 +270,10 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "weights": sum(p.numel() for p in net.parameters()) * _bytes(loaded)
         + others * _bytes(compute)
         - host["encoders"],
-        "masters": 0 if loaded == torch.float32 else trainable * (4 - _bytes(loaded)),
-        "frozen": trainable * _bytes(compute),
+        # loaded in float32: those tensors are the masters, the frozen copy is made; else the
+        # loaded tensors are the frozen copy (kscu.trainer._frozen), the masters new tensors
+        "masters": 0 if loaded == torch.float32 else trainable * 4,
+        "frozen": trainable * _bytes(compute) if loaded == torch.float32 else 0,
         "adam": _adam_bytes(cfg, trainable, largest),
         "gradients": _gradient_elements(cfg, [params[n].numel() for n in names]) * GRAD_DTYPE_BYTES,
     }

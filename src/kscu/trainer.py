@@ -10,10 +10,11 @@ For each entry (concept c, step index s) of the schedule:
 Everything that differs between SD, SDXL and FLUX (prompt encoding, the denoiser call, guidance,
 the sampler, lambda1, the loss space) comes from the pipeline's family (``kscu.families``).
 The frozen model is the same network called with the original values of the trainable tensors
-(``torch.func.functional_call``), kept in the compute dtype, so no module is copied. Trainable
-tensors are float32 master weights, upcast exactly from the weights as loaded, whatever the
-compute dtype: bf16/fp16 only change the arithmetic (autocast), never the precision of the
-updates (KSCU_METHOD.md section 8), so the saved weights are exactly base + update.
+(``torch.func.functional_call``), kept in the compute dtype (as loaded, when loaded in it), so no
+module is copied. Trainable tensors are float32 master weights, upcast exactly from the weights
+as loaded, whatever the compute dtype: bf16/fp16 only change the arithmetic (autocast), never the
+precision of the updates (KSCU_METHOD.md section 8), so the saved weights are exactly base +
+update.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def erase(
             f"float32; load it in float32 or set dtype to {str(net.dtype).removeprefix('torch.')}"
         )
     base_fp = fingerprint({n: params[n] for n in names})
-    original = {n: params[n].detach().to(compute_dtype, copy=True) for n in names}
+    original = {n: _frozen(params[n], compute_dtype) for n in names}
     lossy = any(params[n].dtype != compute_dtype for n in names)  # the frozen copy is rounded
     exact = {n: params[n].detach().to("cpu", copy=True) for n in names} if lossy else original
     restore = _Restore(net, params, names, exact)
@@ -244,6 +245,21 @@ def erase(
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
+
+
+def _frozen(param: torch.nn.Parameter, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The frozen model's copy of a trainable tensor, in the compute dtype.
+
+    A tensor loaded in a 16-bit compute dtype (FLUX.1's bf16) is already that copy: the float32
+    upcast gives the parameter new storage, so the loaded one is kept as it is. A second copy
+    would hold the same values twice, and on a CPU, where safetensors maps the checkpoint's
+    file, the loaded pages stay resident beside it (2 bytes per trainable element: 4.7 GiB for
+    FLUX.1-dev's attention scope). A float32 tensor keeps its storage as the master, so its
+    frozen copy must be a copy.
+    """
+    if param.dtype == compute_dtype and compute_dtype != torch.float32:
+        return param.detach()
+    return param.detach().to(compute_dtype, copy=True)
 
 
 def _variant(variants: Cond, rng: random.Random, gen: torch.Generator, std: float) -> Cond:
