@@ -25,9 +25,10 @@ def replaced(handlers: dict[int, Any]) -> Iterator[None]:
     previous: dict[int, Any] = {}
     try:
         for s, handler in handlers.items():
-            if signal.getsignal(s) is None:
+            current = signal.getsignal(s)
+            if current is None:  # installed outside Python: cannot be put back
                 continue
-            previous[s] = signal.getsignal(s)  # kept first: the change may end in that handler
+            previous[s] = current  # kept first: the change may end in that handler
             signal.signal(s, handler)
         yield
     finally:

@@ -250,16 +250,14 @@ def erase(
 def _frozen(param: torch.nn.Parameter, compute_dtype: torch.dtype) -> torch.Tensor:
     """The frozen model's copy of a trainable tensor, in the compute dtype.
 
-    A tensor loaded in a 16-bit compute dtype (FLUX.1's bf16) is already that copy: the float32
-    upcast gives the parameter new storage, so the loaded one is kept as it is. A second copy
+    Only a float32 tensor keeps its storage when it is upcast to the master (and is then
+    stepped in place), so only its frozen copy must be a copy. Any other tensor gets new master
+    storage, so one already in the compute dtype (FLUX.1's bf16) is kept as it is: a second copy
     would hold the same values twice, and on a CPU, where safetensors maps the checkpoint's
     file, the loaded pages stay resident beside it (2 bytes per trainable element: 4.7 GiB for
-    FLUX.1-dev's attention scope). A float32 tensor keeps its storage as the master, so its
-    frozen copy must be a copy.
+    FLUX.1-dev's attention scope).
     """
-    if param.dtype == compute_dtype and compute_dtype != torch.float32:
-        return param.detach()
-    return param.detach().to(compute_dtype, copy=True)
+    return param.detach().to(compute_dtype, copy=param.dtype == torch.float32)
 
 
 def _variant(variants: Cond, rng: random.Random, gen: torch.Generator, std: float) -> Cond:
