@@ -1,11 +1,10 @@
-import ctypes
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from kscu.allocator import ENVIRONMENT, glibc, reuse_freed_memory
+from kscu.allocator import ENVIRONMENT, glibc, heap_free_bytes, heap_info, reuse_freed_memory
 
 LIBC = glibc()
 pytestmark = pytest.mark.skipif(
@@ -17,21 +16,6 @@ pytestmark = pytest.mark.skipif(
 MIB = 2**20
 
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def info() -> MallInfo2:
-    LIBC.mallinfo2.restype = MallInfo2
-    return LIBC.mallinfo2()
-
-
 def resident_bytes() -> int:
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
@@ -39,16 +23,16 @@ def resident_bytes() -> int:
 
 def is_mmapped(size: int) -> bool:
     """Whether a block of ``size`` bytes gets its own mmap (unmapped again when freed)."""
-    before = info().hblkhd
+    before = heap_info().hblkhd
     block = torch.empty(size // 4)
-    grew = info().hblkhd - before
+    grew = heap_info().hblkhd - before
     del block
     return grew >= size
 
 
 def beyond_free(mib: int) -> int:
     """A size no free chunk of the heap can serve: glibc must grow the heap or mmap it."""
-    return info().fordblks + mib * MIB
+    return heap_info().fordblks + mib * MIB
 
 
 def test_freed_blocks_stay_in_the_heap_inside_and_are_returned_after():
@@ -60,7 +44,7 @@ def test_freed_blocks_stay_in_the_heap_inside_and_are_returned_after():
         assert not is_mmapped(beyond_free(64))
         block = torch.ones(64 * MIB // 4)  # touched: resident
         del block
-        assert info().fordblks >= 64 * MIB  # the freed block, held for the next allocation
+        assert heap_info().fordblks >= 64 * MIB  # the freed block, held for the next allocation
         kept = resident_bytes()
     assert resident_bytes() < kept - 32 * MIB  # malloc_trim gave its pages back
     assert is_mmapped(beyond_free(64)) and not is_mmapped(16 * MIB)  # 32 MiB threshold
@@ -85,3 +69,14 @@ def test_a_nested_user_leaves_the_setting_to_the_outermost():
             assert inner
         assert not is_mmapped(beyond_free(64))  # still kept after the inner one ended
     assert is_mmapped(beyond_free(64))
+
+
+def test_heap_free_bytes_counts_what_the_heap_keeps():
+    """A freed block that glibc keeps is counted as free heap bytes (what kscu.json records)."""
+    with reuse_freed_memory(True, torch.device("cpu")):
+        before = heap_free_bytes()
+        block = torch.ones(beyond_free(64) // 4)
+        assert heap_free_bytes() < before + MIB  # taken from the heap (grown, not free)
+        del block
+        kept = heap_free_bytes()
+        assert kept >= before + 64 * MIB

@@ -351,6 +351,8 @@ def test_reusing_freed_memory_changes_no_value(tiny_pipe):
         expected = "freed blocks kept for reuse" if reuse else "system default"
         if glibc() is not None:
             assert result.record["host_allocator"] == expected
+        if glibc() is not None and hasattr(glibc(), "mallinfo2"):
+            assert result.record["host_heap_free_bytes"] >= 0
         runs[reuse] = (result.losses, {n: t.clone() for n, t in result.tensors.items()})
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[True][1])

@@ -15,9 +15,11 @@ networks are built on the meta device: no weights are read):
   moments of the one tensor being stepped;
 - gradients: float32; with optimizer-in-backward only the largest trainable tensor's at a time,
   plus the small tensors' that are stepped together after the backward;
-- activations: the buffers autograd saves in the edited forward, each once, at the training
-  resolution (measured by running that forward on the meta device, attention as the fused
-  kernels save it). Under ``--gradient-checkpointing`` the trace follows diffusers' own
+- activations: the peak of the bytes alive while the edited forward and its backward run, at
+  the training resolution, with the erase's own trainable tensors (measured by running both on
+  the meta device, attention as the fused kernels save it): what autograd saves for those
+  tensors' gradients, each buffer once, and the backward's working memory. Under
+  ``--gradient-checkpointing`` the saved buffers are counted as the trace follows diffusers' own
   checkpointed calls: each call's inputs stay, its inside is saved only while backward
   recomputes it (the largest one counted); the trace has the real erase's dtypes, so under
   bf16/fp16 compute it also counts autocast's compute-dtype copies of float32 weights (the
@@ -36,13 +38,17 @@ process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
@@ -88,9 +94,14 @@ def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:
 
 
 def activation_bytes(
-    family: Any, pipe_like: Any, cfg: EraseConfig, compute: torch.dtype, float32: set[str]
+    family: Any,
+    pipe_like: Any,
+    cfg: EraseConfig,
+    compute: torch.dtype,
+    float32: set[str],
+    trainable: set[str],
 ) -> int:
-    """Bytes autograd saves in one edited forward (2 rows: e and u; ESD: 1) at the resolution.
+    """Bytes one edited forward (2 rows: e and u; ESD: 1) and its backward need at the resolution.
 
     The trace has the dtypes of a real erase: weights not named in ``float32`` (the masters and
     a float32 checkpoint's weights) are in the compute dtype, and since the meta device has no
@@ -98,17 +109,31 @@ def activation_bytes(
     So the compute-dtype copies of float32 weights that backward needs (kept in autocast's
     cache, or saved by each matmul) are counted, and so are the float32 tensors that norms and
     rotary embeddings compute in float32.
+
+    Without checkpointing, the forward and its backward run on the meta device with the erase's
+    own trainable tensors, and the count is the peak of the bytes alive (``_LiveBytes``): what
+    autograd saves for those tensors' gradients (not the inputs frozen layers would need for
+    their own weight gradients), and the backward's working memory (activation gradients,
+    attention's backward buffers). Each trainable tensor's gradient is dropped once complete,
+    as optimizer-in-backward does (``gradients`` counts them). With checkpointing, the saved
+    tensors are counted as torch's checkpoint holds them (below), every parameter marked
+    trainable: the largest block's inside then stands in for its recomputation and backward
+    (measured within 1% per FLUX block, README Performance).
     """
     net = family.denoiser(pipe_like)
+    checkpointing = cfg.gradient_checkpointing
     for name, p in net.named_parameters():
         if name not in float32:
             p.data = p.data.to(compute)  # on the meta device: no memory
-        p.requires_grad_(True)
+        p.requires_grad_(checkpointing or name in trainable)
     params = {id(p) for p in net.parameters()}
     sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
     rows = 1 if cfg.lambda2 == 0 else 2
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
+    if not checkpointing:
+        edited = functools.partial(sampler.raw, net, x, cfg.start_step, cond)
+        return _forward_backward_peak(net, edited, compute)
     # Saved tensors by the tensor whose memory they keep (a view keeps its base's), each once:
     # one input saved by several ops (a block's norm output feeding to_q, to_k, to_v and an MLP)
     # is one buffer. The tensors themselves are kept so that no id is reused during the trace.
@@ -143,11 +168,58 @@ def activation_bytes(
         regions[0] = max(regions[0], width(inside))
         return out
 
-    if cfg.gradient_checkpointing:
-        net.enable_gradient_checkpointing(checkpointed)
+    net.enable_gradient_checkpointing(checkpointed)
     with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t), _MetaTrace(compute):
         sampler.raw(net, x, cfg.start_step, cond)
     return width(saved) + width({k: v for k, v in held.items() if k not in saved}) + regions[0]
+
+
+def _forward_backward_peak(
+    net: torch.nn.Module, forward: Callable[[], torch.Tensor], compute: torch.dtype
+) -> int:
+    """Peak bytes alive, the parameters apart, while ``forward()`` and its backward run."""
+    for p in net.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_drop_grad)
+    live = _LiveBytes({p.untyped_storage()._cdata for p in net.parameters()})
+    with live:
+        with _MetaTrace(compute):
+            out = forward()
+        out.float().square().mean().backward()  # a float32 gradient of the output, as the loss's
+    return live.peak
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes alive among the tensors the ops inside produce.
+
+    Each new storage is counted once (views share it) until it is freed: torch keeps a storage's
+    Python object while the storage lives, so a finalizer on it runs when the memory would be
+    released. Works on the meta device, where storages have sizes but no memory.
+    """
+
+    def __init__(self, skip: set[int]):
+        super().__init__()
+        self.skip, self.alive, self.live, self.peak = skip, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.skip and key not in self.alive:
+                    self.alive[key] = storage.nbytes()
+                    self.live += self.alive[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self.alive.pop(key, 0)
 
 
 class _MetaTrace(torch.overrides.TorchFunctionMode):
@@ -278,7 +350,9 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "gradients": _gradient_elements(cfg, [params[n].numel() for n in names]) * GRAD_DTYPE_BYTES,
     }
     float32_weights = set(names) | (set(params) if loaded == torch.float32 else set())
-    parts["activations"] = activation_bytes(family, pipe_like, cfg, compute, float32_weights)
+    parts["activations"] = activation_bytes(
+        family, pipe_like, cfg, compute, float32_weights, set(names)
+    )
     if on_cpu:  # host RAM is the erase's own memory
         parts["restore_copy"] = host.pop("restore_copy")
         if cfg.offload_adam:

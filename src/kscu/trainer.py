@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kscu.allocator import reuse_freed_memory
+from kscu.allocator import heap_free_bytes, reuse_freed_memory
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -219,6 +219,7 @@ def erase(
                     callback(i, (c, s), x, losses[-1])
                 previous = (c, s)
                 ticks.append(time.perf_counter())
+            heap_free = heap_free_bytes()  # before the allocator setting returns what it kept
     except BaseException:
         restore.undo()  # leave the pipeline as it was
         raise
@@ -239,6 +240,8 @@ def erase(
     conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     record["host_allocator"] = "freed blocks kept for reuse" if reused else "system default"
+    if net.device.type == "cpu" and heap_free is not None:
+        record["host_heap_free_bytes"] = heap_free  # kscu.allocator.heap_free_bytes
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
     # per iteration: the first pays every first touch (gradients, activations; on the plain path
     # torch's Adam state), the rest do not
