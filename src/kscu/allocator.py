@@ -40,10 +40,10 @@ ENVIRONMENT = {
     M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
     M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
 }
-_state = {"depth": 0, "applied": False}
+_state = {"depth": 0, "applied": False}  # open contexts (nested ones leave it to the outermost)
 
 
-class _MallInfo2(ctypes.Structure):
+class MallInfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33)."""
 
     _fields_ = [
@@ -52,7 +52,7 @@ class _MallInfo2(ctypes.Structure):
             "arena", "ordblks", "smblks", "hblks", "hblkhd",
             "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
         )
-    ]  # fmt: skip  # open contexts (nested ones leave it to the outermost)
+    ]  # fmt: skip
 
 
 @functools.cache
@@ -67,11 +67,11 @@ def glibc() -> ctypes.CDLL | None:
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
-        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], MallInfo2
     return libc
 
 
-def heap_info() -> _MallInfo2 | None:
+def heap_info() -> MallInfo2 | None:
     """glibc's heap statistics now (``mallinfo2``: all arenas), or None without glibc >= 2.33."""
     libc = glibc()
     return libc.mallinfo2() if libc is not None and hasattr(libc, "mallinfo2") else None
@@ -81,10 +81,10 @@ def heap_free_bytes() -> int | None:
     """Bytes glibc's heaps hold free for the next allocations (``fordblks``).
 
     Freed blocks that glibc keeps count in the resident set without holding any tensor, so a
-    CPU erase's peak resident set exceeds its live bytes (what ``--plan`` counts, and what CUDA's
-    max-allocated measures on a GPU) by up to this much. With freed memory kept they pile up
-    when the heap fragments: blocks freed between long-lived small ones are too small for the
-    next large request, which then extends the heap.
+    CPU erase's peak resident set can exceed its live bytes (what ``--plan`` counts, and what
+    CUDA's max-allocated measures on a GPU). Read when the erase loop ends, with fewer tensors
+    alive than at the peak, it bounds the heap's share of that excess from above. With freed
+    memory kept the free blocks pile up when the heap fragments.
     """
     info = heap_info()
     return None if info is None else int(info.fordblks)

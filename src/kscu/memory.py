@@ -23,8 +23,8 @@ networks are built on the meta device: no weights are read):
   checkpointed calls: each call's inputs stay, its inside is saved only while backward
   recomputes it (the largest one counted); the trace has the real erase's dtypes, so under
   bf16/fp16 compute it also counts autocast's compute-dtype copies of float32 weights (the
-  masters, and a float32 checkpoint's other weights) that backward needs: all at once, or with
-  checkpointing the largest call's;
+  masters, and a float32 checkpoint's other weights) that backward needs: those of every layer
+  a gradient passes through, or with checkpointing the largest call's;
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -126,14 +126,14 @@ def activation_bytes(
         if name not in float32:
             p.data = p.data.to(compute)  # on the meta device: no memory
         p.requires_grad_(checkpointing or name in trainable)
-    params = {id(p) for p in net.parameters()}
     sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
     rows = 1 if cfg.lambda2 == 0 else 2
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
     if not checkpointing:
         edited = functools.partial(sampler.raw, net, x, cfg.start_step, cond)
-        return _forward_backward_peak(net, edited, compute)
+        return _forward_backward_peak(net, edited, compute, [x, *cond.values()])
+    params = {id(p) for p in net.parameters()}
     # Saved tensors by the tensor whose memory they keep (a view keeps its base's), each once:
     # one input saved by several ops (a block's norm output feeding to_q, to_k, to_v and an MLP)
     # is one buffer. The tensors themselves are kept so that no id is reused during the trace.
@@ -175,13 +175,18 @@ def activation_bytes(
 
 
 def _forward_backward_peak(
-    net: torch.nn.Module, forward: Callable[[], torch.Tensor], compute: torch.dtype
+    net: torch.nn.Module,
+    forward: Callable[[], torch.Tensor],
+    compute: torch.dtype,
+    inputs: list[torch.Tensor],
 ) -> int:
-    """Peak bytes alive, the parameters apart, while ``forward()`` and its backward run."""
+    """Peak bytes alive while ``forward()`` and its backward run, the network's own tensors and
+    the inputs apart (each counted elsewhere). Changes ``net``: pass a throwaway meta network."""
     for p in net.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(_drop_grad)
-    live = _LiveBytes({p.untyped_storage()._cdata for p in net.parameters()})
+    there = [*net.parameters(), *net.buffers(), *inputs]
+    live = _LiveBytes({t.untyped_storage()._cdata for t in there})
     with live:
         with _MetaTrace(compute):
             out = forward()
@@ -190,15 +195,19 @@ def _forward_backward_peak(
 
 
 def _drop_grad(p: torch.Tensor) -> None:
+    """As optimizer-in-backward frees each gradient after its step (``gradients`` counts them;
+    the trace may hold one of them at its peak too, at most the largest: 36 MiB for FLUX)."""
     p.grad = None
 
 
 class _LiveBytes(TorchDispatchMode):
     """The peak of the bytes alive among the tensors the ops inside produce.
 
-    Each new storage is counted once (views share it) until it is freed: torch keeps a storage's
-    Python object while the storage lives, so a finalizer on it runs when the memory would be
-    released. Works on the meta device, where storages have sizes but no memory.
+    Each new storage is counted once (views share it), at its size when first seen, until it is
+    freed (a storage grown later by ``out=`` or ``resize_`` is not re-read: no such op in these
+    traces). torch keeps a storage's Python object while the storage lives, so a finalizer on it
+    runs when the memory would be released. Works on the meta device, where storages have sizes
+    but no memory.
     """
 
     def __init__(self, skip: set[int]):
