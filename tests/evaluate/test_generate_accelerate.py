@@ -163,12 +163,13 @@ def test_interrupted_run_resumes(tmp_path, tiny_sd, hooked, monkeypatch):
     assert len(list(out.glob("*.png"))) == 7 and (out / "manifest.csv").exists()
 
 
-@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["flux-dev", "flux-schnell"])
-def test_two_processes_generate_flux_each_image_once(tmp_path, hooked, guidance_embeds):
-    """The same launch for a FLUX folder: each image once, the same pixels as one process."""
+def test_two_processes_generate_flux_each_image_once(tmp_path, hooked):
+    """The same launch for a FLUX.1-dev folder: each image once, the same pixels as one process.
+    (The split is the family's own sampler walk per image; FLUX.1-schnell's walk, without the
+    guidance embedding, is generated and resumed in tests/families/test_commands.py.)"""
     from tiny_families import build_tiny_flux_pipeline, save_pipeline
 
-    model = save_pipeline(build_tiny_flux_pipeline(guidance_embeds=guidance_embeds), tmp_path / "m")
+    model = save_pipeline(build_tiny_flux_pipeline(guidance_embeds=True), tmp_path / "m")
     prompts = write_csv(
         tmp_path / "p.csv",
         ["case_number", "prompt", "evaluation_seed", "evaluation_guidance"],
