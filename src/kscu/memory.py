@@ -19,12 +19,11 @@ networks are built on the meta device: no weights are read):
   the training resolution, with the erase's own trainable tensors (measured by running both on
   the meta device, attention as the fused kernels save it): what autograd saves for those
   tensors' gradients, each buffer once, and the backward's working memory. Under
-  ``--gradient-checkpointing`` the saved buffers are counted as the trace follows diffusers' own
-  checkpointed calls: each call's inputs stay, its inside is saved only while backward
-  recomputes it (the largest one counted); the trace has the real erase's dtypes, so under
-  bf16/fp16 compute it also counts autocast's compute-dtype copies of float32 weights (the
-  masters, and a float32 checkpoint's other weights) that backward needs: those of every layer
-  a gradient passes through, or with checkpointing the largest call's;
+  ``--gradient-checkpointing`` the trace goes through diffusers' own checkpointed calls: each
+  call's inputs stay, its inside lives only while backward recomputes it. The trace has the
+  real erase's dtypes, so under bf16/fp16 compute it also counts autocast's compute-dtype
+  copies of float32 weights (the masters, and a float32 checkpoint's other weights) that
+  backward needs;
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
 
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
@@ -101,77 +101,48 @@ def activation_bytes(
     float32: set[str],
     trainable: set[str],
 ) -> int:
-    """Bytes one edited forward (2 rows: e and u; ESD: 1) and its backward need at the resolution.
+    """Peak bytes one edited forward (2 rows: e and u; ESD: 1) and its backward hold.
+
+    The forward and its backward run on the meta device with the erase's own trainable tensors,
+    and the count is the peak of the bytes alive (``_LiveBytes``): what autograd saves for those
+    tensors' gradients (not the inputs frozen layers would need for their own weight gradients),
+    and the backward's working memory (activation gradients, attention's backward buffers).
+    Each trainable tensor's gradient is dropped once complete, as optimizer-in-backward does
+    (``gradients`` counts them). With ``--gradient-checkpointing`` the network runs through
+    diffusers' own checkpointed calls (torch's non-reentrant checkpoint), so each call's inputs
+    stay and its inside lives only while backward recomputes it.
 
     The trace has the dtypes of a real erase: weights not named in ``float32`` (the masters and
     a float32 checkpoint's weights) are in the compute dtype, and since the meta device has no
-    autocast, ``_MetaTrace`` casts the inputs of the ops autocast runs in the compute dtype.
-    So the compute-dtype copies of float32 weights that backward needs (kept in autocast's
-    cache, or saved by each matmul) are counted, and so are the float32 tensors that norms and
-    rotary embeddings compute in float32.
-
-    Without checkpointing, the forward and its backward run on the meta device with the erase's
-    own trainable tensors, and the count is the peak of the bytes alive (``_LiveBytes``): what
-    autograd saves for those tensors' gradients (not the inputs frozen layers would need for
-    their own weight gradients), and the backward's working memory (activation gradients,
-    attention's backward buffers). Each trainable tensor's gradient is dropped once complete,
-    as optimizer-in-backward does (``gradients`` counts them). With checkpointing, the saved
-    tensors are counted as torch's checkpoint holds them (below), every parameter marked
-    trainable: the largest block's inside then stands in for its recomputation and backward
-    (measured within 1% per FLUX block, README Performance).
+    autocast, ``_MetaTrace`` casts the inputs of the ops autocast runs in the compute dtype, in
+    the forward and in each recomputation alike. So the compute-dtype copies of float32 weights
+    that backward needs are counted, and so are the float32 tensors that norms and rotary
+    embeddings compute in float32.
     """
     net = family.denoiser(pipe_like)
-    checkpointing = cfg.gradient_checkpointing
     for name, p in net.named_parameters():
         if name not in float32:
             p.data = p.data.to(compute)  # on the meta device: no memory
-        p.requires_grad_(checkpointing or name in trainable)
+        p.requires_grad_(name in trainable)
+    if cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing(functools.partial(_checkpoint, compute))
     sampler = family.sampler(pipe_like, cfg.num_steps, cfg.resolution, cfg.loss_space)
     rows = 1 if cfg.lambda2 == 0 else 2
     x = sampler.noise(0).expand(rows, *sampler.noise(0).shape[1:])
     cond = family.meta_cond(pipe_like, rows, cfg.max_sequence_length)
-    if not checkpointing:
-        edited = functools.partial(sampler.raw, net, x, cfg.start_step, cond)
-        return _forward_backward_peak(net, edited, compute, [x, *cond.values()])
-    params = {id(p) for p in net.parameters()}
-    # Saved tensors by the tensor whose memory they keep (a view keeps its base's), each once:
-    # one input saved by several ops (a block's norm output feeding to_q, to_k, to_v and an MLP)
-    # is one buffer. The tensors themselves are kept so that no id is reused during the trace.
-    saved: dict[int, torch.Tensor] = {}
-    regions: list[int] = [0]  # bytes saved inside the largest checkpointed call
-    held: dict[int, torch.Tensor] = {}  # inputs that checkpointed calls keep
+    edited = functools.partial(sampler.raw, net, x, cfg.start_step, cond)
+    return _forward_backward_peak(net, edited, compute, [x, *cond.values()])
 
-    def width(tensors: dict[int, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def hold(into: dict[int, torch.Tensor], t: torch.Tensor) -> None:
-        base = t._base if t._base is not None else t
-        if id(t) not in params and id(base) not in params:
-            into[id(base)] = base
+def _checkpoint(compute: torch.dtype, call: Callable, *args: Any) -> Any:
+    """torch's non-reentrant checkpoint of ``call``, which re-enters ``_MetaTrace`` itself: the
+    recomputation runs inside backward, where the trace's mode is not active."""
 
-    def keeper(into: dict[int, torch.Tensor]):
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            hold(into, t)
-            return t
+    def traced(*inner: Any) -> Any:
+        with _MetaTrace(compute):
+            return call(*inner)
 
-        return keep
-
-    def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
-        """What torch's non-reentrant checkpoint holds: the inputs, the inside only in backward
-        (autocast runs without its cast cache then: the inside's weight copies go with it)."""
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                hold(held, a)
-        inside: dict[int, torch.Tensor] = {}
-        with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda t: t):
-            out = module(*args)
-        regions[0] = max(regions[0], width(inside))
-        return out
-
-    net.enable_gradient_checkpointing(checkpointed)
-    with torch.autograd.graph.saved_tensors_hooks(keeper(saved), lambda t: t), _MetaTrace(compute):
-        sampler.raw(net, x, cfg.start_step, cond)
-    return width(saved) + width({k: v for k, v in held.items() if k not in saved}) + regions[0]
+    return checkpoint(traced, *args, use_reentrant=False)
 
 
 def _forward_backward_peak(
