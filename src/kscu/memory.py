@@ -342,8 +342,9 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "bytes": parts,
         "total_bytes": sum(parts.values()),
         "host_bytes": host,
-        "assumptions": "networks as configured; the erase's own buffers (latents, embeddings) "
-        "and allocator overhead not counted",
+        "assumptions": "networks as configured; the erase's own buffers (latents, embeddings), "
+        "allocator overhead and, with checkpointing, the CPU random state torch keeps per "
+        "checkpointed call (5 KB each) not counted",
     }
 
 
