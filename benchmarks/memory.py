@@ -290,8 +290,9 @@ def flux_summary(args: argparse.Namespace, folder: Path, runs: dict, extra: list
     }
 
 
-def report(args: argparse.Namespace, rows: dict) -> None:
-    where = f"CPU ({cpu_model()})"
+def report(args: argparse.Namespace, rows: dict, cpu: str | None = None) -> None:
+    """The table; ``cpu``: the CPU the measurements ran on (a replan's JSON), else this one's."""
+    where = f"CPU ({cpu or cpu_model()})"
     shape = f"{args.resolution} px, {args.iterations} iterations, {args.dtype}"
     print(f"{args.model}, class mode, {shape}, {where}")
     print(
@@ -370,7 +371,7 @@ def replan(args: argparse.Namespace) -> None:
     record["plan_redone_at"] = subprocess.run(
         ["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    report(args, record["rows"])
+    report(args, record["rows"], record.get("cpu", "measured on a CPU the JSON does not name"))
     args.json.write_text(json.dumps(record, indent=2))
 
 

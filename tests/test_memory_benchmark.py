@@ -54,3 +54,13 @@ def test_repeated_runs_keep_their_median_and_every_figure():
     assert merged["measured_bytes"] == 20
     assert merged["runs"] == [30, 10, 20]
     assert merged["seconds"] == 1.0  # the first run's record
+
+
+def test_report_names_the_cpu_the_measurements_ran_on(capsys):
+    """A replan prints the JSON's CPU (the measurements'), not the machine it replans on."""
+    args = argparse.Namespace(model="sd14", resolution=64, iterations=3, dtype="float32")
+    row = {"measured_bytes": 2**30, "plan_bytes": 2**30, "gpu_host_bytes": 0, "seconds": None}
+    bench.report(args, {"default": row}, cpu="AMD EPYC")
+    assert capsys.readouterr().out.splitlines()[0].endswith("CPU (AMD EPYC)")
+    bench.report(args, {"default": row})
+    assert f"CPU ({bench.cpu_model()})" in capsys.readouterr().out
