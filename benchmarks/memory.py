@@ -371,7 +371,7 @@ def replan(args: argparse.Namespace) -> None:
     record["plan_redone_at"] = subprocess.run(
         ["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    report(args, record["rows"], record.get("cpu", "measured on a CPU the JSON does not name"))
+    report(args, record["rows"], record.get("cpu") or "not recorded in the JSON")
     args.json.write_text(json.dumps(record, indent=2))
 
 

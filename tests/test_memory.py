@@ -140,7 +140,12 @@ def test_plan_activations_are_the_peak_of_a_real_forward_and_backward(
     calls, checkpoint = [], torch.utils.checkpoint.checkpoint
     if checkpointing:
         net.enable_gradient_checkpointing()  # diffusers' default: torch's, non-reentrant
-        counted = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)  # noqa: E731
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return checkpoint(*args, **kwargs)
+
+        # diffusers looks torch's checkpoint up at each call
         monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
     params = dict(net.named_parameters())
     for name in trainable_names(net, cfg.scope, sd):
@@ -166,8 +171,9 @@ def test_plan_activations_are_the_peak_of_a_real_forward_and_backward(
             live -= sizes.pop(address)
     assert bool(calls) == checkpointing
     planned += len(calls) * torch.get_rng_state().nbytes
-    # when written: 697,160 vs 716,504 bytes; checkpointing 328,456 vs 328,584
-    assert abs(planned - peak) <= 0.05 * peak, (planned, peak)
+    # when written: 697,160 vs 716,504 bytes; checkpointing 328,456 vs 328,584 (the count of
+    # every parameter as trainable, with the checkpoint's inside for its backward: 315,200)
+    assert abs(planned - peak) <= (0.01 if checkpointing else 0.05) * peak, (planned, peak)
 
 
 def test_live_bytes_counts_each_storage_once_while_it_lives():
