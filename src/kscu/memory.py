@@ -139,13 +139,11 @@ def _traced_checkpoint(compute: torch.dtype, call: Callable, *args: Any) -> Any:
     """torch's non-reentrant checkpoint of ``call``, as diffusers' default, with ``_MetaTrace``
     entered for the recomputation: it runs inside backward, where the trace's mode is not
     active (the forward already runs inside it)."""
-    recompute = functools.partial(_MetaTrace, compute)
-    return checkpoint(
-        call,
-        *args,
-        use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), recompute()),
-    )
+
+    def contexts() -> tuple[Any, Any]:  # (the forward's, the recomputation's)
+        return contextlib.nullcontext(), _MetaTrace(compute)
+
+    return checkpoint(call, *args, use_reentrant=False, context_fn=contexts)
 
 
 def _forward_backward_peak(
