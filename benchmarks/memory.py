@@ -43,7 +43,7 @@ from machine import cpu_model, machine
 HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
-    "glibc defaults (--no-reuse-freed-memory)": ["--no-reuse-freed-memory"],
+    "glibc returns freed blocks (--no-reuse-freed-memory)": ["--no-reuse-freed-memory"],
     "eager denoiser calls (--no-trace-denoiser)": ["--no-trace-denoiser"],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],
@@ -427,7 +427,8 @@ def main() -> None:
         type=int,
         default=None,
         help="bytes: glibc's fixed mmap threshold for the measured processes (e.g. 1048576); "
-        "kscu runs then also get --no-reuse-freed-memory, so the resident set tracks live bytes",
+        "kscu runs then also get --no-reuse-freed-memory (whose erase loop fixes it at 1 MiB), "
+        "so the resident set tracks live bytes",
     )
     p.add_argument(
         "--replan",

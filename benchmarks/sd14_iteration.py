@@ -32,12 +32,12 @@ import kscu  # noqa: F401 - before diffusers: the torchvision fix (kscu.torchvis
 
 CHILD = """
 import sys, time, torch
-from kscu.allocator import reuse_freed_memory
+from kscu.allocator import host_memory
 from diffusers import UNet2DConditionModel
 unet = UNet2DConditionModel.from_pretrained(sys.argv[1]).eval()
 size = int(sys.argv[2]) // 8
 args = (torch.randn(2, 4, size, size), torch.tensor([500]), torch.randn(2, 77, 768))
-with torch.inference_mode(), reuse_freed_memory(True, torch.device("cpu")):
+with torch.inference_mode(), host_memory(True, torch.device("cpu")):
     for _ in range(3):
         started = time.perf_counter()
         unet(*args)

@@ -1,10 +1,20 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kscu.allocator import ENVIRONMENT, glibc, heap_free_bytes, heap_info, reuse_freed_memory
+from kscu.allocator import (
+    ENVIRONMENT,
+    LABELS,
+    ask_torch_for_huge_pages,
+    glibc,
+    heap_free_bytes,
+    heap_info,
+    host_memory,
+)
 
 LIBC = glibc()
 pytestmark = pytest.mark.skipif(
@@ -39,8 +49,8 @@ def test_freed_blocks_stay_in_the_heap_inside_and_are_returned_after():
     """Inside, a large block comes from the heap and stays there when freed; on exit mmap is
     back above 32 MiB, the kept memory is trimmed, also after an error."""
     assert is_mmapped(beyond_free(64))  # glibc's default: above its largest threshold
-    with reuse_freed_memory(True, torch.device("cpu")) as applied:
-        assert applied
+    with host_memory(True, torch.device("cpu")) as applied:
+        assert applied == LABELS[True]
         assert not is_mmapped(beyond_free(64))
         block = torch.ones(64 * MIB // 4)  # touched: resident
         del block
@@ -48,24 +58,74 @@ def test_freed_blocks_stay_in_the_heap_inside_and_are_returned_after():
         kept = resident_bytes()
     assert resident_bytes() < kept - 32 * MIB  # malloc_trim gave its pages back
     assert is_mmapped(beyond_free(64)) and not is_mmapped(16 * MIB)  # 32 MiB threshold
-    with pytest.raises(RuntimeError), reuse_freed_memory(True, torch.device("cpu")):
+    with pytest.raises(RuntimeError), host_memory(True, torch.device("cpu")):
         raise RuntimeError("stop")
     assert is_mmapped(beyond_free(64))
 
 
-@pytest.mark.parametrize("enabled, device", [(False, "cpu"), (True, "meta")])
-def test_nothing_changes_when_off_or_off_the_cpu(enabled, device):
-    with reuse_freed_memory(enabled, torch.device(device)) as applied:
-        assert not applied
-        assert is_mmapped(beyond_free(64))
+@pytest.mark.parametrize("reuse", [True, False])
+def test_nothing_changes_off_the_cpu(reuse):
+    with host_memory(reuse, torch.device("meta")) as applied:
+        assert applied is None
+        assert is_mmapped(beyond_free(64)) and not is_mmapped(16 * MIB)
+
+
+def test_without_reuse_large_blocks_go_back_when_freed():
+    """The resident set then tracks the live tensors (what --plan counts): a block of 1 MiB or
+    more that the heap cannot serve from what it holds gets its own mapping (kept blocks: from
+    the heap), and touched then freed it leaves the resident set at once; smaller blocks still
+    come from the heap. Afterwards as after the reuse setting."""
+    with host_memory(False, torch.device("cpu")) as applied:
+        assert applied == LABELS[False]
+        assert is_mmapped(beyond_free(2)) and not is_mmapped(MIB // 2)
+        before = resident_bytes()
+        block = torch.ones(beyond_free(64) // 4)
+        assert resident_bytes() > before + 32 * MIB
+        del block
+        assert resident_bytes() < before + 8 * MIB
+    with host_memory(True, torch.device("cpu")):
+        assert not is_mmapped(beyond_free(2))
+    assert is_mmapped(beyond_free(64)) and not is_mmapped(16 * MIB)  # 32 MiB threshold again
+
+
+def test_huge_pages_are_asked_for_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    ask_torch_for_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    ask_torch_for_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[never]" in THP.read_text(), reason="the kernel's huge pages are off"
+)
+def test_torch_takes_huge_pages_when_asked_before_its_first_large_buffer():
+    """torch reads the setting once, at its first buffer of 2 MB or more: asked before that
+    (where the runner asks, before the model loads), its large buffers get 2 MB pages."""
+    child = (
+        "import torch, kscu.runner\n"
+        "from kscu.allocator import ask_torch_for_huge_pages\n"
+        "ask_torch_for_huge_pages()\n"
+        "x = torch.ones(64 * 2**20 // 4)\n"
+        "rollup = open('/proc/self/smaps_rollup').read()\n"
+        "print(int(rollup.split('AnonHugePages:')[1].split()[0]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) * 1024 >= 32 * MIB  # most of the 64 MiB in huge pages
 
 
 def test_a_nested_user_leaves_the_setting_to_the_outermost():
     """A sampling walk inside an erase (e.g. a preview from its callback) must not hand the
     erase's remaining iterations back to glibc's defaults."""
     cpu = torch.device("cpu")
-    with reuse_freed_memory(True, cpu):
-        with reuse_freed_memory(True, cpu) as inner:
+    with host_memory(True, cpu):
+        with host_memory(True, cpu) as inner:
             assert inner
         assert not is_mmapped(beyond_free(64))  # still kept after the inner one ended
     assert is_mmapped(beyond_free(64))
@@ -73,7 +133,7 @@ def test_a_nested_user_leaves_the_setting_to_the_outermost():
 
 def test_heap_free_bytes_counts_what_the_heap_keeps():
     """A freed block that glibc keeps is counted as free heap bytes (what kscu.json records)."""
-    with reuse_freed_memory(True, torch.device("cpu")):
+    with host_memory(True, torch.device("cpu")):
         before = heap_free_bytes()
         block = torch.ones(beyond_free(64) // 4)
         assert heap_free_bytes() < before + MIB  # taken from the heap (grown, not free)

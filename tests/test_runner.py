@@ -6,6 +6,7 @@ import pytest
 
 import kscu.checkpoint
 import kscu.runner
+from kscu.allocator import LABELS, glibc
 from kscu.cli import main
 from kscu.config import EraseConfig
 from kscu.errors import KscuError
@@ -114,3 +115,24 @@ def test_python_api_refuses_without_overwrite(old_run, tiny_model_dir):
     cfg = EraseConfig(concepts=["church"], iterations=2, num_steps=4, start_step=1)
     with pytest.raises(KscuError, match="overwrite=True"):
         erase_to_folder(cfg, str(tiny_model_dir), old_run, progress=False)
+
+
+@pytest.mark.parametrize("flags, asked", [([], False), (["--no-reuse-freed-memory"], True)])
+def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, flags, asked
+):
+    """torch reads its huge-page switch at its first large buffer, so the runner must ask
+    before loading; kept blocks are reused, so nothing is asked for then."""
+    events = []
+    load = kscu.runner.load_pipeline
+    monkeypatch.setattr(kscu.runner, "ask_torch_for_huge_pages", lambda: events.append("ask"))
+    monkeypatch.setattr(
+        kscu.runner, "load_pipeline", lambda *a, **k: events.append("load") or load(*a, **k)
+    )
+    code, err = erase_cli(tiny_model_dir, tmp_path / "run", capsys, "--device", "cpu", *flags)
+    assert code == 0, err
+    assert events == (["ask", "load"] if asked else ["load"])
+    meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
+    assert meta["config"]["reuse_freed_memory"] is not asked
+    if glibc() is not None:
+        assert meta["host_allocator"] == LABELS[not asked]

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kscu.allocator import glibc, heap_info
+from kscu.allocator import LABELS, glibc, heap_info
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
@@ -348,7 +348,7 @@ def test_reusing_freed_memory_changes_no_value(tiny_pipe):
     for reuse in (True, False):
         tiny_pipe.unet.load_state_dict(base)
         result = erase(tiny_pipe, replace(cfg, reuse_freed_memory=reuse), False)
-        expected = "freed blocks kept for reuse" if reuse else "system default"
+        expected = LABELS[reuse]
         if glibc() is not None:
             assert result.record["host_allocator"] == expected
         if heap_info() is not None:
@@ -370,7 +370,7 @@ def test_adam_moments_are_made_after_the_encoders_leave_and_before_the_loop(tiny
     events: list[str] = []
     offload, reuse, init = (
         kscu.trainer.offload_modules,
-        kscu.trainer.reuse_freed_memory,
+        kscu.trainer.host_memory,
         TensorAdam.__init__,
     )
     monkeypatch.setattr(
@@ -388,7 +388,7 @@ def test_adam_moments_are_made_after_the_encoders_leave_and_before_the_loop(tiny
         with reuse(*a) as applied:
             yield applied
 
-    monkeypatch.setattr(kscu.trainer, "reuse_freed_memory", reusing)
+    monkeypatch.setattr(kscu.trainer, "host_memory", reusing)
     result = erase(tiny_pipe, EraseConfig(concepts=["church"], lr=1e-3, **SHORT), False)
     assert events == ["offload", *["moments"] * len(result.tensors), "loop"]
 

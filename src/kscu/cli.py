@@ -105,8 +105,8 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-reuse-freed-memory",
         action="store_true",
-        help="CPU: let glibc return freed buffers to the system each iteration (its default; "
-        "slower, same results)",
+        help="CPU: return freed buffers of 1 MiB and more to the system at once, so the resident "
+        "set tracks the live tensors (what --plan counts); same results, slower on small models",
     )
     p.add_argument(
         "--no-trace-denoiser",

@@ -78,7 +78,7 @@ class EraseConfig:
     lean_adam: bool = False  # Adam moments in bf16, stochastically rounded (opt-in, not exact)
     offload_adam: bool = False  # Adam moments in host memory, on the device per step (exact)
     fast_cpu_conv: bool = False  # float32 on the CPU: torch's native convolution, not oneDNN's
-    reuse_freed_memory: bool = True  # CPU, glibc: freed blocks kept for reuse (kscu.allocator)
+    reuse_freed_memory: bool = True  # CPU, glibc: freed blocks kept, else returned (allocator)
     trace_denoiser: bool = True  # CPU float32: denoiser calls replayed from records (kscu.tracing)
     augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
     family: str | None = None  # None: detected from the model (model_index.json)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kscu.allocator import reuse_freed_memory
+from kscu.allocator import host_memory
 from kscu.families import family_of
 from kscu.tracing import TracedDenoiser
 
@@ -51,7 +51,7 @@ def sample_images(
     images = []
     # inference mode: no_grad without autograd's per-tensor bookkeeping (the same kernels and
     # values); freed memory kept: the same values, and batched steps allocate alike
-    with torch.inference_mode(), reuse_freed_memory(True, net.device):
+    with torch.inference_mode(), host_memory(True, net.device):
         uncond = family.encode(pipe, [""])
         for i in range(0, len(prompts), batch_size):
             x = torch.cat([sampler.noise(seed) for seed in seeds[i : i + batch_size]])

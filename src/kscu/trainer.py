@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kscu.allocator import heap_free_bytes, reuse_freed_memory
+from kscu.allocator import heap_free_bytes, host_memory
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -188,7 +188,7 @@ def erase(
         bar = tqdm(table, desc="erase", disable=not progress, dynamic_ncols=True)
         with (
             cpu_convolution(cfg.fast_cpu_conv, net.device) as native_conv,  # opt-in, float32
-            reuse_freed_memory(cfg.reuse_freed_memory, net.device) as reused,  # CPU, glibc
+            host_memory(cfg.reuse_freed_memory, net.device) as allocator,  # CPU, glibc
         ):
             for i, (c, s) in enumerate(bar):
                 if cfg.reuse_trajectory and previous == (c, s - 1):
@@ -239,7 +239,7 @@ def erase(
     restore.put({n: params[n] for n in names})
     conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
-    record["host_allocator"] = "freed blocks kept for reuse" if reused else "system default"
+    record["host_allocator"] = allocator or "system default"
     if net.device.type == "cpu" and heap_free is not None:
         record["host_heap_free_bytes"] = heap_free  # kscu.allocator.heap_free_bytes
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
