@@ -427,8 +427,8 @@ def main() -> None:
         type=int,
         default=None,
         help="bytes: glibc's fixed mmap threshold for the measured processes (e.g. 1048576); "
-        "kscu runs then also get --no-reuse-freed-memory (whose erase loop fixes it at 1 MiB), "
-        "so the resident set tracks live bytes",
+        "kscu runs then also get --no-reuse-freed-memory, whose erase loop fixes it at 1 MiB "
+        "and asks torch for huge pages (since stop 29), so the resident set tracks live bytes",
     )
     p.add_argument(
         "--replan",

@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,7 +65,7 @@ def test_freed_blocks_stay_in_the_heap_inside_and_are_returned_after():
 def test_nothing_changes_off_the_cpu(reuse):
     with host_memory(reuse, torch.device("meta")) as applied:
         assert applied is None
-        assert is_mmapped(beyond_free(64)) and not is_mmapped(16 * MIB)
+        assert is_mmapped(beyond_free(64))
 
 
 def test_without_reuse_large_blocks_go_back_when_freed():
@@ -97,36 +95,13 @@ def test_huge_pages_are_asked_for_unless_the_environment_says(monkeypatch):
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(
-    not THP.exists() or "[never]" in THP.read_text(), reason="the kernel's huge pages are off"
-)
-def test_torch_takes_huge_pages_when_asked_before_its_first_large_buffer():
-    """torch reads the setting once, at its first buffer of 2 MB or more: asked before that
-    (where the runner asks, before the model loads), its large buffers get 2 MB pages."""
-    child = (
-        "import torch, kscu.runner\n"
-        "from kscu.allocator import ask_torch_for_huge_pages\n"
-        "ask_torch_for_huge_pages()\n"
-        "x = torch.ones(64 * 2**20 // 4)\n"
-        "rollup = open('/proc/self/smaps_rollup').read()\n"
-        "print(int(rollup.split('AnonHugePages:')[1].split()[0]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) * 1024 >= 32 * MIB  # most of the 64 MiB in huge pages
-
-
 def test_a_nested_user_leaves_the_setting_to_the_outermost():
     """A sampling walk inside an erase (e.g. a preview from its callback) must not hand the
     erase's remaining iterations back to glibc's defaults."""
     cpu = torch.device("cpu")
     with host_memory(True, cpu):
         with host_memory(True, cpu) as inner:
-            assert inner
+            assert inner == LABELS[True]
         assert not is_mmapped(beyond_free(64))  # still kept after the inner one ended
     assert is_mmapped(beyond_free(64))
 

@@ -1,6 +1,11 @@
-"""Erase output folders: a complete run or nothing new; a run is replaced only on request."""
+"""Erase output folders (a complete run or nothing new; a run is replaced only on request), and
+what the runner sets up before the model loads."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +141,37 @@ def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads
     assert meta["config"]["reuse_freed_memory"] is not asked
     if glibc() is not None:
         assert meta["host_allocator"] == LABELS[not asked]
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+CHILD = """
+import sys, torch, kscu.runner
+from kscu.config import EraseConfig
+
+def load(*args, **kwargs):  # where the model would load: torch's first large buffer
+    block = torch.ones(64 * 2**20 // 4)
+    rollup = open("/proc/self/smaps_rollup").read()
+    print(int(rollup.split("AnonHugePages:")[1].split()[0]) * 1024)
+    raise SystemExit(0)
+
+kscu.runner.load_pipeline = load
+cfg = EraseConfig(concepts=["circle"], device="cpu", reuse_freed_memory=sys.argv[2] == "keep")
+kscu.runner.erase_to_folder(cfg, None, sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[madvise]" not in THP.read_text(),
+    reason="needs the kernel's huge pages on request (madvise), where asking makes a difference",
+)
+@pytest.mark.parametrize("allocator, huge", [("keep", False), ("return", True)])
+def test_torch_gets_huge_pages_only_when_freed_memory_is_returned(tmp_path, allocator, huge):
+    """torch reads its huge-page switch once, at its first CPU allocation of any size: the
+    runner must ask before anything makes a tensor, which the real runner (up to the model's
+    load, in a fresh process) is checked for here."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    child = [sys.executable, "-c", CHILD, str(tmp_path / "run"), allocator]
+    out = subprocess.run(child, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    huge_bytes = int(out.stdout.split()[-1])
+    assert huge_bytes >= 32 * 2**20 if huge else huge_bytes < 8 * 2**20

@@ -10,12 +10,13 @@ heap and the next iteration takes them back. Nothing computed changes (same kern
 values); only where buffers come from. Measured in benchmarks/memory.py (README, Performance):
 SD v1.4 class mode at 64 px float32, 6.3 -> 3.1 s per iteration side by side, peak within 1%.
 
-glibc only (other C libraries, macOS, Windows: nothing changes), CPU work only (a GPU's buffers
-are CUDA's caching allocator's). The settings are process-wide. glibc cannot be put back exactly
-afterwards: any ``mallopt`` call ends its dynamic threshold for the process, so on exit mmap is
-allowed again above the largest threshold glibc would reach on its own (32 MiB, trim threshold
-64 MiB) unless the ``MALLOC_*_`` environment variables said otherwise, and ``malloc_trim``
-returns what was kept. Worker threads' arenas still mmap single blocks over 64 MiB.
+The ``mallopt`` settings are glibc's (other C libraries, macOS, Windows: nothing changes), for
+CPU work only (a GPU's buffers are CUDA's caching allocator's); the huge-page request is torch's
+and applies wherever the kernel offers them. The settings are process-wide. glibc cannot be put
+back exactly afterwards: any ``mallopt`` call ends its dynamic threshold for the process, so on
+exit mmap is allowed again above the largest threshold glibc would reach on its own (32 MiB,
+trim threshold 64 MiB) unless the ``MALLOC_*_`` environment variables said otherwise, and
+``malloc_trim`` returns what was kept. Worker threads' arenas still mmap single blocks over 64 MiB.
 
 Kept blocks can fragment the heap: FLUX.1-width erases (18-90 MB activations and weight copies
 between small blocks that live on) measured a resident set about 40% above the plan. The other
@@ -117,9 +118,10 @@ def ask_torch_for_huge_pages() -> None:
 
     With freed blocks returned (``reuse=False``), every large buffer is a fresh mapping whose
     pages the kernel faults in and zero-fills; 2 MB pages make that about twice as fast (a 59 MB
-    buffer: 21.6 -> 10.0 ms here). torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first
-    allocation of 2 MB or more, so this must run before the model loads; an explicit value in
-    the environment is kept. Where the kernel's transparent huge pages are off, nothing changes.
+    buffer: 21.6 -> 10.0 ms here). torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU
+    allocation of any size, so this must run before any tensor is made (the runner asks before
+    the model loads; in Python, after a tensor exists it silently changes nothing); an explicit
+    value in the environment is kept. Where the kernel's huge pages are off, nothing changes.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -105,8 +105,9 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-reuse-freed-memory",
         action="store_true",
-        help="CPU: return freed buffers of 1 MiB and more to the system at once, so the resident "
-        "set tracks the live tensors (what --plan counts); same results, slower on small models",
+        help="CPU: large freed buffers go back to the system (glibc's mmap threshold fixed at 1 "
+        "MiB; torch asked for huge pages), so the resident set tracks the live tensors that "
+        "--plan counts; same results, often slower (README)",
     )
     p.add_argument(
         "--no-trace-denoiser",
