@@ -106,6 +106,17 @@ def test_a_nested_user_leaves_the_setting_to_the_outermost():
     assert is_mmapped(beyond_free(64))
 
 
+def test_a_walk_inside_an_erase_that_returns_memory_returns_it_too():
+    """A preview's sampling walk (which asks to keep freed memory) inside a
+    --no-reuse-freed-memory erase runs under the erase's setting, and says so."""
+    cpu = torch.device("cpu")
+    with host_memory(False, cpu):
+        with host_memory(True, cpu) as inner:
+            assert inner == LABELS[False]
+            assert is_mmapped(beyond_free(2))
+        assert is_mmapped(beyond_free(2))
+
+
 def test_heap_free_bytes_counts_what_the_heap_keeps():
     """A freed block that glibc keeps is counted as free heap bytes (what kscu.json records)."""
     with host_memory(True, torch.device("cpu")):
