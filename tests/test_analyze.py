@@ -319,8 +319,21 @@ def test_plot_is_a_matplotlib_png(tmp_path):
     plot_curve(tmp_path / "analyze.png", curve, 3, {"class": 14}, 0.1, "t", curve, curve)
     with Image.open(tmp_path / "analyze.png") as im:
         assert im.format == "PNG" and im.size == (720, 420)
-        assert len(set(im.convert("RGB").getdata())) > 20  # lines and text drawn
+        assert len(im.convert("RGB").getcolors(2**24)) > 20  # lines and text drawn
     assert [p.name for p in tmp_path.iterdir()] == ["analyze.png"]  # no temporary left
+
+
+def test_plot_leaves_out_defaults_beyond_the_measured_steps(tmp_path):
+    """A walk shorter than the family's default (--num-steps 4 where a default start is 20)
+    draws only the defaults it contains; one outside the axes collapsed matplotlib's layout."""
+    import warnings
+
+    from kscu.analyze.plot import plot_curve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curve(tmp_path / "a.png", [0.0, 0.2, 0.6, 1.0], 2, {"class": 1, "style": 20}, 0.1, "t")
+    assert (tmp_path / "a.png").stat().st_size > 0
 
 
 def test_measurement_walks_in_inference_mode(tiny_pipe):

@@ -30,8 +30,9 @@ def plot_curve(
     ax.plot(steps, curve, color="#1f5ab4", lw=2, label="commitment C")
     ax.axhline(threshold, color="gray", lw=1, ls=":", label=f"threshold {threshold:g}")
     by_step: dict[int, list[str]] = {}
-    for mode, s in defaults.items():
-        by_step.setdefault(s, []).append(mode)
+    for mode, s in defaults.items():  # a family's defaults count its own steps: keep those shown
+        if 0 <= s < len(curve):
+            by_step.setdefault(s, []).append(mode)
     for i, (s, modes) in enumerate(sorted(by_step.items())):
         ax.axvline(s, color="#288c3c", lw=1, ls="--")
         ax.annotate(
