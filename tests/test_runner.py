@@ -146,12 +146,12 @@ def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 CHILD = """
 import sys, torch, kscu.runner
+from kscu.allocator import huge_page_bytes
 from kscu.config import EraseConfig
 
 def load(*args, **kwargs):  # where the model would load: torch's first large buffer
     block = torch.ones(64 * 2**20 // 4)
-    rollup = open("/proc/self/smaps_rollup").read()
-    print(int(rollup.split("AnonHugePages:")[1].split()[0]) * 1024)
+    print(huge_page_bytes())
     raise SystemExit(0)
 
 kscu.runner.load_pipeline = load

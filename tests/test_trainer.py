@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kscu.allocator import LABELS, glibc, heap_info
+from kscu.allocator import LABELS, glibc, heap_info, huge_page_bytes
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
@@ -353,6 +353,8 @@ def test_reusing_freed_memory_changes_no_value(tiny_pipe):
             assert result.record["host_allocator"] == expected
         if heap_info() is not None:
             assert result.record["host_heap_free_bytes"] >= 0
+        if huge_page_bytes() is not None:
+            assert result.record["host_huge_page_bytes"] >= 0
         runs[reuse] = (result.losses, {n: t.clone() for n, t in result.tensors.items()})
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[True][1])

@@ -35,6 +35,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -102,6 +103,19 @@ def heap_free_bytes() -> int | None:
     """
     info = heap_info()
     return None if info is None else int(info.fordblks)
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory in transparent huge pages now (Linux), or None.
+
+    Whether torch's request (``ask_torch_for_huge_pages``) took effect shows only here: torch
+    reads it once, and the kernel grants huge pages as its mode and free memory allow.
+    """
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+        return int(rollup.split("AnonHugePages:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _after() -> dict[int, int]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kscu.allocator import heap_free_bytes, host_memory
+from kscu.allocator import heap_free_bytes, host_memory, huge_page_bytes
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -220,6 +220,7 @@ def erase(
                 previous = (c, s)
                 ticks.append(time.perf_counter())
             heap_free = heap_free_bytes()  # before the allocator setting returns what it kept
+            huge = huge_page_bytes()
     except BaseException:
         restore.undo()  # leave the pipeline as it was
         raise
@@ -242,6 +243,8 @@ def erase(
     record["host_allocator"] = allocator or "system default"
     if net.device.type == "cpu" and heap_free is not None:
         record["host_heap_free_bytes"] = heap_free  # kscu.allocator.heap_free_bytes
+    if net.device.type == "cpu" and huge is not None:
+        record["host_huge_page_bytes"] = huge  # at the loop's end: did huge pages take effect
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
     # per iteration: the first pays every first touch (gradients, activations; on the plain path
     # torch's Adam state), the rest do not
