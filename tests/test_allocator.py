@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from kscu.allocator import (
     heap_free_bytes,
     heap_info,
     host_memory,
+    proc_bytes,
 )
 
 LIBC = glibc()
@@ -25,8 +25,7 @@ MIB = 2**20
 
 
 def resident_bytes() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+    return proc_bytes("status", "VmRSS")
 
 
 def is_mmapped(size: int) -> bool:

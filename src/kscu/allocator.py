@@ -105,17 +105,24 @@ def heap_free_bytes() -> int | None:
     return None if info is None else int(info.fordblks)
 
 
+def proc_bytes(name: str, field: str) -> int | None:
+    """A ``field:  N kB`` line of ``/proc/self/<name>`` in bytes (Linux), or None."""
+    try:
+        for line in Path("/proc/self", name).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def huge_page_bytes() -> int | None:
     """Bytes of this process's anonymous memory in transparent huge pages now (Linux), or None.
 
     Whether torch's request (``ask_torch_for_huge_pages``) took effect shows only here: torch
     reads it once, and the kernel grants huge pages as its mode and free memory allow.
     """
-    try:
-        rollup = Path("/proc/self/smaps_rollup").read_text()
-        return int(rollup.split("AnonHugePages:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return None
+    return proc_bytes("smaps_rollup", "AnonHugePages")
 
 
 def _after() -> dict[int, int]:

@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
+from kscu.allocator import proc_bytes
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
 from kscu.optim import steps_together
@@ -363,24 +364,14 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
             start_bytes=start,
         )
         return
-    start = _status_bytes("VmRSS")
+    start = proc_bytes("status", "VmRSS")
     reset = _reset_peak_rss()
     yield record
-    peak = _status_bytes("VmHWM")
+    peak = proc_bytes("status", "VmHWM")
     if reset and peak is not None and start is not None:
         record.update(bytes=peak - start, kind="cpu_peak_rss_growth", start_bytes=start)
     else:
         record.update(bytes=None, kind="unavailable (no /proc/self/clear_refs)")
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _reset_peak_rss() -> bool:

@@ -241,10 +241,9 @@ def erase(
     conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     record["host_allocator"] = allocator or "system default"
-    if net.device.type == "cpu" and heap_free is not None:
-        record["host_heap_free_bytes"] = heap_free  # kscu.allocator.heap_free_bytes
-    if net.device.type == "cpu" and huge is not None:
-        record["host_huge_page_bytes"] = huge  # at the loop's end: did huge pages take effect
+    if net.device.type == "cpu":  # at the loop's end (kscu.allocator), where they can be read
+        host = {"host_heap_free_bytes": heap_free, "host_huge_page_bytes": huge}
+        record.update({key: n for key, n in host.items() if n is not None})
     record["denoiser_calls"] = sampler.traced.summary() if sampler.traced else "eager"
     # per iteration: the first pays every first touch (gradients, activations; on the plain path
     # torch's Adam state), the rest do not
