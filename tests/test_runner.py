@@ -126,7 +126,7 @@ def test_python_api_refuses_without_overwrite(old_run, tiny_model_dir):
 def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads(
     tiny_model_dir, tmp_path, capsys, monkeypatch, flags, asked
 ):
-    """torch reads its huge-page switch at its first large buffer, so the runner must ask
+    """torch reads its huge-page switch at its first CPU allocation, so the runner must ask
     before loading; kept blocks are reused, so nothing is asked for then."""
     events = []
     load = kscu.runner.load_pipeline
