@@ -44,6 +44,7 @@ HERE = Path(__file__).parent
 VARIANTS: dict[str, list[str]] = {
     "default (optimizer-in-backward)": [],
     "glibc returns freed blocks (--no-reuse-freed-memory)": ["--no-reuse-freed-memory"],
+    "kept freed blocks (--reuse-freed-memory)": ["--reuse-freed-memory"],  # SD/SDXL default
     "eager denoiser calls (--no-trace-denoiser)": ["--no-trace-denoiser"],
     "all gradients held": ["--no-optimizer-in-backward"],
     "gradient checkpointing": ["--gradient-checkpointing"],

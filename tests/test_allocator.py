@@ -6,12 +6,12 @@ import torch
 from kscu.allocator import (
     ENVIRONMENT,
     LABELS,
-    ask_torch_for_huge_pages,
     glibc,
     heap_free_bytes,
     heap_info,
     host_memory,
     proc_bytes,
+    torch_huge_pages,
 )
 
 LIBC = glibc()
@@ -86,11 +86,15 @@ def test_without_reuse_large_blocks_go_back_when_freed():
 
 
 def test_huge_pages_are_asked_for_unless_the_environment_says(monkeypatch):
+    """Asked for while inside, removed again on exit (child processes see the environment as
+    it was), and an explicit value is left alone."""
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    ask_torch_for_huge_pages()
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    with torch_huge_pages():
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    ask_torch_for_huge_pages()
+    with torch_huge_pages():
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 

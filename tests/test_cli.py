@@ -303,9 +303,10 @@ def test_esd_augmentation_flags():
 )
 def test_exact_speed_switches_are_on_unless_turned_off(field, flag):
     from kscu.cli import build_parser, erase_config_from_args
+    from kscu.config import resolve
 
     def value(*flags):
         args = build_parser().parse_args(["erase", "--concept", "c", "--output", "o", *flags])
-        return getattr(erase_config_from_args(args), field)
+        return getattr(resolve(erase_config_from_args(args)), field)
 
     assert value() is True and value(flag) is False

@@ -1,6 +1,7 @@
 """Erase output folders (a complete run or nothing new; a run is replaced only on request), and
 what the runner sets up before the model loads."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -122,21 +123,32 @@ def test_python_api_refuses_without_overwrite(old_run, tiny_model_dir):
         erase_to_folder(cfg, str(tiny_model_dir), old_run, progress=False)
 
 
-@pytest.mark.parametrize("flags, asked", [([], False), (["--no-reuse-freed-memory"], True)])
+@pytest.mark.parametrize(
+    "flags, asked",
+    [([], False), (["--no-reuse-freed-memory"], True), (["--reuse-freed-memory"], False)],
+)
 def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads(
     tiny_model_dir, tmp_path, capsys, monkeypatch, flags, asked
 ):
     """torch reads its huge-page switch at its first CPU allocation, so the runner must ask
-    before loading; kept blocks are reused, so nothing is asked for then."""
+    before loading (and stop asking after it); kept blocks are reused, so nothing is asked for
+    then."""
     events = []
     load = kscu.runner.load_pipeline
-    monkeypatch.setattr(kscu.runner, "ask_torch_for_huge_pages", lambda: events.append("ask"))
+
+    @contextlib.contextmanager
+    def ask():
+        events.append("ask")
+        yield
+        events.append("asked")
+
+    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
     monkeypatch.setattr(
         kscu.runner, "load_pipeline", lambda *a, **k: events.append("load") or load(*a, **k)
     )
     code, err = erase_cli(tiny_model_dir, tmp_path / "run", capsys, "--device", "cpu", *flags)
     assert code == 0, err
-    assert events == (["ask", "load"] if asked else ["load"])
+    assert events == (["ask", "load", "asked"] if asked else ["load"])
     meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
     assert meta["config"]["reuse_freed_memory"] is not asked
     if glibc() is not None:

@@ -1,4 +1,4 @@
-"""Host memory freed during an erase or a sampling walk: kept for reuse (default) or given back.
+"""Host memory freed during an erase or a sampling walk: kept for reuse or given back.
 
 An erase frees and allocates the same large buffers every iteration (weight gradients,
 convolution workspaces, activations), and a sampling walk every step. glibc serves blocks above
@@ -20,12 +20,14 @@ trim threshold 64 MiB) unless the ``MALLOC_*_`` environment variables said other
 
 Kept blocks can fragment the heap: FLUX.1-width erases (18-90 MB activations and weight copies
 between small blocks that live on) measured a resident set about 40% above the plan. The other
-setting, ``reuse=False`` (``--no-reuse-freed-memory``), fixes glibc's mmap threshold at 1 MiB:
+setting, ``reuse=False`` (``--no-reuse-freed-memory``; a FLUX erase's default, the family's
+table in ``kscu.families.flux``), fixes glibc's mmap threshold at 1 MiB:
 a block that large which the heap cannot serve from what it holds gets its own mapping and goes
 back to the system when freed, so the resident set tracks the live tensors (what ``--plan``
 counts, and what CUDA's max-allocated reports). Fresh pages cost page faults; with torch's huge
-pages for its buffers of 2 MB and more (``ask_torch_for_huge_pages``) a FLUX.1-width iteration
-measured 6-13% slower than with kept blocks, SD v1.4 at 64 px 1.36x slower (README).
+pages for its buffers of 2 MB and more (``torch_huge_pages``) a FLUX.1-width iteration
+measured 6-19% slower than with kept blocks (medians), SD v1.4 at 64 px 1.36x slower (README),
+so SD and SDXL keep freed blocks by default.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def proc_bytes(name: str, field: str) -> int | None:
 def huge_page_bytes() -> int | None:
     """Bytes of this process's anonymous memory in transparent huge pages now (Linux), or None.
 
-    Whether torch's request (``ask_torch_for_huge_pages``) took effect shows only here: torch
+    Whether torch's request (``torch_huge_pages``) took effect shows only here: torch
     reads it once, and the kernel grants huge pages as its mode and free memory allow.
     """
     return proc_bytes("smaps_rollup", "AnonHugePages")
@@ -134,17 +136,26 @@ def _after() -> dict[int, int]:
     return values
 
 
-def ask_torch_for_huge_pages() -> None:
-    """Have torch request transparent huge pages for its CPU buffers of 2 MB and more.
+@contextlib.contextmanager
+def torch_huge_pages() -> Iterator[None]:
+    """Inside, torch requests transparent huge pages for its CPU buffers of 2 MB and more.
 
     With freed blocks returned (``reuse=False``), every large buffer is a fresh mapping whose
     pages the kernel faults in and zero-fills; 2 MB pages make that about twice as fast (a 59 MB
     buffer: 21.6 -> 10.0 ms here). torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU
-    allocation of any size, so this must run before any tensor is made (the runner asks before
-    the model loads; in Python, after a tensor exists it silently changes nothing); an explicit
-    value in the environment is kept. Where the kernel's huge pages are off, nothing changes.
+    allocation of any size, so the model's load must run inside (the runner's does; in Python,
+    after a tensor exists it silently changes nothing). An explicit value in the environment is
+    kept; one set here is removed on exit, so child processes and later code see the
+    environment as it was. Where the kernel's huge pages are off, nothing changes.
     """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    asked = "THP_MEM_ALLOC_ENABLE" not in os.environ
+    if asked:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    try:
+        yield
+    finally:
+        if asked:
+            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
 
 
 @contextlib.contextmanager

@@ -103,11 +103,13 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
         "small feature maps; equal to float rounding, not bit for bit (measured in the README)",
     )
     p.add_argument(
-        "--no-reuse-freed-memory",
-        action="store_true",
-        help="CPU: large freed buffers go back to the system (glibc's mmap threshold fixed at 1 "
-        "MiB; torch asked for huge pages), so the resident set tracks the live tensors that "
-        "--plan counts; same results, often slower (README)",
+        "--reuse-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CPU: keep freed buffers for the next iteration (default for SD/SDXL: faster), or "
+        "with --no-reuse-freed-memory return those of 1 MiB and more to the system (default "
+        "for FLUX: the resident set then tracks the live tensors that --plan counts; glibc's "
+        "mmap threshold fixed at 1 MiB, torch asked for huge pages); same results (README)",
     )
     p.add_argument(
         "--no-trace-denoiser",
@@ -165,7 +167,7 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
         lean_adam=args.lean_adam,
         offload_adam=args.offload_adam,
         fast_cpu_conv=args.fast_cpu_conv,
-        reuse_freed_memory=not args.no_reuse_freed_memory,
+        reuse_freed_memory=args.reuse_freed_memory,
         trace_denoiser=not args.no_trace_denoiser,
         augment=args.augment,
         family=args.family,

@@ -6,6 +6,7 @@ writes the same files and the same record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 import kscu
 from kscu import preview
-from kscu.allocator import ask_torch_for_huge_pages
+from kscu.allocator import torch_huge_pages
 from kscu.checkpoint import check_output, save_erased
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -106,9 +107,9 @@ def erase_to_folder(
     check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
-        if device.type == "cpu" and not cfg.reuse_freed_memory:  # fresh pages, faulted faster
-            ask_torch_for_huge_pages()
-        pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
+        returned = device.type == "cpu" and not cfg.reuse_freed_memory  # fresh pages: faster huge
+        with torch_huge_pages() if returned else contextlib.nullcontext():
+            pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     base = model if model is not None else BUNDLED_MODEL
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit

@@ -4,11 +4,14 @@ Ground truth is diffusers' own FluxPipeline: its timesteps, sigmas, shift, promp
 sampling walk; the transformer called by hand for the loss.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from kscu.allocator import LABELS, glibc
 from kscu.checkpoint import WEIGHTS
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
@@ -90,8 +93,11 @@ def test_defaults_table(mode, start, iterations):
     assert (cfg.lambda1_alpha, cfg.family) == (2e-5, "flux")
     esd = resolve(EraseConfig(concepts=["x"], mode=mode, method="esd"), family=FLUX)
     assert (esd.start_step, esd.lambda2, esd.lr, esd.augment) == (0, 0.0, 1e-4, False)
-    mine = resolve(EraseConfig(concepts=["x"], mode=mode, lr=3e-5, num_steps=40), family=FLUX)
+    assert cfg.reuse_freed_memory is False  # a CPU's freed blocks returned (README, Memory)
+    mine = EraseConfig(concepts=["x"], mode=mode, lr=3e-5, num_steps=40, reuse_freed_memory=True)
+    mine = resolve(mine, family=FLUX)
     assert (mine.lr, mine.end_step) == (3e-5, 40)  # the user's value wins over the family's
+    assert mine.reuse_freed_memory is True
 
 
 def test_key_steps_cap_at_25_of_28():
@@ -234,6 +240,9 @@ def test_checkpoint_keys_are_the_transformer_s_names(run_dir):
     from safetensors.torch import load_file
 
     tensors = load_file(str(run_dir("flux") / WEIGHTS))
+    if glibc() is not None:  # FLUX's default on a CPU: freed blocks returned
+        meta = json.loads((run_dir("flux") / "kscu.json").read_text())
+        assert meta["host_allocator"] == LABELS[False]
     assert set(tensors) == ATTN_SCOPE
     assert "transformer_blocks.0.attn.to_q.weight" in tensors
     assert "single_transformer_blocks.0.proj_out.weight" not in tensors
