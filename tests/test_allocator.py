@@ -129,3 +129,21 @@ def test_heap_free_bytes_counts_what_the_heap_keeps():
         del block
         kept = heap_free_bytes()
         assert kept >= before + 64 * MIB
+
+
+def test_a_partly_applied_setting_is_recorded_as_such(monkeypatch):
+    """glibc refusing one ``mallopt`` call leaves the others in effect: the label says so."""
+    import kscu.allocator
+
+    class Libc:
+        def mallopt(self, param, value):
+            return 0 if param == kscu.allocator.M_MMAP_THRESHOLD else 1
+
+        def malloc_trim(self, pad):
+            return 0
+
+    monkeypatch.setattr(kscu.allocator, "glibc", Libc)
+    with host_memory(False, torch.device("cpu")) as label:
+        assert label == f"{LABELS[False]}, partly (2 of 3 settings)"
+    with host_memory(True, torch.device("cpu")) as label:
+        assert label == LABELS[True]  # KEEP sets no threshold

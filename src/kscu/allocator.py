@@ -158,21 +158,29 @@ def torch_huge_pages() -> Iterator[None]:
             os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
 
 
+def _label(reuse: bool, applied: int, settings: int) -> str | None:
+    """What the record says: a refused ``mallopt`` call leaves the others in effect, so a
+    partly applied setting is named as such rather than as glibc's defaults."""
+    if applied == settings:
+        return LABELS[reuse]
+    return f"{LABELS[reuse]}, partly ({applied} of {settings} settings)" if applied else None
+
+
 @contextlib.contextmanager
 def host_memory(reuse: bool, device: torch.device) -> Iterator[str | None]:
     """Inside, on a CPU: with ``reuse``, freed blocks stay in glibc's heap for the next iteration
     or step, where page faults on fresh buffers would otherwise cost more than the arithmetic;
     without, new blocks of ``RETURN_FROM`` bytes and more get their own mappings, returned to
     the system when freed, so the resident set tracks the live tensors. Yields the setting in
-    effect (``LABELS``), or None where there is nothing to set (another C library, a GPU)."""
+    effect (``LABELS``), or None where nothing was set (another C library, a GPU)."""
     libc = glibc() if device.type == "cpu" else None
     if libc is None:
         yield None
         return
     if _state["depth"] == 0:  # nested (a sampling walk in an erase's callback): the outer one sets
         settings = KEEP if reuse else RETURN
-        applied = all([libc.mallopt(p, v) == 1 for p, v in settings.items()])  # set every one
-        _state["label"] = LABELS[reuse] if applied else None
+        applied = [libc.mallopt(p, v) == 1 for p, v in settings.items()]  # try every one
+        _state["label"] = _label(reuse, sum(applied), len(applied))
     _state["depth"] += 1
     try:
         yield _state["label"]
