@@ -26,7 +26,7 @@ a block that large which the heap cannot serve from what it holds gets its own m
 back to the system when freed, so the resident set tracks the live tensors (what ``--plan``
 counts, and what CUDA's max-allocated reports). Fresh pages cost page faults; with torch's huge
 pages for its buffers of 2 MB and more (``torch_huge_pages``) a FLUX.1-width iteration
-measured 6-19% slower than with kept blocks (medians), SD v1.4 at 64 px 1.36x slower (README),
+measured 1.1x-1.4x slower than with kept blocks, SD v1.4 at 64 px 1.36x slower (README),
 so SD and SDXL keep freed blocks by default.
 """
 

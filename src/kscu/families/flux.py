@@ -55,7 +55,7 @@ class FluxFamily:
         "loss_space": "model",  # the velocity, as the release computes it
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         # on a CPU, freed blocks kept in glibc's heap fragment it: the resident set was 1.4x the
-        # live bytes; returned, it tracks them at 6-19% more time (README, Memory)
+        # live bytes; returned, it tracks them at 1.1x-1.4x the time (README, Memory)
         "reuse_freed_memory": False,
     }
     scope_layers: tuple[type, ...] = (nn.Linear,)
