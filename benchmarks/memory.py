@@ -20,7 +20,8 @@ give each block kind's bytes, extrapolated to FLUX.1-dev's 19 + 38 blocks. The p
     python benchmarks/memory.py --model flux-width --resolution 512 --dtype bfloat16
 
 The extrapolation weighs the 1+1 run by -54 (2+1 by 18, 1+2 by 37), so a CPU run's resident-set
-noise (glibc's heap keeps a varying 0.7-1.2 GiB of freed buffers) is multiplied by as much.
+noise (with freed memory kept, glibc's heap keeps a varying 0.7-1.2 GiB of freed buffers; FLUX's
+default on a CPU since stop 30 returns them) is multiplied by as much.
 ``--added-blocks 3,6`` measures 1+1, 4+1 and 1+7 instead, each difference divided by the blocks
 it adds (weights -11.2, 6 and 6.2), and ``--repeats N`` takes each shape's median of N runs. The
 price is time: on 2 cores a 4+1 or 1+7 run takes 2-4 minutes where 2+1 takes 1-2.
@@ -114,10 +115,11 @@ def child_env(args: argparse.Namespace, reuse: bool = False) -> dict[str, str]:
     MiB), so later blocks below it come from heaps that keep freed memory resident and split
     across per-thread arenas: the resident set then exceeds the live bytes. A fixed threshold
     returns every block above it to the system when freed, so the peak RSS tracks the live bytes
-    (what ``--plan`` counts, and what CUDA's max allocated reports on a GPU). kscu's erase turns
-    glibc's mmap off on a CPU (freed memory kept for reuse, kscu.allocator), so with a fixed
-    threshold the kscu runs also get ``--no-reuse-freed-memory``. ``reuse``: glibc's environment
-    form of kscu's setting, for the plain loop.
+    (what ``--plan`` counts, and what CUDA's max allocated reports on a GPU). An SD erase turns
+    glibc's mmap off on a CPU by default (freed memory kept for reuse, kscu.allocator), so with a
+    fixed threshold the kscu runs also get ``--no-reuse-freed-memory`` (FLUX's default), except
+    the ``--reuse-freed-memory`` variant. ``reuse``: glibc's environment form of kscu's kept
+    setting, for the plain loop.
     """
     env = dict(os.environ)
     if reuse:
@@ -130,7 +132,8 @@ def child_env(args: argparse.Namespace, reuse: bool = False) -> dict[str, str]:
 
 
 def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    if args.malloc_mmap_threshold is not None:  # glibc's mmap must be on for it to apply
+    kept = "--reuse-freed-memory" in extra  # its loop turns mmap off: the threshold is moot there
+    if args.malloc_mmap_threshold is not None and not kept:  # glibc's mmap must be on for it
         extra = [*extra, "--no-reuse-freed-memory"]
     subprocess.run(
         [sys.executable, "-m", "kscu", "erase", *erase_args(model, out, args), *extra],

@@ -340,7 +340,7 @@ def test_fast_cpu_conv_switches_only_the_convolution_kernel(tiny_pipe):
 
 
 def test_reusing_freed_memory_changes_no_value(tiny_pipe):
-    """The allocator setting (default on a CPU) gives bit-identical weights and losses, and the
+    """The allocator setting (SD's default on a CPU) gives bit-identical weights and losses, and the
     run records which allocator it had."""
     cfg = resolve(EraseConfig(concepts=["church"], lr=1e-3, augment=False, **SHORT))
     base = snapshot(tiny_pipe.unet)

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "embedding_noise_std": 1e-5,
     "loss_space": "epsilon",  # "epsilon", or "model": the model's own output space (v for SD 2.x)
     # Not the method: a CPU erase's freed host memory (kscu.allocator), kept for reuse (SD's
-    # iterations 1.4x faster) or returned (FLUX's families default; see their tables)
+    # iterations 1.4x faster) or returned (FLUX's default, in its family's table)
     "reuse_freed_memory": True,
 }
 

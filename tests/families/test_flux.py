@@ -4,6 +4,7 @@ Ground truth is diffusers' own FluxPipeline: its timesteps, sigmas, shift, promp
 sampling walk; the transformer called by hand for the loss.
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+import kscu.runner
 from kscu.allocator import LABELS, glibc
 from kscu.checkpoint import WEIGHTS
 from kscu.config import EraseConfig, resolve
@@ -18,6 +20,7 @@ from kscu.errors import KscuError
 from kscu.families import get_family
 from kscu.families.flux import FlowSampler
 from kscu.objective import kscu_loss
+from kscu.runner import erase_to_folder
 from kscu.sampling import sample_images
 from kscu.scope import trainable_names
 from kscu.trainer import build_schedule, erase
@@ -240,13 +243,37 @@ def test_checkpoint_keys_are_the_transformer_s_names(run_dir):
     from safetensors.torch import load_file
 
     tensors = load_file(str(run_dir("flux") / WEIGHTS))
-    if glibc() is not None:  # FLUX's default on a CPU: freed blocks returned
-        meta = json.loads((run_dir("flux") / "kscu.json").read_text())
+    meta = json.loads((run_dir("flux") / "kscu.json").read_text())
+    if glibc() is not None and meta["device"] == "cpu":  # FLUX's default: freed blocks returned
         assert meta["host_allocator"] == LABELS[False]
     assert set(tensors) == ATTN_SCOPE
     assert "transformer_blocks.0.attn.to_q.weight" in tensors
     assert "single_transformer_blocks.0.proj_out.weight" not in tensors
     assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+@pytest.mark.parametrize("reuse, asked", [(None, True), (True, False)])
+def test_a_cpu_erase_asks_for_huge_pages_around_the_load_unless_memory_is_kept(
+    model_dir, tmp_path, monkeypatch, reuse, asked
+):
+    """FLUX's default on a CPU returns freed memory, so the runner asks torch for huge pages
+    before the model loads and stops asking after it; with freed memory kept it asks nothing."""
+    events = []
+
+    @contextlib.contextmanager
+    def ask():
+        events.append("ask")
+        yield
+        events.append("asked")
+
+    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
+    cfg = EraseConfig(
+        concepts=["church"], iterations=1, device="cpu", reuse_freed_memory=reuse, **SHORT
+    )
+    erase_to_folder(cfg, str(model_dir("flux")), tmp_path / "run", progress=False)
+    assert events == (["ask", "asked"] if asked else [])
+    meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
+    assert meta["config"]["reuse_freed_memory"] is not asked
 
 
 @pytest.mark.parametrize(

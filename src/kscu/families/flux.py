@@ -54,8 +54,8 @@ class FluxFamily:
         "trajectory_guidance": 3.5,  # the guidance embedding of every prediction
         "loss_space": "model",  # the velocity, as the release computes it
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
-        # on a CPU, freed blocks kept in glibc's heap fragment it: the resident set was 1.4x the
-        # live bytes; returned, it tracks them at 1.1x-1.4x the time (README, Memory)
+        # on a CPU, freed blocks kept in glibc's heap fragment it: the resident set was 1.2x-1.4x
+        # the live bytes; returned, it tracks them at 1.1x-1.4x the time (README, Memory)
         "reuse_freed_memory": False,
     }
     scope_layers: tuple[type, ...] = (nn.Linear,)
