@@ -64,3 +64,31 @@ def test_report_names_the_cpu_the_measurements_ran_on(capsys):
     assert capsys.readouterr().out.splitlines()[0].endswith("CPU (AMD EPYC)")
     bench.report(args, {"default": row})
     assert f"CPU ({bench.cpu_model()})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "variant, returned",
+    [
+        ("default (optimizer-in-backward)", True),
+        ("kept freed blocks (--reuse-freed-memory)", False),
+    ],
+)
+def test_a_fixed_threshold_returns_freed_memory_except_in_the_kept_variant(
+    monkeypatch, tmp_path, variant, returned
+):
+    """Under ``--malloc-mmap-threshold`` the kscu runs return freed memory (so the threshold
+    applies), but the kept variant must still run kept: the last of two opposite flags wins."""
+    seen = []
+
+    def run(command, **kwargs):
+        seen.append(command)
+        raise StopIteration
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    args = argparse.Namespace(
+        resolution=64, iterations=1, dtype="float32", malloc_mmap_threshold=2**20
+    )
+    with pytest.raises(StopIteration):
+        bench.kscu_run(tmp_path, tmp_path / "out", args, bench.VARIANTS[variant])
+    flags = [f for f in seen[0] if f.endswith("reuse-freed-memory")]
+    assert flags == (["--no-reuse-freed-memory"] if returned else ["--reuse-freed-memory"])
