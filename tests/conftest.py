@@ -65,3 +65,23 @@ def replay_log(monkeypatch):
     monkeypatch.setattr(tracing.TracedDenoiser, "_record", spy_record)
     monkeypatch.setattr(tracing, "_eager", spy_eager)
     return log
+
+
+@pytest.fixture
+def huge_page_requests(monkeypatch):
+    """What the runner asks of torch from here on: "ask" when it starts asking for huge pages,
+    "asked" when it stops; a test adds its own events (e.g. the model's load) in between."""
+    import contextlib
+
+    import kscu.runner
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def ask():
+        events.append("ask")
+        yield
+        events.append("asked")
+
+    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
+    return events

@@ -1,7 +1,6 @@
 """Erase output folders (a complete run or nothing new; a run is replaced only on request), and
 what the runner sets up before the model loads."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -128,21 +127,13 @@ def test_python_api_refuses_without_overwrite(old_run, tiny_model_dir):
     [([], False), (["--no-reuse-freed-memory"], True), (["--reuse-freed-memory"], False)],
 )
 def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads(
-    tiny_model_dir, tmp_path, capsys, monkeypatch, flags, asked
+    tiny_model_dir, tmp_path, capsys, monkeypatch, huge_page_requests, flags, asked
 ):
     """torch reads its huge-page switch at its first CPU allocation, so the runner must ask
     before loading (and stop asking after it); kept blocks are reused, so nothing is asked for
     then."""
-    events = []
+    events = huge_page_requests
     load = kscu.runner.load_pipeline
-
-    @contextlib.contextmanager
-    def ask():
-        events.append("ask")
-        yield
-        events.append("asked")
-
-    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
     monkeypatch.setattr(
         kscu.runner, "load_pipeline", lambda *a, **k: events.append("load") or load(*a, **k)
     )

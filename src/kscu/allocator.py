@@ -19,7 +19,7 @@ trim threshold 64 MiB) unless the ``MALLOC_*_`` environment variables said other
 ``malloc_trim`` returns what was kept. Worker threads' arenas still mmap single blocks over 64 MiB.
 
 Kept blocks can fragment the heap: FLUX.1-width erases (18-90 MB activations and weight copies
-between small blocks that live on) measured a resident set about 40% above the plan. The other
+between small blocks that live on) measured a resident set 20-40% above the plan. The other
 setting, ``reuse=False`` (``--no-reuse-freed-memory``; a FLUX erase's default, the family's
 table in ``kscu.families.flux``), fixes glibc's mmap threshold at 1 MiB:
 a block that large which the heap cannot serve from what it holds gets its own mapping and goes

@@ -107,7 +107,7 @@ def erase_to_folder(
     check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
-        returned = device.type == "cpu" and not cfg.reuse_freed_memory  # fresh pages: faster huge
+        returned = device.type == "cpu" and not cfg.reuse_freed_memory  # fresh pages each time
         with torch_huge_pages() if returned else contextlib.nullcontext():
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     base = model if model is not None else BUNDLED_MODEL

@@ -4,7 +4,6 @@ Ground truth is diffusers' own FluxPipeline: its timesteps, sigmas, shift, promp
 sampling walk; the transformer called by hand for the loss.
 """
 
-import contextlib
 import json
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-import kscu.runner
 from kscu.allocator import LABELS, glibc
 from kscu.checkpoint import WEIGHTS
 from kscu.config import EraseConfig, resolve
@@ -254,24 +252,15 @@ def test_checkpoint_keys_are_the_transformer_s_names(run_dir):
 
 @pytest.mark.parametrize("reuse, asked", [(None, True), (True, False)])
 def test_a_cpu_erase_asks_for_huge_pages_around_the_load_unless_memory_is_kept(
-    model_dir, tmp_path, monkeypatch, reuse, asked
+    model_dir, tmp_path, huge_page_requests, reuse, asked
 ):
     """FLUX's default on a CPU returns freed memory, so the runner asks torch for huge pages
     before the model loads and stops asking after it; with freed memory kept it asks nothing."""
-    events = []
-
-    @contextlib.contextmanager
-    def ask():
-        events.append("ask")
-        yield
-        events.append("asked")
-
-    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
     cfg = EraseConfig(
         concepts=["church"], iterations=1, device="cpu", reuse_freed_memory=reuse, **SHORT
     )
     erase_to_folder(cfg, str(model_dir("flux")), tmp_path / "run", progress=False)
-    assert events == (["ask", "asked"] if asked else [])
+    assert huge_page_requests == (["ask", "asked"] if asked else [])
     meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
     assert meta["config"]["reuse_freed_memory"] is not asked
 
