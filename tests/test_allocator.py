@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from kscu.allocator import (
     heap_info,
     host_memory,
     proc_bytes,
+    torch_gets_huge_pages,
     torch_huge_pages,
 )
 
@@ -147,3 +149,34 @@ def test_a_partly_applied_setting_is_recorded_as_such(monkeypatch):
         assert label == f"{LABELS[False]}, partly (2 of 3 settings)"
     with host_memory(True, torch.device("cpu")) as label:
         assert label == LABELS[True]  # KEEP sets no threshold
+
+
+@pytest.mark.parametrize(
+    "reuse, on_request, granted, warned",
+    [(False, True, False, True), (False, True, True, False), (False, False, False, False)]
+    + [(True, True, False, False), (False, True, None, False)],
+)
+def test_returning_without_huge_pages_says_how_to_get_them(
+    monkeypatch, recwarn, reuse, on_request, granted, warned
+):
+    """torch reads its huge-page switch once: a caller whose process made a tensor before it
+    was set returns freed memory with 4 KB pages; told once where the kernel grants them on
+    request (with kept memory, or where the answer cannot be read, nothing to say)."""
+    import kscu.allocator
+
+    monkeypatch.setattr(kscu.allocator, "_huge_pages_on_request", lambda: on_request)
+    monkeypatch.setattr(kscu.allocator, "torch_gets_huge_pages", lambda: granted)
+    with host_memory(reuse, torch.device("cpu")):
+        pass
+    messages = [str(w.message) for w in recwarn]
+    assert messages == ([kscu.allocator.NO_HUGE_PAGES] if warned else [])
+    assert "THP_MEM_ALLOC_ENABLE=1" in kscu.allocator.NO_HUGE_PAGES
+
+
+def test_a_buffer_of_this_process_is_found_in_its_mappings():
+    """The answer is read, not None: on Linux a fresh buffer lies in one of the process's
+    mappings, whose ``THPeligible`` line the kernel writes (since 5.x)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists() or "THPeligible" not in smaps.read_text():
+        pytest.skip("no /proc/self/smaps with THPeligible here")
+    assert torch_gets_huge_pages() in (True, False)

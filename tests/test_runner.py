@@ -148,16 +148,20 @@ def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 CHILD = """
-import sys, torch, kscu.runner
-from kscu.allocator import huge_page_bytes
+import os, sys, torch, kscu.runner
+from kscu.allocator import huge_page_bytes, torch_gets_huge_pages
 from kscu.config import EraseConfig
 
 def load(*args, **kwargs):  # where the model would load: torch's first large buffer
     block = torch.ones(64 * 2**20 // 4)
     print(huge_page_bytes())
+
+def after_load(*args, **kwargs):  # the runner's next step: the request is withdrawn by now
+    print("THP_MEM_ALLOC_ENABLE" in os.environ, torch_gets_huge_pages())
     raise SystemExit(0)
 
 kscu.runner.load_pipeline = load
+kscu.runner.memory_plan = after_load
 cfg = EraseConfig(concepts=["circle"], device="cpu", reuse_freed_memory=sys.argv[2] == "keep")
 kscu.runner.erase_to_folder(cfg, None, sys.argv[1], progress=False)
 """
@@ -176,5 +180,7 @@ def test_torch_gets_huge_pages_only_when_freed_memory_is_returned(tmp_path, allo
     child = [sys.executable, "-c", CHILD, str(tmp_path / "run"), allocator]
     out = subprocess.run(child, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    huge_bytes = int(out.stdout.split()[-1])
-    assert huge_bytes >= 32 * 2**20 if huge else huge_bytes < 8 * 2**20
+    huge_bytes, left_in_environment, granted = out.stdout.split()
+    assert int(huge_bytes) >= 32 * 2**20 if huge else int(huge_bytes) < 8 * 2**20
+    # torch keeps what it read: huge pages after the request has left the environment
+    assert (left_in_environment, granted) == ("False", str(huge))
