@@ -5,13 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import kscu.checkpoint
 import kscu.runner
-from kscu.allocator import LABELS, glibc
+from kscu.allocator import LABELS, THP_MODE, glibc
 from kscu.cli import main
 from kscu.config import EraseConfig
 from kscu.errors import KscuError
@@ -146,7 +145,6 @@ def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads
         assert meta["host_allocator"] == LABELS[not asked]
 
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 CHILD = """
 import os, sys, torch, kscu.runner
 from kscu.allocator import huge_page_bytes, torch_gets_huge_pages
@@ -168,7 +166,7 @@ kscu.runner.erase_to_folder(cfg, None, sys.argv[1], progress=False)
 
 
 @pytest.mark.skipif(
-    not THP.exists() or "[madvise]" not in THP.read_text(),
+    not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
     reason="needs the kernel's huge pages on request (madvise), where asking makes a difference",
 )
 @pytest.mark.parametrize("allocator, huge", [("keep", False), ("return", True)])

@@ -63,11 +63,10 @@ _state: dict = {"depth": 0, "label": None}  # open contexts (nested ones leave i
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "[madvise]": on request only
 _MAPPING = re.compile(r"([0-9a-f]+)-([0-9a-f]+) ")  # a mapping's first line in /proc/self/smaps
 NO_HUGE_PAGES = (
-    "freed memory is returned to the system (a FLUX erase's default on a CPU), but torch gets 4 KB "
-    "pages: it made a tensor before kscu could ask it for huge pages, and each fresh buffer "
+    "freed memory is returned to the system (a FLUX erase's default on a CPU), but torch gets "
+    "4 KB pages: it made a tensor before kscu could ask it for huge pages, and each fresh buffer "
     "then costs more page faults (FLUX-width 1+1: 21-24 s per iteration, 17-19 s with huge "
-    "pages); set "
-    "THP_MEM_ALLOC_ENABLE=1 before importing torch, or pass reuse_freed_memory=True"
+    "pages); set THP_MEM_ALLOC_ENABLE=1 before importing torch, or pass reuse_freed_memory=True"
 )
 
 
