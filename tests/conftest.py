@@ -69,19 +69,24 @@ def replay_log(monkeypatch):
 
 @pytest.fixture
 def huge_page_requests(monkeypatch):
-    """What the runner asks of torch from here on: "ask" when it starts asking for huge pages,
-    "asked" when it stops; a test adds its own events (e.g. the model's load) in between."""
+    """What the runner asks of torch from here on, through the real ``torch_huge_pages``: "ask"
+    when it starts asking for huge pages, "asked" when it stops; a test adds its own events
+    (e.g. the model's load) in between."""
     import contextlib
 
     import kscu.runner
+    from kscu.allocator import torch_huge_pages
 
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     events: list[str] = []
 
     @contextlib.contextmanager
-    def ask():
-        events.append("ask")
-        yield
-        events.append("asked")
+    def spy(*args):
+        with torch_huge_pages(*args):
+            asking = "THP_MEM_ALLOC_ENABLE" in os.environ
+            events.extend(["ask"] if asking else [])
+            yield
+        events.extend(["asked"] if asking else [])
 
-    monkeypatch.setattr(kscu.runner, "torch_huge_pages", ask)
+    monkeypatch.setattr(kscu.runner, "torch_huge_pages", spy)
     return events

@@ -88,14 +88,18 @@ def test_without_reuse_large_blocks_go_back_when_freed():
 
 
 def test_huge_pages_are_asked_for_unless_the_environment_says(monkeypatch):
-    """Asked for while inside, removed again on exit (child processes see the environment as
-    it was), and an explicit value is left alone."""
+    """Asked for while inside, where freed memory will be returned, removed again on exit
+    (child processes see the environment as it was), and an explicit value is left alone."""
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    with torch_huge_pages():
+    cpu = torch.device("cpu")
+    with torch_huge_pages(False, cpu):
         assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
     assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    for reuse, device in [(True, cpu), (False, torch.device("meta"))]:  # nothing returned there
+        with torch_huge_pages(reuse, device):
+            assert "THP_MEM_ALLOC_ENABLE" not in os.environ
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    with torch_huge_pages():
+    with torch_huge_pages(False, cpu):
         assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
@@ -164,7 +168,7 @@ def test_returning_without_huge_pages_says_how_to_get_them(
     request (with kept memory, or where the answer cannot be read, nothing to say)."""
     import kscu.allocator
 
-    monkeypatch.setattr(kscu.allocator, "_huge_pages_on_request", lambda: on_request)
+    monkeypatch.setattr(kscu.allocator, "huge_pages_on_request", lambda: on_request)
     monkeypatch.setattr(kscu.allocator, "torch_gets_huge_pages", lambda: granted)
     with host_memory(reuse, torch.device("cpu")):
         pass

@@ -10,7 +10,7 @@ import pytest
 
 import kscu.checkpoint
 import kscu.runner
-from kscu.allocator import LABELS, THP_MODE, glibc
+from kscu.allocator import LABELS, glibc, huge_pages_on_request
 from kscu.cli import main
 from kscu.config import EraseConfig
 from kscu.errors import KscuError
@@ -138,7 +138,8 @@ def test_returning_freed_memory_asks_torch_for_huge_pages_before_the_model_loads
     )
     code, err = erase_cli(tiny_model_dir, tmp_path / "run", capsys, "--device", "cpu", *flags)
     assert code == 0, err
-    assert events == (["ask", "load", "asked"] if asked else ["load"])
+    asking = asked and glibc() is not None  # only where kscu returns freed memory
+    assert events == (["ask", "load", "asked"] if asking else ["load"])
     meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
     assert meta["config"]["reuse_freed_memory"] is not asked
     if glibc() is not None:
@@ -166,7 +167,7 @@ kscu.runner.erase_to_folder(cfg, None, sys.argv[1], progress=False)
 
 
 @pytest.mark.skipif(
-    not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+    not huge_pages_on_request(),
     reason="needs the kernel's huge pages on request (madvise), where asking makes a difference",
 )
 @pytest.mark.parametrize("allocator, huge", [("keep", False), ("return", True)])

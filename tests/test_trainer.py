@@ -370,7 +370,7 @@ def test_adam_moments_are_made_after_the_encoders_leave_and_before_the_loop(tiny
     import kscu.trainer
 
     events: list[str] = []
-    offload, reuse, init = (
+    offload, host_memory, init = (
         kscu.trainer.offload_modules,
         kscu.trainer.host_memory,
         TensorAdam.__init__,
@@ -385,12 +385,12 @@ def test_adam_moments_are_made_after_the_encoders_leave_and_before_the_loop(tiny
     )
 
     @contextlib.contextmanager
-    def reusing(*a):
+    def loop_memory(*a):
         events.append("loop")
-        with reuse(*a) as applied:
+        with host_memory(*a) as applied:
             yield applied
 
-    monkeypatch.setattr(kscu.trainer, "host_memory", reusing)
+    monkeypatch.setattr(kscu.trainer, "host_memory", loop_memory)
     result = erase(tiny_pipe, EraseConfig(concepts=["church"], lr=1e-3, **SHORT), False)
     assert events == ["offload", *["moments"] * len(result.tensors), "loop"]
 

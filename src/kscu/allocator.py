@@ -161,7 +161,7 @@ def torch_gets_huge_pages() -> bool | None:
     return None
 
 
-def _huge_pages_on_request() -> bool:
+def huge_pages_on_request() -> bool:
     """The kernel gives huge pages to mappings that ask (its ``madvise`` mode): asking matters."""
     try:
         return "[madvise]" in THP_MODE.read_text()
@@ -179,8 +179,9 @@ def _after() -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def torch_huge_pages() -> Iterator[None]:
-    """Inside, torch requests transparent huge pages for its CPU buffers of 2 MB and more.
+def torch_huge_pages(reuse: bool, device: torch.device) -> Iterator[None]:
+    """Inside, where ``host_memory(reuse, device)`` will return freed memory (a CPU, glibc),
+    torch requests transparent huge pages for its CPU buffers of 2 MB and more.
 
     With freed blocks returned (``reuse=False``), every large buffer is a fresh mapping whose
     pages the kernel faults in and zero-fills; 2 MB pages make that about twice as fast (a 59 MB
@@ -190,7 +191,8 @@ def torch_huge_pages() -> Iterator[None]:
     kept; one set here is removed on exit, so child processes and later code see the
     environment as it was. Where the kernel's huge pages are off, nothing changes.
     """
-    asked = "THP_MEM_ALLOC_ENABLE" not in os.environ
+    returned = not reuse and device.type == "cpu" and glibc() is not None
+    asked = returned and "THP_MEM_ALLOC_ENABLE" not in os.environ
     if asked:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     try:
@@ -223,7 +225,7 @@ def host_memory(reuse: bool, device: torch.device) -> Iterator[str | None]:
         settings = KEEP if reuse else RETURN
         applied = [libc.mallopt(p, v) == 1 for p, v in settings.items()]  # try every one
         _state["label"] = _label(reuse, sum(applied), len(applied))
-        if not reuse and _huge_pages_on_request() and torch_gets_huge_pages() is False:
+        if not reuse and huge_pages_on_request() and torch_gets_huge_pages() is False:
             warnings.warn(NO_HUGE_PAGES, stacklevel=3)
     _state["depth"] += 1
     try:

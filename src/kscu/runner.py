@@ -6,7 +6,6 @@ writes the same files and the same record.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import platform
 from pathlib import Path
@@ -107,8 +106,7 @@ def erase_to_folder(
     check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
-        returned = device.type == "cpu" and not cfg.reuse_freed_memory  # fresh pages each time
-        with torch_huge_pages() if returned else contextlib.nullcontext():
+        with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     base = model if model is not None else BUNDLED_MODEL
     analysis = None

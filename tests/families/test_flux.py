@@ -263,7 +263,8 @@ def test_a_cpu_erase_asks_for_huge_pages_around_the_load_unless_memory_is_kept(
         concepts=["church"], iterations=1, device="cpu", reuse_freed_memory=reuse, **SHORT
     )
     erase_to_folder(cfg, str(model_dir("flux")), tmp_path / "run", progress=False)
-    assert huge_page_requests == (["ask", "asked"] if asked else [])
+    asking = asked and glibc() is not None  # only where kscu returns freed memory
+    assert huge_page_requests == (["ask", "asked"] if asking else [])
     meta = json.loads((tmp_path / "run" / "kscu.json").read_text())
     assert meta["config"]["reuse_freed_memory"] is not asked
 
