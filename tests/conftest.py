@@ -12,6 +12,13 @@ from types import SimpleNamespace
 # "tiny") fails at once instead of after huggingface_hub's retries on a machine without DNS
 # (24 s per lookup here). Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist runs the suite in one worker per CPU (pyproject's addopts): each worker, and each
+# process it starts, then uses one thread, so the workers share the cores instead of contending
+# for them. The tiny models' kernels are too small for a second thread to pay: the suite took
+# 17.4 min on one process with 2 threads and 9.0 min on two workers here (2 cores, measured).
+# Set before torch is imported: OpenMP reads it once, when it loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
