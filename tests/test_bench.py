@@ -105,6 +105,23 @@ def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"start_step": 10}, r"start_step -> start_step="),
+        ({"end_step": 30, "lr": 1e-5}, r"end_step -> step_ranges="),
+        ({"learning_rate": 1e-5}, r"\['learning_rate'\]: not erase settings"),
+    ],
+)
+def test_bench_refuses_overrides_it_cannot_apply(tmp_path, overrides, message):
+    """Before: a TypeError from inside the bench ("multiple values for keyword argument")."""
+    from kscu.bench import run_bench
+
+    with pytest.raises(KscuError, match=message):
+        run_bench("heart", "class", ["kscu"], tmp_path, step_ranges=[(14, 50)], overrides=overrides)
+    assert not any(tmp_path.iterdir())
+
+
 def test_bench_prompts_split_target_and_retain():
     p = bench_prompts("striped", 12, seed=0)
     assert p["kind"] == "texture"

@@ -178,6 +178,35 @@ class Judge:
         }
 
 
+# EraseConfig fields the bench sets for each run itself, from its own arguments
+_PER_RUN = {
+    "concepts": "concept",
+    "mode": "mode",
+    "iterations": "iterations",
+    "seed": "seed or seeds",
+    "method": "methods",
+    "start_step": "start_step",
+}
+
+
+def _check_overrides(overrides: dict[str, Any], ranges: bool) -> None:
+    """``overrides`` reach every erase of the bench; a key the bench sets per run, or one that is
+    no erase setting, would otherwise end in a TypeError deep inside ``runs_for``. ``end_step``
+    applies to every run unless ``step_ranges`` set each range's end (``ranges``)."""
+    fields = {f.name for f in dataclasses.fields(EraseConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise KscuError(f"overrides {unknown}: not erase settings (see kscu.config.EraseConfig)")
+    owned = _PER_RUN | ({"end_step": "step_ranges"} if ranges else {})
+    per_run = sorted(set(overrides) & owned.keys())
+    if per_run:
+        use = ", ".join(f"{key} -> {owned[key]}=" for key in per_run)
+        raise KscuError(
+            f"overrides {per_run}: the bench sets these for each run; pass them as its own "
+            f"arguments ({use})"
+        )
+
+
 def run_bench(
     concept: str,
     mode: str,
@@ -226,6 +255,7 @@ def run_bench(
         raise KscuError("--samples and --steps must be > 0")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
+    _check_overrides(overrides or {}, bool(step_ranges))
     if attack is not None:
         attack_settings = _attack_settings(attack, attack_settings)
     threads = torch.get_num_threads()
