@@ -183,7 +183,7 @@ _PER_RUN = {
     "concepts": "concept",
     "mode": "mode",
     "iterations": "iterations",
-    "seed": "seed or seeds",
+    "seed": "seed",
     "method": "methods",
     "start_step": "start_step",
 }
@@ -230,6 +230,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Erase with each method from the same start, score all models, write bench.json/md/png.
 
+    ``overrides``: erase settings for every run (``EraseConfig`` fields such as ``lr``), not
+    those the bench sets per run (refused: concept, mode, iterations, seed, method, start step,
+    and the end step when ``step_ranges`` set it).
     ``seeds`` runs the whole bench once per seed (erase seed, prompts and image seeds) and
     reports each column's mean, its sample standard deviation (``UA_std``, 0 for one seed) and
     the per-seed values (``UA_per_seed``). ``attack`` (``unlearndiff`` or ``ringabell``) adds
