@@ -110,7 +110,7 @@ def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):
     [
         ({"start_step": 10}, r"start_step -> start_step="),
         ({"end_step": 30, "lr": 1e-5}, r"end_step -> step_ranges="),
-        ({"learning_rate": 1e-5}, r"\['learning_rate'\]: not erase settings"),
+        ({"learning_rate": 1e-5}, r"unknown configuration keys \['learning_rate'\]"),
     ],
 )
 def test_bench_refuses_overrides_it_cannot_apply(tmp_path, overrides, message):

@@ -193,10 +193,7 @@ def _check_overrides(overrides: dict[str, Any], ranges: bool) -> None:
     """``overrides`` reach every erase of the bench; a key the bench sets per run, or one that is
     no erase setting, would otherwise end in a TypeError deep inside ``runs_for``. ``end_step``
     applies to every run unless ``step_ranges`` set each range's end (``ranges``)."""
-    fields = {f.name for f in dataclasses.fields(EraseConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise KscuError(f"overrides {unknown}: not erase settings (see kscu.config.EraseConfig)")
+    EraseConfig.check_keys(overrides)
     owned = _PER_RUN | ({"end_step": "step_ranges"} if ranges else {})
     per_run = sorted(set(overrides) & owned.keys())
     if per_run:

@@ -91,11 +91,17 @@ class EraseConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EraseConfig:
+    def check_keys(cls, data: dict[str, Any]) -> None:
+        """Keys that are no erase setting fail in one line naming the known ones, not as a
+        TypeError from the dataclass."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise KscuError(f"unknown configuration keys {unknown}; known: {sorted(names)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EraseConfig:
+        cls.check_keys(data)
         return cls(**data)
 
 
