@@ -4,7 +4,8 @@ The base revision's ``src/`` is exported with ``git archive`` into a temporary f
 command then runs alternately on the base and on the working tree (each in a fresh process with
 the same environment, so the machine's load affects both alike), ``--repeats`` times each.
 Prints the median wall-clock seconds of the command and of the erase (``erased ... in X s``
-from its log) per revision, and their ratio; writes JSON.
+from its log) and the command's peak resident set (its process's ``ru_maxrss``) per revision,
+and their ratio; writes JSON.
 
     python benchmarks/revisions.py --base 30ae8f5 --repeats 3 --json speed.json -- \\
         erase --concept circle --mode class --output {out}
@@ -33,7 +34,9 @@ from machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = """
-import importlib.util, sys
+import atexit, importlib.util, resource, sys
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+atexit.register(lambda: print("peak resident set", peak(), "KiB", file=sys.stderr))
 spec = importlib.util.spec_from_file_location("tvc", {shim!r})
 shim = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(shim)
@@ -43,6 +46,8 @@ from kscu.cli import main
 sys.exit(main({args!r}))
 """
 ERASED = re.compile(r"erased .* in ([0-9.]+) s")
+PEAK = re.compile(r"peak resident set ([0-9]+) KiB")
+KEYS = ("command_seconds", "erase_seconds", "peak_rss_mib")
 
 
 def export(revision: str, into: Path) -> Path:
@@ -64,7 +69,12 @@ def timed(src: Path, args: list[str], out: Path) -> dict[str, float | None]:
     if done.returncode != 0:
         raise SystemExit(f"{src}: kscu {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
     found = ERASED.findall(done.stdout + done.stderr)
-    return {"command_seconds": seconds, "erase_seconds": float(found[-1]) if found else None}
+    peak = PEAK.findall(done.stderr)
+    return {
+        "command_seconds": seconds,
+        "erase_seconds": float(found[-1]) if found else None,
+        "peak_rss_mib": int(peak[-1]) / 1024 if peak else None,  # Linux: ru_maxrss is in KiB
+    }
 
 
 def median(runs: list[dict], key: str) -> float | None:
@@ -96,16 +106,14 @@ def main() -> None:
                 out = Path(tmp) / f"run-{i}-{len(runs[name])}-{name.replace(' ', '_')}"
                 runs[name].append(timed(src, [*command, *extra], out))
                 print(name, runs[name][-1], flush=True)
-    summary = {
-        name: {k: median(r, k) for k in ("command_seconds", "erase_seconds")}
-        for name, r in runs.items()
-    }
+    summary = {name: {k: median(r, k) for k in KEYS} for name, r in runs.items()}
     base = summary[args.base]
     for name, new in list(summary.items())[1:]:
-        for key in ("command_seconds", "erase_seconds"):
+        for key in KEYS:
             if base[key] and new[key]:
+                unit = "MiB" if key.endswith("mib") else "s"
                 print(
-                    f"{key}: {args.base} {base[key]:.1f} s, {name} {new[key]:.1f} s, "
+                    f"{key}: {args.base} {base[key]:.1f} {unit}, {name} {new[key]:.1f} {unit}, "
                     f"ratio {base[key] / new[key]:.2f}x"
                 )
     record = {

@@ -1,5 +1,7 @@
 import copy
 import functools
+import gc
+import weakref
 from collections import Counter
 from dataclasses import replace
 
@@ -142,6 +144,25 @@ def test_a_record_without_gradients_reads_held_tensors_at_each_call():
         module.scale.add_(1)
         assert torch.equal(traced(None, {"x": x})[0], module(x)[0])
     assert traced.recorded == 1 and traced.dropped == 0
+
+
+def test_records_leave_with_their_owner():
+    """torch.jit.trace keeps every function it makes in torch's process-wide compilation unit
+    until the process ends; a record must go when its TracedDenoiser does, or each erase or
+    walk in one process leaves its records behind."""
+    functions = torch.jit._state._python_cu.get_functions
+    before = len(functions())
+    traced = TracedDenoiser(_HoldsATensor())
+    x = torch.tensor([0.5, 1.0, 2.0])
+    with torch.no_grad():
+        traced(None, {"x": x}), traced(None, {"x": x})
+    traced(None, {"x": x}), traced(None, {"x": x})  # with gradients: a second record
+    assert traced.recorded == 2
+    graphs = [weakref.ref(record.graph) for record in traced.records.values()]
+    del traced
+    gc.collect()
+    assert [g() for g in graphs] == [None, None]
+    assert len(functions()) == before
 
 
 class _ReadsItsInput(torch.nn.Module):
