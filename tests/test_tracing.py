@@ -220,9 +220,12 @@ def test_a_call_that_cannot_be_recorded_runs_eager(tiny_pipe):
     assert traced.summary() == "eager"
 
 
-def test_replay_is_used_only_where_exact(tiny_pipe):
+def test_replay_is_used_only_where_exact(tiny_pipe, monkeypatch):
     net = tiny_pipe.unet
     assert traceable(net, torch.float32, checkpointing=False)
+    with monkeypatch.context() as m:  # PYTORCH_JIT=0: TorchScript off, calls through Python
+        m.setattr(torch.jit._state._enabled, "enabled", False)
+        assert not traceable(net, torch.float32, checkpointing=False)
     assert not traceable(net, torch.bfloat16, checkpointing=False)  # autocast: not recorded
     assert not traceable(net, torch.float32, checkpointing=True)  # a record would keep all
     net.enable_gradient_checkpointing()  # the caller's own switch counts too

@@ -40,9 +40,11 @@ Spec = tuple  # how to rebuild keyword arguments from their tensors (see _flatte
 
 
 def traceable(module: nn.Module, dtype: torch.dtype, checkpointing: bool) -> bool:
-    """Where replaying is exact and measured to pay (see the module docstring)."""
+    """Where replaying is exact and measured to pay (see the module docstring), unless
+    ``PYTORCH_JIT=0`` turned TorchScript off (as ``torch.jit.trace`` would then record nothing)."""
     checkpointing = checkpointing or bool(getattr(module, "is_gradient_checkpointing", False))
-    return module.device.type == "cpu" and dtype == torch.float32 and not checkpointing
+    on = bool(torch.jit._state._enabled)
+    return on and module.device.type == "cpu" and dtype == torch.float32 and not checkpointing
 
 
 class _Record:
