@@ -1,14 +1,14 @@
 """Denoiser calls replayed from a recorded graph: the same operations without Python's overhead.
 
-On a CPU a small denoiser spends most of each call in Python (nn.Module dispatch, diffusers'
-own code), not in its kernels: the bundled world's UNet takes about 25 ms per batch-of-2 call
-through Python and 15 ms replayed. ``torch.jit.trace`` records the aten operations that one call
-makes; replaying the record runs exactly those operations, in the same order, on the same
-kernels, so every value is bit-identical (tested: outputs, gradients, whole erases). A record
-made without gradients also drops repeated and shape-only work (``_simplify``). The graph
-executor's own optimizations (fusion, its autodiff) are turned off: autograd records the
-replayed operations as it records eager ones, so gradients and the per-parameter optimizer
-hooks are unchanged.
+On a CPU a small denoiser spends most of each call in Python (nn.Module dispatch, diffusers' own
+code), not in its kernels: the bundled world's UNet takes about 25 ms per batch-of-2 call
+through Python and 15 ms replayed. torch's tracer (``torch.jit.trace``'s) records the aten
+operations that one call makes; replaying the record runs exactly those operations, in the same
+order, on the same kernels, so every value is bit-identical (tested: outputs, gradients, whole
+erases). A record made without gradients also drops repeated and shape-only work
+(``_simplify``). The graph executor's own optimizations (fusion, its autodiff) are turned off:
+autograd records the replayed operations as it records eager ones, so gradients and the
+per-parameter optimizer hooks are unchanged.
 
 A record holds for one structure of call: the shapes, dtypes and devices of the tensors, every
 non-tensor argument, the dtypes of the weights, grad mode and the module's training flag; each
@@ -166,7 +166,7 @@ def _trace(call: Any, examples: list[torch.Tensor]) -> Any:
     ``torch.jit.trace`` registers every function it makes in torch's process-wide compilation
     unit, which keeps it until the process ends: a record outlived its erase or walk, so each
     erase, preview or generation in one process (a bench, a notebook) left its records behind,
-    about 2 MiB per 600 operations. The same tracer's graph goes into a function of its own
+    2-4 MiB per 600 operations here. The same tracer's graph goes into a function of its own
     compilation unit instead, freed with its last reference; it runs the same graph.
     """
     lookup = torch.jit._trace._create_interpreter_name_lookup_fn(0)
