@@ -59,6 +59,32 @@ def test_cli_plan_prints_and_erases_nothing(tiny_model_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("replayed", [True, False])
+def test_cli_plan_says_what_it_leaves_out(tiny_model_dir, tmp_path, capsys, replayed):
+    """On a CPU in float32 the denoiser's calls are replayed from recorded graphs, host memory
+    the plan does not count: the printed plan says so, and says nothing of it without replay."""
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--plan"]
+    args += ["--output", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"]
+    assert main(args if replayed else [*args, "--no-trace-denoiser"]) == 0
+    text = capsys.readouterr().out
+    assert "not counted:" in text and "library code" in text
+    assert ("replayed denoiser calls" in text) == replayed
+
+
+def test_cli_plan_that_fails_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A plan that cannot be made (an unreadable config) is an error, not a traceback."""
+    import kscu.memory
+
+    def unreadable(*args, **kwargs):
+        raise OSError("vae/config.json: unreadable")
+
+    monkeypatch.setattr(kscu.memory, "plan", unreadable)
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--plan"]
+    assert main([*args, "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no plan for" in err and "unreadable" in err and len(err.strip().splitlines()) == 1
+
+
 def test_run_records_plan_and_measured_peak(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--output", str(out)]

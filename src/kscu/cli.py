@@ -183,7 +183,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if args.plan:
         from kscu.runner import memory_plan
 
-        print(_plan_table(memory_plan(args.model, resolved)))
+        plan = memory_plan(args.model, resolved)
+        if "error" in plan:
+            raise KscuError(plan["error"])
+        print(_plan_table(plan))
         return 0
     result, _ = erase_to_folder(
         config,
@@ -201,12 +204,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def _plan_table(plan: dict) -> str:
-    gib = 2**30
+    unit, size = ("GiB", 2**30) if plan["total_bytes"] >= 2**30 else ("MiB", 2**20)
     lines = [f"trainable elements: {plan['trainable_elements']:,}"]
-    lines += [f"  {name:<15} {n / gib:8.3f} GiB" for name, n in plan["bytes"].items()]
-    lines.append(f"  {'total':<15} {plan['total_bytes'] / gib:8.3f} GiB (expected peak)")
+    lines += [f"  {name:<15} {n / size:8.3f} {unit}" for name, n in plan["bytes"].items()]
+    lines.append(f"  {'total':<15} {plan['total_bytes'] / size:8.3f} {unit} (expected peak)")
     host = [(k, n) for k, n in plan.get("host_bytes", {}).items() if n]
-    lines += [f"  {name:<15} {n / gib:8.3f} GiB (host RAM, off the device)" for name, n in host]
+    lines += [f"  {name:<15} {n / size:8.3f} {unit} (host RAM, off the device)" for name, n in host]
+    lines.append(plan["assumptions"])
     return "\n".join(lines)
 
 

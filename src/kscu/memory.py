@@ -55,6 +55,7 @@ from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
 from kscu.optim import steps_together
 from kscu.scope import trainable_names
+from kscu.tracing import replays
 
 GRAD_DTYPE_BYTES = 4
 
@@ -313,7 +314,8 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         if name != family.denoiser_attr
         for p in m.parameters()
     )
-    on_cpu = (resolve_device() if cfg.device == "auto" else torch.device(cfg.device)).type == "cpu"
+    device = resolve_device() if cfg.device == "auto" else torch.device(cfg.device)
+    on_cpu = device.type == "cpu"
     host = {  # what the erase keeps in host RAM, off the accelerator, at its peak
         "encoders": 0 if on_cpu else others * _bytes(compute),  # family.encoder_modules
         "restore_copy": trainable * 4 if loaded != compute else 0,
@@ -344,10 +346,23 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "bytes": parts,
         "total_bytes": sum(parts.values()),
         "host_bytes": host,
-        "assumptions": "networks as configured; the erase's own buffers (latents, embeddings), "
-        "allocator overhead and, with checkpointing, the CPU random state torch keeps per "
-        "checkpointed call (5 KB each) not counted",
+        "assumptions": _uncounted(cfg, device, compute),
     }
+
+
+def _uncounted(cfg: EraseConfig, device: torch.device, compute: torch.dtype) -> str:
+    """What the plan leaves out; printed by ``kscu erase --plan`` beside the figures."""
+    left = ["the erase's own buffers (latents, embeddings)", "allocator overhead"]
+    if cfg.gradient_checkpointing:
+        left.append("the CPU random state torch keeps per checkpointed call (5 KB each)")
+    if device.type == "cpu":
+        left.append("library code and caches torch sets up on first use")
+    if cfg.trace_denoiser and replays(device, compute, cfg.gradient_checkpointing):
+        left.append(
+            "the graphs of the replayed denoiser calls (kscu.tracing; host memory that grows "
+            "with the network's number of operations, not with its weights)"
+        )
+    return "networks as configured; not counted: " + "; ".join(left)
 
 
 @contextlib.contextmanager

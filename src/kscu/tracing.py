@@ -43,8 +43,13 @@ def traceable(module: nn.Module, dtype: torch.dtype, checkpointing: bool) -> boo
     """Where replaying is exact and measured to pay (see the module docstring), unless
     ``PYTORCH_JIT=0`` turned TorchScript off (as ``torch.jit.trace`` would then record nothing)."""
     checkpointing = checkpointing or bool(getattr(module, "is_gradient_checkpointing", False))
+    return replays(module.device, dtype, checkpointing)
+
+
+def replays(device: torch.device, dtype: torch.dtype, checkpointing: bool) -> bool:
+    """``traceable`` for a network that will run on ``device`` (``kscu erase --plan``'s view)."""
     on = bool(torch.jit._state._enabled)
-    return on and module.device.type == "cpu" and dtype == torch.float32 and not checkpointing
+    return on and device.type == "cpu" and dtype == torch.float32 and not checkpointing
 
 
 class _Record:
