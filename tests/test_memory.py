@@ -59,6 +59,16 @@ def test_cli_plan_prints_and_erases_nothing(tiny_model_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_plan_needs_no_output_folder(tiny_model_dir, capsys):
+    """A plan writes nothing, so it needs no --output; an erase without one is refused."""
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir)]
+    assert main([*args, "--plan"]) == 0
+    assert "expected peak" in capsys.readouterr().out
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("replayed", [True, False])
 def test_cli_plan_says_what_it_leaves_out(tiny_model_dir, tmp_path, capsys, replayed):
     """On a CPU in float32 the denoiser's calls are replayed from recorded graphs, host memory

@@ -65,7 +65,9 @@ def _add_erase(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="class", help=", ".join(MODE_DEFAULTS) + " (default class)")
     p.add_argument("--method", default="kscu", help=" or ".join(METHODS) + " (default kscu)")
     p.add_argument("--model", default=None, help="hub id or folder (default: bundled tiny world)")
-    p.add_argument("--output", required=True, type=Path, help="folder for the erased weights")
+    p.add_argument(
+        "--output", type=Path, help="folder for the erased weights (required unless --plan)"
+    )
     for name, kind, text in _OVERRIDES:
         kind = _int_or_auto if kind == "int_or_auto" else kind
         p.add_argument(
@@ -178,6 +180,8 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
 def cmd_erase(args: argparse.Namespace) -> int:
     from kscu.runner import erase_to_folder, prepare
 
+    if args.output is None and not args.plan:
+        raise KscuError("kscu erase needs --output FOLDER for the erased weights (or --plan)")
     config = erase_config_from_args(args)
     resolved = prepare(config, args.model)  # validate everything before loading weights
     if args.plan:
