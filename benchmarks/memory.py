@@ -143,8 +143,8 @@ def kscu_run(model: Path, out: Path, args: argparse.Namespace, extra: list[str])
     meta = json.loads((out / "kscu.json").read_text())
     shutil.rmtree(out)  # its float32 weights (GBs per FLUX run) are not what is measured
     return {
-        "measured_bytes": meta["peak_memory_bytes"]["bytes"],
-        "kind": meta["peak_memory_bytes"]["kind"],
+        "measured_bytes": meta["peak_memory_bytes"],
+        "kind": meta["peak_memory_kind"],
         "plan_bytes": meta["memory_plan"]["total_bytes"],
         "plan": meta["memory_plan"]["bytes"],
         "host_bytes": meta["memory_plan"].get("host_bytes", {}),

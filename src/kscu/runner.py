@@ -134,7 +134,10 @@ def erase_to_folder(
     with peak_memory(device) as peak:
         result = erase(pipe, cfg, progress=progress)
     record = run_record(result, str(base), device)
-    record["peak_memory_bytes"] = peak
+    # the measured peak as a number of bytes (None where it cannot be read), labelled apart
+    record["peak_memory_bytes"] = peak["bytes"]
+    record["peak_memory_kind"] = peak["kind"]
+    record["peak_memory_start_bytes"] = peak.get("start_bytes")
     record["memory_plan"] = plan
     if analysis is not None:
         record["start_step_analysis"] = analysis
