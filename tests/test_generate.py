@@ -47,7 +47,30 @@ def test_settings_are_recorded(folder, tiny_model_dir):
     assert record["resolution"] == 16 and record["dtype"] == "float32"
     assert record["family"] == "sd"
     assert record["sampler"]["timesteps"] == [501, 1]  # the pinned DDIM at 2 steps
+    scheduler = record["scheduler"]  # the scheduler as the walk uses it, not the model's own
+    assert scheduler["class"] == "DDIMScheduler"
+    pinned = ("clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing")
+    assert [scheduler["config"][k] for k in pinned] == [False, False, 1, "leading"]
     assert "kscu_version" in record
+
+
+def test_another_scheduler_is_refused_and_an_older_record_resumes(
+    folder, tiny_model_dir, prompts, capsys
+):
+    """A folder whose scheduler differs is refused; one recorded before kscu wrote the scheduler
+    (the rest the same) resumes."""
+    record = json.loads((folder / SETTINGS).read_text())
+    (folder / SETTINGS).write_text(
+        json.dumps(record | {"scheduler": record["scheduler"] | {"class": "EulerScheduler"}})
+    )
+    code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=prompts)
+    assert code == 2 and "scheduler.class EulerScheduler vs DDIMScheduler" in err, err
+    (folder / SETTINGS).write_text(
+        json.dumps({k: v for k, v in record.items() if k != "scheduler"})
+    )
+    (folder / "1.png").unlink()
+    code, out, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=prompts)
+    assert code == 0 and "wrote 1 new" in out, err
 
 
 @pytest.mark.parametrize(

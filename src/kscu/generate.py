@@ -34,8 +34,10 @@ from kscu.tracing import TracedDenoiser
 MANIFEST = "manifest.csv"
 SETTINGS = "generate.json"
 # Recorded, not compared: moving the weights folder or upgrading kscu leaves the images valid
-# (a sampler that changes shows up in "scheduler"/"scheduler_config").
+# (a sampler that changes shows up in "sampler" and "scheduler").
 _NOT_COMPARED = ("weights", "kscu_version")
+# Recorded since a later kscu: compared only where the folder's own record has them
+_ADDED_LATER = ("scheduler",)
 
 
 def image_name(row: PromptRow) -> str:
@@ -151,6 +153,7 @@ def generation_record(
 ) -> dict[str, Any]:
     """What decides a folder's pixels: the model, weights and the family's sampler as used."""
     family = family_of(pipe)
+    sampler = family.sampler(pipe, steps, resolution, guidance=guidance)
     return {
         "model": _model_id(getattr(pipe, "name_or_path", None)),
         "weights": None if weights is None else str(weights),
@@ -161,7 +164,8 @@ def generation_record(
         "seed": seed,
         "dtype": str(family.denoiser(pipe).dtype).removeprefix("torch."),
         "family": family.name,
-        "sampler": family.sampler(pipe, steps, resolution, guidance=guidance).record(),
+        "sampler": sampler.record(),
+        "scheduler": sampler.scheduler_record(),
         "kscu_version": kscu.__version__,
     }
 
@@ -239,6 +243,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     for key in [*new, *(k for k in old if k not in new)]:
         a, b = old.get(key), new.get(key)
         if (not prefix and key in _NOT_COMPARED) or a == b:
+            continue
+        if not prefix and key in _ADDED_LATER and key not in old:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")

@@ -82,6 +82,7 @@ class Sampler:
     timesteps: list[float]
     loss_space: str
     resolution: int  # the image size the sampler works at, in pixels
+    scheduler: Any  # the diffusers scheduler whose timesteps (and, SD, steps) the walk follows
     traced: TracedDenoiser | None = None  # set by a caller to replay recorded calls (exact)
 
     def noise(self, seed: int) -> torch.Tensor:
@@ -139,6 +140,12 @@ class Sampler:
 
     def decode(self, pipe: Any, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def scheduler_record(self) -> dict[str, Any]:
+        """The scheduler's class and settings as the walk uses them (SD's pinned DDIM, not the
+        model's own scheduler; FLUX's flow-matching Euler), for ``generate.json``."""
+        config = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+        return {"class": type(self.scheduler).__name__, "config": config}
 
     def record(self) -> dict[str, Any]:
         """What the run's JSON states about the sampler (the timesteps actually used)."""

@@ -145,7 +145,9 @@ class FlowSampler(Sampler):
         self.resolution = resolution or family.default_resolution(pipe)
         self.latent = 2 * (self.resolution // (pipe.vae_scale_factor * 2))
         tokens = (self.latent // 2) ** 2
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config
+        )
         self.mu = _shift_mu(tokens, dict(pipe.scheduler.config))
         scheduler.set_timesteps(
             sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=self.mu, device="cpu"
