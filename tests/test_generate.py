@@ -7,7 +7,7 @@ import pytest
 from kscu.checkpoint import save_erased
 from kscu.cli import main
 from kscu.errors import KscuError
-from kscu.generate import SETTINGS, generate_images
+from kscu.generate import SETTINGS, generate_images, prompts_sha256
 from kscu.promptfile import PromptRow
 
 
@@ -211,3 +211,142 @@ def test_batches_share_their_records(tiny_pipe, tmp_path, monkeypatch, replay_lo
     for c in range(3):
         replayed = (tmp_path / "replayed" / f"{c}.png").read_bytes()
         assert replayed == (tmp_path / "plain" / f"{c}.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "csv",
+    [
+        "case_number,prompt\n0,a church\n1,a dog\n2,a tree\n",  # another prompt for 1.png
+        "case_number,prompt,evaluation_seed\n0,a church,\n1,a cat,7\n2,a tree,\n",
+        "case_number,prompt,evaluation_guidance\n0,a church,\n1,a cat,\n2,a tree,3\n",
+        "case_number,prompt\n0,a church\n1,a cat\n",  # a row gone
+        "case_number,prompt\n0,a cat\n1,a church\n2,a tree\n",  # the same prompts renumbered
+    ],
+)
+def test_other_rows_are_refused_and_nothing_changes(folder, tiny_model_dir, tmp_path, capsys, csv):
+    """An existing image (0.png) or a pending one (1.png) must not get another row's label."""
+    (folder / "1.png").unlink()
+    before = mtimes(folder)
+    manifest = (folder / "manifest.csv").read_text()
+    other = tmp_path / "other.csv"
+    other.write_text(csv)
+    code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=other)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "prompts_sha256 " in err and "prompts, seeds or guidance" in err and "--overwrite" in err
+    assert mtimes(folder) == before and (folder / "manifest.csv").read_text() == manifest
+
+
+def test_another_prompt_is_refused(tiny_model_dir, tmp_path, capsys):
+    """The audit's case: one --prompt, then another into the same folder."""
+    out = tmp_path / "img"
+    assert generate(capsys, tiny_model_dir, out, "--steps", "2")[0] == 0
+    manifest = (out / "manifest.csv").read_text()
+    args = ["generate", "--model", tiny_model_dir, "--prompt", "a blue square", "--steps", "2"]
+    code = main([str(a) for a in [*args, "--output", out, "--quiet"]])
+    assert code == 2 and "prompts_sha256" in capsys.readouterr().err
+    assert (out / "manifest.csv").read_text() == manifest and "a church" in manifest
+
+
+def test_the_same_rows_in_another_order_resume(folder, tiny_model_dir, tmp_path, capsys):
+    (folder / "2.png").unlink()
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("case_number,prompt\n2,a tree\n0,a church\n1,a cat\n")
+    code, out, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=shuffled)
+    assert code == 0 and "wrote 1 new" in out, err
+
+
+def test_a_record_without_the_rows_fingerprint_resumes(folder, tiny_model_dir, tmp_path, capsys):
+    """A folder recorded before kscu fingerprinted the rows resumes as it did then."""
+    record = json.loads((folder / SETTINGS).read_text())
+    assert len(record.pop("prompts_sha256")) == 64
+    (folder / SETTINGS).write_text(json.dumps(record))
+    (folder / "1.png").unlink()
+    other = tmp_path / "other.csv"
+    other.write_text("case_number,prompt\n0,a church\n1,a dog\n2,a tree\n")
+    code, out, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", prompts=other)
+    assert code == 0 and "wrote 1 new" in out, err
+
+
+def test_every_process_refuses_other_rows(tiny_pipe, tmp_path):
+    rows = [PromptRow(case_number=c, prompt=f"p{c}") for c in range(4)]
+    out = tmp_path / "img"
+    generate_images(tiny_pipe, rows[:1], out, steps=2, progress=False)
+    record = json.loads((out / SETTINGS).read_text())
+    assert record["prompts_sha256"] == prompts_sha256(rows[:1], 0, 7.5)
+    # process 1 would make 1.png and 3.png only, but 0.png is not what these rows say
+    with pytest.raises(KscuError, match="prompts_sha256"):
+        generate_images(
+            tiny_pipe, rows, out, steps=2, progress=False, process_index=1, num_processes=2
+        )
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png"]
+
+
+def test_the_rows_fingerprint_covers_what_decides_each_image():
+    rows = [PromptRow(case_number=0, prompt="a"), PromptRow(case_number=1, prompt="b")]
+    same = prompts_sha256(rows, 0, 7.5)
+    assert same == prompts_sha256(rows[::-1], 0, 7.5)
+    # a row's own seed/guidance equal to the resolved default makes the same image
+    assert same == prompts_sha256([rows[0], PromptRow(1, "b", seed=1, guidance=7.5)], 0, 7.5)
+    others = [
+        prompts_sha256(rows, 1, 7.5),
+        prompts_sha256(rows, 0, 5.0),
+        prompts_sha256([rows[0], PromptRow(1, "c")], 0, 7.5),
+        prompts_sha256([rows[0], PromptRow(2, "b")], 0, 7.5),
+        prompts_sha256([rows[0], PromptRow(1, "b", seed=9)], 0, 7.5),
+        prompts_sha256([rows[0], PromptRow(1, "b", guidance=2.0)], 0, 7.5),
+        prompts_sha256(rows[:1], 0, 7.5),
+    ]
+    assert len({same, *others}) == 1 + len(others)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--guidance", "nan"], "--guidance must be a finite number (got nan)"),
+        (["--guidance", "inf"], "--guidance must be a finite number (got inf)"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 8 (got 0)"),
+        (["--resolution", "30"], "--resolution must be a positive multiple of 8 (got 30)"),
+        (["--resolution", "-8"], "--resolution must be a positive multiple of 8 (got -8)"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(
+    tiny_model_dir, tmp_path, capsys, extra, words
+):
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_row_with_non_finite_guidance_is_refused(tiny_model_dir, tmp_path, capsys, value):
+    csv = tmp_path / "p.csv"
+    csv.write_text(f"case_number,prompt,evaluation_guidance\n0,a church,\n1,a cat,{value}\n")
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", prompts=csv)
+    assert code == 2 and "row 3" in err and "not a finite number" in err, err
+    assert not out.exists()
+
+
+def test_the_python_api_refuses_bad_guidance_and_resolution(tiny_pipe, tmp_path):
+    out = tmp_path / "img"
+    good = [PromptRow(case_number=0, prompt="p")]
+    with pytest.raises(KscuError, match=r"case 1 has evaluation_guidance nan"):
+        generate_images(tiny_pipe, [*good, PromptRow(1, "q", guidance=float("nan"))], out, steps=2)
+    with pytest.raises(KscuError, match=r"--guidance must be a finite number \(got inf\)"):
+        generate_images(tiny_pipe, good, out, steps=2, guidance=float("inf"))
+    for size in (0, 12):
+        with pytest.raises(KscuError, match="positive multiple of 8"):
+            generate_images(tiny_pipe, good, out, steps=2, resolution=size)
+    assert not out.exists()
+    generate_images(tiny_pipe, good, out, steps=2, resolution=8, progress=False)
+    assert json.loads((out / SETTINGS).read_text())["resolution"] == 8
+
+
+def test_a_fractional_case_number_is_refused(tiny_model_dir, tmp_path, capsys):
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt\n1.5,a church\n")
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", prompts=csv)
+    assert code == 2 and "case_number='1.5'" in err and "not a whole number" in err, err
+    assert not out.exists()

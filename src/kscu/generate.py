@@ -5,7 +5,8 @@ own ``evaluation_seed`` or ``seed + case_number``), so an image does not depend 
 how many processes share the work; files that exist are skipped, so an interrupted run resumes;
 under ``accelerate launch`` each process takes every n-th row, so no image is made twice.
 Skipping is only safe if the images were made the same way: ``generate.json`` records what
-decides the pixels before the first image, and a rerun with other settings is refused.
+decides the pixels before the first image (with a fingerprint of every row's prompt, seed and
+guidance), and a rerun with other settings or other rows is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ SETTINGS = "generate.json"
 # (a sampler that changes shows up in "sampler" and "scheduler").
 _NOT_COMPARED = ("weights", "kscu_version")
 # Recorded since a later kscu: compared only where the folder's own record has them
-_ADDED_LATER = ("scheduler",)
+_ADDED_LATER = ("scheduler", "prompts_sha256")
+# What a fingerprint that differs stands for, so the refusal says what to look at
+_EXPLAINED = {"prompts_sha256": "the rows' case numbers, prompts, seeds or guidance"}
 
 
 def image_name(row: PromptRow) -> str:
@@ -91,12 +95,13 @@ def generate_images(
     deletes its images first. Several processes pass their accelerate ``wait_for_everyone``.
     """
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     family = family_of(pipe)
     steps = family.eval_steps if steps is None else steps
     guidance = family.eval_guidance if guidance is None else guidance
-    size = resolution or native_resolution(pipe)
-    record = generation_record(pipe, steps, guidance, size, seed, weights)
+    check_inputs(rows, guidance, resolution)  # before the folder, its record or any image
+    output.mkdir(parents=True, exist_ok=True)
+    size = native_resolution(pipe) if resolution is None else resolution
+    record = generation_record(pipe, steps, guidance, size, seed, weights, rows=rows)
     check_resume(output, record, overwrite)  # every process, before any image
     if process_index == 0:
         start_folder(output, record, overwrite)
@@ -130,6 +135,33 @@ def generate_images(
     return written
 
 
+def check_inputs(rows: list[PromptRow], guidance: float, resolution: int | None) -> None:
+    """Refuse settings that would make wrong images rather than an error: a non-finite guidance
+    samples all-black PNGs, and a size that is not a positive multiple of 8 is either ignored
+    (0) or does not fit the latent grid. Same rule and wording as ``kscu erase``."""
+    if resolution is not None and (resolution <= 0 or resolution % 8 != 0):
+        raise KscuError(f"--resolution must be a positive multiple of 8 (got {resolution})")
+    if not math.isfinite(guidance):
+        raise KscuError(f"--guidance must be a finite number (got {guidance})")
+    for row in rows:
+        if row.guidance is not None and not math.isfinite(row.guidance):
+            raise KscuError(
+                f"case {row.case_number} has evaluation_guidance {row.guidance}; "
+                "give a finite number or leave it empty for --guidance"
+            )
+
+
+def prompts_sha256(rows: list[PromptRow], seed: int, guidance: float) -> str:
+    """Fingerprint of what each image is made from: every row's case number (its file name),
+    prompt, and seed and guidance as resolved. Resuming compares it, so an existing or pending
+    image cannot be relabelled with another row. Sorted by case number: the order of the rows
+    decides which process makes an image, not its pixels."""
+    table = sorted(
+        [r.case_number, r.prompt, row_seed(r, seed), float(_g(r, guidance))] for r in rows
+    )
+    return hashlib.sha256(json.dumps(table).encode()).hexdigest()
+
+
 def write_manifest(rows: list[PromptRow], output: str | Path, seed: int, guidance: float) -> Path:
     """List every row whose image exists: the merge step after all processes finish."""
     output = Path(output)
@@ -150,11 +182,13 @@ def generation_record(
     resolution: int,
     seed: int,
     weights: str | Path | None = None,
+    rows: list[PromptRow] | None = None,
 ) -> dict[str, Any]:
-    """What decides a folder's pixels: the model, weights and the family's sampler as used."""
+    """What decides a folder's pixels: the model, weights, the family's sampler as used and,
+    given ``rows``, the fingerprint of every row (``prompts_sha256``)."""
     family = family_of(pipe)
     sampler = family.sampler(pipe, steps, resolution, guidance=guidance)
-    return {
+    record = {
         "model": _model_id(getattr(pipe, "name_or_path", None)),
         "weights": None if weights is None else str(weights),
         "weights_sha256": None if weights is None else _sha256(Path(weights) / WEIGHTS),
@@ -168,6 +202,9 @@ def generation_record(
         "scheduler": sampler.scheduler_record(),
         "kscu_version": kscu.__version__,
     }
+    if rows is not None:
+        record["prompts_sha256"] = prompts_sha256(rows, seed, guidance)
+    return record
 
 
 def _model_id(name: str | None) -> str | None:
@@ -249,7 +286,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
         else:
-            out.append(f"{prefix}{key} {_show(key, a)} vs {_show(key, b)}")
+            why = f" ({_EXPLAINED[key]})" if not prefix and key in _EXPLAINED else ""
+            out.append(f"{prefix}{key} {_show(key, a)} vs {_show(key, b)}{why}")
     return out
 
 

@@ -8,6 +8,7 @@ makes numbers comparable across papers: every image of I2P has its published see
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,43 @@ class PromptRow:
     guidance: float | None = None
 
 
-def _number(value: str | None, kind: type, column: str, line: int, path: str):
-    if value is None or str(value).strip() == "":
+def _whole(value: object, column: str, line: int, path: str) -> int | None:
+    """A whole number ("3" or "3.0"), or None if empty: case numbers name files and seeds pick
+    the noise, so "1.5" must not quietly become 1 (another image, under another name)."""
+    text = "" if value is None else str(value).strip()
+    if text == "":
         return None
     try:
-        return kind(float(value)) if kind is int else kind(value)
+        return int(text)
     except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer():
         raise KscuError(
-            f"{path}: row {line} has {column}={value!r}, which is not a number; fix or drop it"
-        ) from None
+            f"{path}: row {line} has {column}={value!r}, which is not a whole number; "
+            "fix or drop it"
+        )
+    return int(number)
+
+
+def _finite(value: object, column: str, line: int, path: str) -> float | None:
+    """A finite number, or None if empty: a guidance of nan or inf samples a black image."""
+    text = "" if value is None else str(value).strip()
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise KscuError(
+            f"{path}: row {line} has {column}={value!r}, which is not a finite number; "
+            "fix or drop it"
+        )
+    return number
 
 
 def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
@@ -49,7 +78,7 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     rows: list[PromptRow] = []
     seen: set[int] = set()
     for i, rec in enumerate(records):
-        case = _number(rec.get("case_number"), int, "case_number", i + 2, source)
+        case = _whole(rec.get("case_number"), "case_number", i + 2, source)
         case = i if case is None else case
         if case in seen:
             raise KscuError(f"{source}: case_number {case} appears twice; case numbers name files")
@@ -58,9 +87,9 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
             PromptRow(
                 case_number=case,
                 prompt=str(rec["prompt"] or ""),
-                seed=_number(rec.get("evaluation_seed"), int, "evaluation_seed", i + 2, source),
-                guidance=_number(
-                    rec.get("evaluation_guidance"), float, "evaluation_guidance", i + 2, source
+                seed=_whole(rec.get("evaluation_seed"), "evaluation_seed", i + 2, source),
+                guidance=_finite(
+                    rec.get("evaluation_guidance"), "evaluation_guidance", i + 2, source
                 ),
             )
         )
@@ -72,7 +101,7 @@ def load_prompts(source: str | Path) -> list[PromptRow]:
     path = Path(source)
     if path.is_file():
         try:
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # Excel starts with a BOM
                 records = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise KscuError(f"cannot read prompt file {path}: {e}; give a UTF-8 CSV") from None

@@ -1,0 +1,61 @@
+"""Prompt CSVs: a value that would name, seed or guide an image wrongly is refused by row."""
+
+import pytest
+
+from kscu.errors import KscuError
+from kscu.promptfile import PromptRow, load_prompts
+
+
+def load(tmp_path, text):
+    path = tmp_path / "p.csv"
+    path.write_text(text)
+    return load_prompts(path)
+
+
+def test_whole_numbers_are_read_as_ints(tmp_path):
+    rows = load(
+        tmp_path,
+        "case_number,prompt,evaluation_seed,evaluation_guidance\n"
+        "3.0,a cat,42.0,7\n 4 ,a dog,,\n,a tree,1e3,2.5\n",
+    )
+    assert rows == [
+        PromptRow(3, "a cat", seed=42, guidance=7.0),
+        PromptRow(4, "a dog"),
+        PromptRow(2, "a tree", seed=1000, guidance=2.5),  # no case_number: the row's index
+    ]
+    assert all(type(r.case_number) is int for r in rows) and type(rows[0].seed) is int
+
+
+def test_a_csv_saved_by_excel_starts_with_a_bom_and_reads_the_same(tmp_path):
+    """Before: "has no 'prompt' column (columns: \ufeffprompt, ...)"."""
+    path = tmp_path / "p.csv"
+    path.write_bytes("prompt,case_number\na cat,3\n".encode("utf-8-sig"))
+    assert load_prompts(path) == [PromptRow(3, "a cat")]
+
+
+def test_a_large_seed_keeps_every_digit(tmp_path):
+    (row,) = load(tmp_path, "prompt,evaluation_seed\na cat,9007199254740993\n")
+    assert row.seed == 9007199254740993  # a float would round it to ...992
+
+
+@pytest.mark.parametrize(
+    "column, value, words",
+    [
+        ("case_number", "1.5", "case_number='1.5', which is not a whole number"),
+        ("case_number", "inf", "case_number='inf', which is not a whole number"),
+        ("case_number", "one", "case_number='one', which is not a whole number"),
+        ("evaluation_seed", "2.5", "evaluation_seed='2.5', which is not a whole number"),
+        ("evaluation_seed", "nan", "evaluation_seed='nan', which is not a whole number"),
+        ("evaluation_guidance", "nan", "evaluation_guidance='nan', which is not a finite number"),
+        ("evaluation_guidance", "inf", "evaluation_guidance='inf', which is not a finite number"),
+        ("evaluation_guidance", "-inf", "evaluation_guidance='-inf', which is not a finite"),
+        ("evaluation_guidance", "x", "evaluation_guidance='x', which is not a finite number"),
+    ],
+)
+def test_a_bad_value_names_its_row(tmp_path, column, value, words):
+    text = f"prompt,{column}\na church,1\na cat,{value}\n"
+    with pytest.raises(KscuError) as info:
+        load(tmp_path, text)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'p.csv'}: row 3 has ") and words in message
+    assert "fix or drop it" in message and "\n" not in message
