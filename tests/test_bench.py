@@ -105,6 +105,20 @@ def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_bench_names_its_own_attack_samples_flag(tmp_path, capsys):
+    args = ["bench", "--concept", "heart", "--attack", "unlearndiff", "--attack-samples", "0"]
+    code, _, err = run_cli([*args, "--output", tmp_path / "b"], capsys)
+    assert code == 2 and "--attack-samples must be > 0" in err  # before: "--samples must be"
+
+
+def test_bench_refuses_a_guidance_that_is_not_a_number(tmp_path, capsys):
+    """Before: numpy's LinAlgError from the FD score, after every erase."""
+    args = ["bench", "--concept", "heart", "--guidance", "nan", "--output", tmp_path / "b"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "--guidance must be a finite number" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

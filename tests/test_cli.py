@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
         (["--concept", "x", "--mode", "poetry"], "unknown mode"),
         (["--concept", "x", "--start-step", "6"], "--start-step"),
         (["--concept", "x", "--iterations", "0"], "--iterations"),
-        (["--concept", "x", "--negative-guidance", "nan"], "loss became nan"),
+        (["--concept", "x", "--negative-guidance", "nan"], "must be a finite number (got nan)"),
         (["--concept", "x", "--fast-cpu-conv", "--dtype", "bfloat16"], "--fast-cpu-conv"),
         (["--concept", "x", "--fast-cpu-conv", "--device", "cuda"], "--fast-cpu-conv"),
         (["--concept", "x", "--offload-adam", "--lean-adam"], "--offload-adam"),
@@ -104,6 +105,27 @@ def test_bad_erase_input_is_one_line_exit_2_no_weights(
     assert code == 2
     assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "weights.safetensors").exists()
+
+
+def test_a_concept_outside_the_bundled_world_is_refused(tmp_path, capsys):
+    """Before: with --no-preview the bundled world was trained on a word it does not know."""
+    out = tmp_path / "o"
+    args = ["erase", "--concept", "circle, unicorn", "--no-preview", "--output", out]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "'unicorn' is not a concept of the tiny world" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """Before: safetensors' own error as a traceback, from the dtype check of an erase."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (weights,) = (model / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = ["erase", "--concept", "church", "--model", model, "--output", tmp_path / "o"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "is not a readable safetensors file" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_missing_model_folder(tmp_path, capsys):

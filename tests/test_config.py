@@ -52,6 +52,10 @@ def test_esd_removes_key_steps_and_leak_term():
         ({"offload_adam": True, "optimizer_in_backward": False}, "--offload-adam"),
         ({"offload_adam": True, "dtype": "float16"}, "--offload-adam"),
         ({"offload_adam": True, "lean_adam": True}, "choose one"),
+        ({"negative_guidance": float("nan")}, "--negative-guidance must be a finite number"),
+        ({"trajectory_guidance": float("inf")}, "--trajectory-guidance must be a finite number"),
+        ({"lambda1_alpha": float("nan")}, "--lambda1-alpha must be a finite number"),
+        ({"max_sequence_length": 0}, "sets FLUX's T5 prompt length; sd has no such setting"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(kwargs, words):

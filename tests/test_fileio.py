@@ -1,6 +1,7 @@
 """Written files get the umask's permissions, reach the disk before the rename, never half exist."""
 
 import os
+import re
 import stat
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 from kscu.cli import main
 from kscu.errors import KscuError
 from kscu.evaluate.common import write_result
-from kscu.fileio import atomic_folder, atomic_target, write_json
+from kscu.fileio import atomic_folder, atomic_target, check_writable, write_json
 
 
 @pytest.fixture(params=[0o022, 0o007])
@@ -146,3 +147,59 @@ def test_a_signal_between_the_renames_waits_for_the_swap(tmp_path, monkeypatch, 
     assert len(calls) == 2
     assert sorted(p.name for p in run.iterdir()) == ["new.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_check_writable_accepts_a_new_path_and_leaves_nothing(tmp_path):
+    check_writable(tmp_path / "runs" / "new")  # folders made later, by the command itself
+    check_writable(tmp_path / "eval" / "result.json", folder=False)
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone again
+
+
+@pytest.mark.parametrize(
+    "target, folder, words",
+    [
+        ("afile", True, "--output {p}/afile is a file; give a folder"),
+        ("adir", False, "--output {p}/adir is a folder; give a file name"),
+        ("afile/sub", True, "goes through the file {p}/afile"),
+        ("afile/res.json", False, "goes through the file {p}/afile"),
+    ],
+)
+def test_check_writable_names_the_path_in_the_way(tmp_path, target, folder, words):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(KscuError, match=re.escape(words.format(p=tmp_path))):
+        check_writable(tmp_path / target, folder=folder)
+
+
+def test_check_writable_tries_a_file_where_permissions_cannot_tell(tmp_path, monkeypatch):
+    """Root ignores permission bits and /proc takes no files: only a real write tells."""
+    import kscu.fileio
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(kscu.fileio, "_new_file", refused)
+    with pytest.raises(KscuError, match="cannot write in .* \\(Permission denied\\)"):
+        check_writable(tmp_path / "out")
+
+
+def test_an_unwritable_output_fails_before_the_erase(tmp_path, capsys):
+    """Before: the erase trained, then failed with a traceback at its first write."""
+    (tmp_path / "afile").write_text("x")
+    args = ["erase", "--concept", "circle", "--no-preview", "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "goes through the file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_os_error_no_check_foresaw_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import kscu.runner
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run"))
+
+    monkeypatch.setattr(kscu.runner, "erase_to_folder", full)
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1

@@ -151,14 +151,22 @@ def test_esd_uses_uniform_steps_and_no_leak_term(tiny_pipe):
     assert {s for _, s in result.schedule} == set(range(10))
 
 
-def test_nan_loss_stops_with_a_clear_error_and_restores_the_model(tiny_pipe):
+def test_nan_loss_stops_with_a_clear_error_and_restores_the_model(tiny_pipe, monkeypatch):
+    """A loss that turns NaN after some steps (a non-finite setting is refused earlier)."""
+    import kscu.trainer
+
+    calls = []
+    exact = kscu.trainer.kscu_loss
+
+    def diverging(*args):
+        calls.append(1)
+        loss = exact(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(kscu.trainer, "kscu_loss", diverging)
     before = snapshot(tiny_pipe.unet)
-    with pytest.raises(KscuError, match="loss became nan"):
-        erase(
-            tiny_pipe,
-            EraseConfig(concepts=["c"], negative_guidance=float("nan"), **SHORT),
-            progress=False,
-        )
+    with pytest.raises(KscuError, match="loss became nan at iteration 2"):
+        erase(tiny_pipe, EraseConfig(concepts=["c"], **SHORT), progress=False)
     after = snapshot(tiny_pipe.unet)
     assert all(torch.equal(before[n], after[n]) for n in before)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -253,6 +254,8 @@ def run_bench(
         raise KscuError(f"unknown method(s) {unknown}; --methods takes kscu and/or esd")
     if samples <= 0 or steps <= 0:
         raise KscuError("--samples and --steps must be > 0")
+    if not math.isfinite(guidance):
+        raise KscuError(f"--guidance must be a finite number (got {guidance})")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
     _check_overrides(overrides or {}, bool(step_ranges))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.fileio import atomic_target, write_json
+from kscu.fileio import atomic_target, check_writable, write_json
 
 WEIGHTS = "weights.safetensors"
 METADATA = "kscu.json"
@@ -64,8 +64,7 @@ def check_output(output: str | Path, overwrite: bool = False) -> None:
     replaced: kscu does not delete a folder it cannot recognise as a run.
     """
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise KscuError(f"--output {output} is a file; give a folder")
+    check_writable(output)
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not (output / WEIGHTS).exists() and not (output / METADATA).exists():

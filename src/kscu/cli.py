@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kscu.config import DEFAULTS, DTYPES, METHODS, MODE_DEFAULTS, EraseConfig
 from kscu.errors import KscuError
+from kscu.fileio import check_writable
 from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 
@@ -223,9 +224,14 @@ def _preview(args: argparse.Namespace) -> list[str] | None:
     from kscu.models import is_bundled_model
 
     bundled = is_bundled_model(args.model)
+    concepts = [c.strip() for c in args.concept.split(",")]
+    if bundled:  # the tiny world knows only its own concepts: anything else is a typo
+        from kscu.world import concept_kind
+
+        for concept in concepts:
+            concept_kind(concept)
     if not (args.preview if args.preview is not None else bundled):
         return None
-    concepts = [c.strip() for c in args.concept.split(",")]
     if bundled:
         from kscu.preview import world_prompts
 
@@ -289,6 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rows = [PromptRow(case_number=0, prompt=args.prompt)]
     else:
         rows = load_prompts(args.prompts)
+    check_writable(args.output)
     state = process_state()
     device = state.device if state.num_processes > 1 else resolve_device(args.device)
     pipe = load_pipeline(args.model, args.dtype, device, family=args.family)
@@ -375,6 +382,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench_attack_settings(samples: int | None):
     if samples is None:
         return None
+    if samples <= 0:  # AttackSettings would name its own --samples, not the bench's flag
+        raise KscuError(f"--attack-samples must be > 0 (got {samples})")
     from kscu.attack.settings import AttackSettings
 
     return AttackSettings(samples=samples)  # validated with the method by run_bench
@@ -394,6 +403,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise KscuError("--attack-samples needs --attack unlearndiff (or ringabell)")
     if seeds and args.seed is not None:
         raise KscuError("give --seed or --seeds, not both")
+    check_writable(args.output)
     report = run_bench(
         concept=args.concept,
         mode=args.mode,
@@ -478,6 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # what no check foresaw (a full disk, a path changed during the run)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the paths and free space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -253,6 +253,20 @@ def _validate(c: EraseConfig, family: Any) -> None:
     need(c.loops > 0, f"--loops must be > 0 (got {c.loops})")
     need(c.lr >= 0 and math.isfinite(c.lr), f"--lr must be a finite number >= 0 (got {c.lr})")
     need(c.lambda2 >= 0, f"--lambda2 must be >= 0 (got {c.lambda2})")
+    for name in ("negative_guidance", "lambda1_alpha", "lambda2", "trajectory_guidance"):
+        value = getattr(c, name)
+        flag = "--" + name.replace("_", "-")
+        need(math.isfinite(value), f"{flag} must be a finite number (got {value})")
+    limit = family.max_tokens
+    need(
+        c.max_sequence_length is None or limit is not None,
+        f"--max-sequence-length sets FLUX's T5 prompt length; {family.name} has no such "
+        "setting: drop it",
+    )
+    need(
+        c.max_sequence_length is None or 0 < c.max_sequence_length <= (limit or 0),
+        f"--max-sequence-length must be in [1, {limit}] (got {c.max_sequence_length})",
+    )
     need(0 <= c.augment_fraction <= 1, "augment_fraction must be in [0, 1]")
     need(
         c.resolution is None or (c.resolution > 0 and c.resolution % 8 == 0),

@@ -47,6 +47,30 @@ def _unused(path: Path) -> None:
         raise FileExistsError(path)
 
 
+def check_writable(path: str | Path, folder: bool = True, flag: str = "--output") -> None:
+    """Fail before any work if ``path`` (a folder, or a file if not ``folder``) cannot be
+    written: a long run must not end in an OSError, or leave half its output behind.
+
+    The nearest existing folder on the way to ``path`` must take a new file (one is made and
+    removed again): the test a permission bit alone cannot give (root ignores them; ``/proc``).
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        want = "a folder" if folder else "a file name"
+        raise KscuError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {want}")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KscuError(f"{flag} {path} goes through the file {existing}; give another path")
+    try:
+        _hidden_sibling(existing / "kscu", "probe", _new_file).unlink()
+    except OSError as e:
+        raise KscuError(
+            f"{flag} {path}: cannot write in {existing} ({e.strerror}); give a writable path"
+        ) from None
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file's data, or a folder's entries (so a rename in it survives a power cut)."""
     if os.name == "nt" and Path(path).is_dir():

@@ -158,15 +158,20 @@ def stored_dtype(source: str, family: Any) -> torch.dtype:
 
     For a hub id without a local copy, the family's release dtype (SD/SDXL float32, FLUX bf16).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(source).expanduser() / family.denoiser_attr
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return family.release_dtype
-    with safe_open(str(files[0]), framework="pt") as f:
-        keys = list(f.keys())
-        name = f.get_slice(keys[0]).get_dtype() if keys else None
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            keys = list(f.keys())
+            name = f.get_slice(keys[0]).get_dtype() if keys else None
+    except (SafetensorError, OSError) as e:
+        raise KscuError(
+            f"{files[0]} is not a readable safetensors file ({e}); copy the model again"
+        ) from None
     return _SAFETENSORS_DTYPES.get(name, torch.float32) if name else family.release_dtype
 
 
@@ -176,10 +181,13 @@ def model_family(model: str | None, family: str | None = None) -> Any:
 
     from kscu.families import detect_family, get_family
 
-    if family is not None:
-        return get_family(family)
     model = default_model() if model is None else str(model)
     path = Path(model).expanduser()
+    if family is not None:
+        named = get_family(family)
+        if (path / "model_index.json").is_file():
+            _check_named_family(path, named)
+        return named
     if not path.exists() and _looks_local(model):
         raise KscuError(f"model folder {model} does not exist; give a folder or a hub id")
     if path.exists() and not (path / "model_index.json").is_file():
@@ -195,6 +203,22 @@ def model_family(model: str | None, family: str | None = None) -> Any:
         "check the id (offline? point --model at a local copy, or name --family)",
     )
     return detect_family(None, config.get("_class_name"))
+
+
+def _check_named_family(path: Path, named: Any) -> None:
+    """``--family`` names the family of a pipeline kscu does not recognise by its class; for a
+    folder of another family's known class it would fail deep inside loading, so refuse it."""
+    from kscu.families import detect_family
+
+    try:
+        detected = detect_family(path)
+    except KscuError:  # a class kscu does not know: --family is how to name its family
+        return
+    if detected.name != named.name:
+        raise KscuError(
+            f"{path} is a pipeline of the {detected.name!r} family, not {named.name!r}; "
+            f"drop --family {named.name} (the family is read from model_index.json)"
+        )
 
 
 def read_preset(model: str | None) -> dict[str, Any]:

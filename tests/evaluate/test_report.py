@@ -138,3 +138,9 @@ def test_run_dir_errors(tmp_path, capsys):
     assert kscu_main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "r.pdf")]) == 2
     assert ".html or .md" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+    out = ["--output", str(tmp_path / "r.html")]
+    assert kscu_main(["report", str(tmp_path / "r"), *out, "--samples=-1"]) == 2
+    assert "--samples must be >= 0" in capsys.readouterr().err  # before: one image fewer
+    (tmp_path / "adir.html").mkdir()
+    assert kscu_main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "adir.html")]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err  # before: a traceback

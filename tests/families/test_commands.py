@@ -237,6 +237,12 @@ def unsupported(tmp_path):
     [
         (["erase", "--concept", "church", "--family", "sd3"], ["unknown family 'sd3'"]),
         (["generate", "--prompt", "a church", "--family", "sd3"], ["unknown family 'sd3'"]),
+        (["erase", "--concept", "church", "--family", "sd"], ["'flux' family, not 'sd'"]),
+        (["generate", "--prompt", "a church", "--family", "sdxl"], ["'flux' family, not 'sdxl'"]),
+        (
+            ["erase", "--concept", "church", "--max-sequence-length", "-5", "--plan"],
+            ["--max-sequence-length must be in [1, 512] (got -5)"],
+        ),
         (["erase", "--concept", "church", "--scope", "xattn"], ["unknown scope 'xattn' for flux"]),
         (
             ["erase", "--concept", "church", "--max-sequence-length", "600", "--iterations", "1"],

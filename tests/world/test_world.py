@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,30 @@ def test_cli_registers_world_train(tmp_path):
     )
     with pytest.raises(KscuError, match="init-from"):
         bad.func(bad)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--device", "tpu"], "unknown --device 'tpu'"),
+        (["--lr=-1"], "--lr must be a number > 0"),
+        (["--output", "{p}/afile"], "is a file; give a folder"),
+    ],
+)
+def test_world_train_refuses_bad_input_before_writing(tmp_path, extra, words):
+    """Before: torch's error for the device, and the learning rate's only after the classifier
+    had trained; both left a half-made folder behind."""
+    from kscu.world.cli import register
+
+    (tmp_path / "afile").write_text("x")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    extra = [e.format(p=tmp_path) for e in extra]
+    args = parser.parse_args(["world", "train", "--output", str(out), *extra])
+    with pytest.raises(KscuError, match=re.escape(words)):
+        args.func(args)
+    assert not out.exists()
 
 
 def test_world_train_cli_defaults_are_the_settings_defaults(tmp_path):

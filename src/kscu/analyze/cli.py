@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from kscu.errors import KscuError
+from kscu.fileio import check_writable, write_json
 
 JSON_NAME, PNG_NAME = "analyze.json", "analyze.png"
 
@@ -73,7 +74,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
     from kscu.config import MODE_DEFAULTS, parse_concepts
-    from kscu.fileio import write_json
     from kscu.models import load_pipeline, resolve_device
 
     concepts = parse_concepts(args.concept)
@@ -81,8 +81,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise KscuError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
     settings = settings_from_args(args)
     settings.validate()
-    if args.output.exists() and not args.output.is_dir():
-        raise KscuError(f"--output {args.output} is a file; give a folder")
+    check_writable(args.output)
     device = resolve_device(args.device)
     scorer = make_scorer(args.scorer, args.model, args.mode, args.neutral, args.clip_model, device)
     for c in concepts:

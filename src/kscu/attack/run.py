@@ -30,7 +30,7 @@ from kscu.attack.judges import Judge
 from kscu.attack.settings import AttackSettings
 from kscu.attack.targets import Target, render
 from kscu.errors import KscuError
-from kscu.fileio import read_json_object, write_json
+from kscu.fileio import check_writable, read_json_object, write_json
 from kscu.preview import save_png
 from kscu.sampling import to_pil
 
@@ -107,8 +107,7 @@ def load_with_original(pipe: Any, weights: str | Path, force: bool = False):
 def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
     """Refuse to add to a folder attacked another way; cheap, so it runs before any load."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise KscuError(f"--output {output} is a file; give a folder")
+    check_writable(output)
     if overwrite or not (output / RUN).is_file():
         if not overwrite and (output / RECORDS).is_dir() and any((output / RECORDS).iterdir()):
             raise KscuError(

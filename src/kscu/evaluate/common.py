@@ -21,7 +21,7 @@ from PIL import Image
 
 from kscu.distributed import Workers  # noqa: F401  (re-exported for the evaluators)
 from kscu.errors import KscuError
-from kscu.fileio import write_text
+from kscu.fileio import check_writable, write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -165,6 +165,7 @@ def check_output(output: str | Path) -> Path:
         raise KscuError(f"--output {output} must end in .json; e.g. RUN/eval/nudity.json")
     if output.is_dir():
         raise KscuError(f"--output {output} is a folder; give a file name ending in .json")
+    check_writable(output, folder=False)
     return output
 
 

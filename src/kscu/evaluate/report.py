@@ -28,6 +28,7 @@ from pathlib import Path
 from kscu.config import settings_label
 from kscu.errors import KscuError
 from kscu.evaluate.common import case_number, list_images, load_rgb, markdown_table, write_atomic
+from kscu.fileio import check_writable
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -297,6 +298,9 @@ def write_report(run_dirs: list[str | Path], output: str | Path, samples: int = 
         raise KscuError(f"--output {output} must end in .html or .md")
     if not run_dirs:
         raise KscuError("no run directories given; pass one or more RUN_DIR")
+    if samples < 0:
+        raise KscuError(f"--samples must be >= 0 (got {samples})")
+    check_writable(output, folder=False)
     runs = [load_run(d) for d in run_dirs]
     runs.sort(key=lambda r: not r.is_base)  # base models first, else in the order given
     if output.suffix.lower() == ".html":

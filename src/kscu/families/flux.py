@@ -39,6 +39,7 @@ class FluxFamily:
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
+    max_tokens: int | None = MAX_SEQUENCE_LENGTH  # the longest --max-sequence-length
     release_dtype = torch.bfloat16  # FLUX.1 [dev] and [schnell] ship bf16 weights
     # moved off the accelerator once the prompts are encoded (T5-XXL alone is 9.5 GB in bf16)
     encoder_modules = ("text_encoder", "text_encoder_2", "vae")
@@ -91,7 +92,7 @@ class FluxFamily:
     def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int | None = None) -> Cond:
         """CLIP's pooled embedding and T5's sequence (padded to ``max_sequence_length``)."""
         length = MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length
-        if not 0 < length <= MAX_SEQUENCE_LENGTH:
+        if not 0 < length <= MAX_SEQUENCE_LENGTH:  # kscu.config checks an erase's before this
             raise KscuError(f"--max-sequence-length must be in [1, 512] (got {length})")
         clip, t5 = pipe.text_encoder, pipe.text_encoder_2
         pooled = clip(_token_ids(pipe.tokenizer, prompts).to(clip.device)).pooler_output

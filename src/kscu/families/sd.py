@@ -35,6 +35,7 @@ class SDFamily:
     name = "sd"
     pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
     denoiser_attr = "unet"
+    max_tokens: int | None = None  # CLIP's fixed 77 tokens: no --max-sequence-length
     release_dtype = torch.float32  # SD v1.4, SD 2.x and SDXL base ship float32 weights
     encoder_modules: tuple[str, ...] = ("text_encoder", "vae")  # off the accelerator in erase
     # Per-mode and global defaults that differ from kscu.config's tables (SD is the reference).

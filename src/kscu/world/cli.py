@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from kscu.errors import KscuError
+from kscu.fileio import check_writable
 from kscu.world.settings import WorldTrainSettings
 
 
@@ -17,6 +18,8 @@ def _train(args: argparse.Namespace) -> int:
     settings = WorldTrainSettings(
         **{f.name: getattr(args, f.name) for f in fields(WorldTrainSettings)}
     )
+    if settings.device != "cpu" and not settings.device.startswith("cuda"):
+        raise KscuError(f"unknown --device {settings.device!r}; use cpu or cuda")
     if settings.device.startswith("cuda"):
         import torch
 
@@ -30,6 +33,9 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("classifier_steps", "vae_steps", "unet_steps", "n_latents", "batch_size"):
         if getattr(settings, name) <= 0:
             raise KscuError(f"--{name.replace('_', '-')} must be positive")
+    if not settings.lr > 0:
+        raise KscuError(f"--lr must be a number > 0 (got {settings.lr})")
+    check_writable(args.output)
     run(args.output, settings)
     return 0
 
