@@ -208,13 +208,14 @@ def model_family(model: str | None, family: str | None = None) -> Any:
 def _check_named_family(path: Path, named: Any) -> None:
     """``--family`` names the family of a pipeline kscu does not recognise by its class; for a
     folder of another family's known class it would fail deep inside loading, so refuse it."""
-    from kscu.families import detect_family
+    from kscu.families import family_for_class
 
     try:
-        detected = detect_family(path)
-    except KscuError:  # a class kscu does not know: --family is how to name its family
-        return
-    if detected.name != named.name:
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        detected = family_for_class(class_name) if class_name else None
+    except (OSError, ValueError, KscuError):  # unreadable, unnamed or a class kscu does not
+        return  # know: --family is how to name its family (loading reports the rest)
+    if detected is not None and detected.name != named.name:
         raise KscuError(
             f"{path} is a pipeline of the {detected.name!r} family, not {named.name!r}; "
             f"drop --family {named.name} (the family is read from model_index.json)"
