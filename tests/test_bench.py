@@ -105,6 +105,18 @@ def test_bench_refuses_a_concept_outside_the_world(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_bench_of_another_concept_is_not_mixed_in(tmp_path, capsys):
+    """Before: the new bench.json said heart while the folder kept the earlier bench's erases."""
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "bench.json").write_text(json.dumps({"concept": "circle", "mode": "class"}))
+    code, _, err = run_cli(["bench", "--concept", "heart", "--output", out], capsys)
+    assert code == 2 and "holds a bench of 'circle' (class mode), not 'heart'" in err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == [
+        "bench.json"
+    ]
+
+
 def test_bench_names_its_own_attack_samples_flag(tmp_path, capsys):
     args = ["bench", "--concept", "heart", "--attack", "unlearndiff", "--attack-samples", "0"]
     code, _, err = run_cli([*args, "--output", tmp_path / "b"], capsys)

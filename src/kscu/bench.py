@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from kscu import interrupts
 from kscu.config import EraseConfig, settings_label
 from kscu.errors import KscuError
-from kscu.fileio import write_json, write_text
+from kscu.fileio import read_json_object, write_json, write_text
 from kscu.preview import save_png
 from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
@@ -248,7 +248,8 @@ def run_bench(
     seeds = list(seeds) if seeds else [seed]
     if not is_bundled_model(model):
         raise KscuError("kscu bench scores with the tiny world's classifier; omit --model")
-    bench_prompts(concept, samples, seeds[0])  # a concept outside the world fails here
+    target = bench_prompts(concept, samples, seeds[0])["target"]  # outside the world: fails
+    _check_earlier_bench(Path(output), target, mode)
     unknown = sorted(set(methods) - {"kscu", "esd"})
     if unknown or not methods:
         raise KscuError(f"unknown method(s) {unknown}; --methods takes kscu and/or esd")
@@ -340,6 +341,19 @@ def run_bench(
     write_text(output / "bench.md", markdown(report))
     save_png(chart(report), output / "bench.png")
     return report
+
+
+def _check_earlier_bench(output: Path, concept: str, mode: str) -> None:
+    """A bench replaces the run folders it makes; another concept's would stay beside them, in
+    a folder whose bench.json no longer describes them."""
+    if not (output / "bench.json").is_file():
+        return
+    old = read_json_object(output / "bench.json", "remove it or give another --output")
+    if (old.get("concept"), old.get("mode")) != (concept, mode):
+        raise KscuError(
+            f"{output} holds a bench of {old.get('concept')!r} ({old.get('mode')} mode), not "
+            f"{concept!r} ({mode} mode); give another --output"
+        )
 
 
 def _score_runs(
