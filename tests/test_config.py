@@ -56,6 +56,7 @@ def test_esd_removes_key_steps_and_leak_term():
         ({"trajectory_guidance": float("inf")}, "--trajectory-guidance must be a finite number"),
         ({"lambda1_alpha": float("nan")}, "--lambda1-alpha must be a finite number"),
         ({"max_sequence_length": 0}, "sets FLUX's T5 prompt length; sd has no such setting"),
+        ({"num_steps": 10}, "class mode starts at key step 14, outside --num-steps 10"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(kwargs, words):

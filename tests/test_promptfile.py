@@ -26,6 +26,15 @@ def test_whole_numbers_are_read_as_ints(tmp_path):
     assert all(type(r.case_number) is int for r in rows) and type(rows[0].seed) is int
 
 
+@pytest.mark.parametrize(
+    "name, words", [("sub/missing.csv", "does not exist"), ("", "is a folder")]
+)
+def test_a_local_path_that_is_no_file_says_so(tmp_path, name, words):
+    """Before: a missing sub/missing.csv was looked up as a Hub dataset and failed as one."""
+    with pytest.raises(KscuError, match=f"prompt file .* {words}; give a CSV path"):
+        load_prompts(tmp_path / name if name else tmp_path)
+
+
 def test_a_csv_saved_by_excel_starts_with_a_bom_and_reads_the_same(tmp_path):
     """Before: "has no 'prompt' column (columns: \ufeffprompt, ...)"."""
     path = tmp_path / "p.csv"

@@ -179,6 +179,11 @@ def resolve(
     values["concepts"] = concepts
     values["preset"] = {**config.preset, **applied}  # resolving twice keeps the record
     out = EraseConfig(**values)
+    if config.start_step is None and not 0 <= out.start_step < out.num_steps:
+        raise KscuError(  # the user changed --num-steps, not the start step the mode picked
+            f"{config.mode} mode starts at key step {out.start_step}, outside --num-steps "
+            f"{out.num_steps}; pass --start-step below {out.num_steps}"
+        )
     _validate(out, family)
     return out
 

@@ -106,9 +106,11 @@ def load_prompts(source: str | Path) -> list[PromptRow]:
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise KscuError(f"cannot read prompt file {path}: {e}; give a UTF-8 CSV") from None
         return rows_from_records(records, str(path))
-    if str(source) in HUB_DATASETS or ("/" in str(source) and not path.exists()):
+    local = path.suffix.lower() == ".csv" or path.is_absolute() or path.exists()
+    if str(source) in HUB_DATASETS or ("/" in str(source) and not local):
         return _load_hub_dataset(str(source))
-    raise KscuError(f"prompt file {source} does not exist; give a CSV path or a Hub dataset id")
+    what = "is a folder" if path.is_dir() else "does not exist"
+    raise KscuError(f"prompt file {source} {what}; give a CSV path or a Hub dataset id")
 
 
 def _load_hub_dataset(repo_id: str) -> list[PromptRow]:
