@@ -179,12 +179,18 @@ def erase_config_from_args(args: argparse.Namespace) -> EraseConfig:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from kscu.models import is_bundled_model
     from kscu.runner import erase_to_folder, prepare
 
     if args.output is None and not args.plan:
         raise KscuError("kscu erase needs --output FOLDER for the erased weights (or --plan)")
     config = erase_config_from_args(args)
     resolved = prepare(config, args.model)  # validate everything before loading weights
+    if is_bundled_model(args.model):  # the tiny world knows only its own concepts
+        from kscu.world import concept_kind
+
+        for concept in resolved.concepts:
+            concept_kind(concept)
     if args.plan:
         from kscu.runner import memory_plan
 
@@ -224,14 +230,9 @@ def _preview(args: argparse.Namespace) -> list[str] | None:
     from kscu.models import is_bundled_model
 
     bundled = is_bundled_model(args.model)
-    concepts = [c.strip() for c in args.concept.split(",")]
-    if bundled:  # the tiny world knows only its own concepts: anything else is a typo
-        from kscu.world import concept_kind
-
-        for concept in concepts:
-            concept_kind(concept)
     if not (args.preview if args.preview is not None else bundled):
         return None
+    concepts = [c.strip() for c in args.concept.split(",")]
     if bundled:
         from kscu.preview import world_prompts
 

@@ -27,43 +27,26 @@ class PromptRow:
     guidance: float | None = None
 
 
-def _whole(value: object, column: str, line: int, path: str) -> int | None:
-    """A whole number ("3" or "3.0"), or None if empty: case numbers name files and seeds pick
-    the noise, so "1.5" must not quietly become 1 (another image, under another name)."""
+def _number(value: object, column: str, line: int, path: str, whole: bool) -> int | float | None:
+    """A finite number (``whole``: a whole one, "3" or "3.0"), or None if empty. Case numbers
+    name files and seeds pick the noise, so "1.5" must not quietly become 1; a guidance of nan
+    or inf samples a black image. Whole numbers are read as ints first: large seeds stay exact."""
     text = "" if value is None else str(value).strip()
     if text == "":
         return None
     try:
-        return int(text)
+        number = int(text) if whole and text.lstrip("+-").isdigit() else float(text)
     except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        number = None
-    if number is None or not number.is_integer():
+        number = math.nan
+    if isinstance(number, float) and not (
+        math.isfinite(number) and (number.is_integer() or not whole)
+    ):
+        kind = "whole" if whole else "finite"
         raise KscuError(
-            f"{path}: row {line} has {column}={value!r}, which is not a whole number; "
+            f"{path}: row {line} has {column}={value!r}, which is not a {kind} number; "
             "fix or drop it"
         )
-    return int(number)
-
-
-def _finite(value: object, column: str, line: int, path: str) -> float | None:
-    """A finite number, or None if empty: a guidance of nan or inf samples a black image."""
-    text = "" if value is None else str(value).strip()
-    if text == "":
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        number = None
-    if number is None or not math.isfinite(number):
-        raise KscuError(
-            f"{path}: row {line} has {column}={value!r}, which is not a finite number; "
-            "fix or drop it"
-        )
-    return number
+    return int(number) if whole else number
 
 
 def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
@@ -78,7 +61,7 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     rows: list[PromptRow] = []
     seen: set[int] = set()
     for i, rec in enumerate(records):
-        case = _whole(rec.get("case_number"), "case_number", i + 2, source)
+        case = _number(rec.get("case_number"), "case_number", i + 2, source, whole=True)
         case = i if case is None else case
         if case in seen:
             raise KscuError(f"{source}: case_number {case} appears twice; case numbers name files")
@@ -87,9 +70,9 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
             PromptRow(
                 case_number=case,
                 prompt=str(rec["prompt"] or ""),
-                seed=_whole(rec.get("evaluation_seed"), "evaluation_seed", i + 2, source),
-                guidance=_finite(
-                    rec.get("evaluation_guidance"), "evaluation_guidance", i + 2, source
+                seed=_number(rec.get("evaluation_seed"), "evaluation_seed", i + 2, source, True),
+                guidance=_number(
+                    rec.get("evaluation_guidance"), "evaluation_guidance", i + 2, source, False
                 ),
             )
         )

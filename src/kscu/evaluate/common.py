@@ -163,9 +163,7 @@ def check_output(output: str | Path) -> Path:
     output = Path(output)
     if output.suffix.lower() != ".json":
         raise KscuError(f"--output {output} must end in .json; e.g. RUN/eval/nudity.json")
-    if output.is_dir():
-        raise KscuError(f"--output {output} is a folder; give a file name ending in .json")
-    check_writable(output, folder=False)
+    check_writable(output, folder=False)  # a folder in the way, or nowhere to write
     return output
 
 
