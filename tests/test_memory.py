@@ -106,6 +106,7 @@ def test_run_records_plan_and_measured_peak(tiny_model_dir, tmp_path):
     assert meta["peak_memory_kind"] == "cpu_peak_rss_growth"
     assert isinstance(meta["peak_memory_bytes"], int) and meta["peak_memory_bytes"] >= 0
     assert meta["peak_memory_start_bytes"] > 0
+    assert isinstance(meta["peak_memory_file_backed_bytes"], int)  # library code, in the peak
     steps = meta["iteration_seconds"]  # the benchmarks' per-iteration speed comes from here
     assert len(steps) == 2 and all(v > 0 for v in steps)
     assert sum(steps) <= meta["seconds"]
@@ -117,6 +118,19 @@ def test_cpu_peak_growth_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert peak["bytes"] >= 60 * 2**20, peak
+
+
+def test_cpu_peak_growth_counts_blocks_freed_before_the_start():
+    """A preview's freed tensors stay in glibc's heap; an erase reusing them would not grow the
+    resident set, so the measured peak would miss those bytes of its own."""
+    pairs = [(torch.ones(2**14), torch.ones(1)) for _ in range(2048)]  # 64 KiB blocks, on the heap
+    keepers = [small for _, small in pairs]  # live between the big blocks: freed, those stay apart
+    del pairs
+    with peak_memory(torch.device("cpu")) as peak:
+        again = [torch.ones(2**14) for _ in range(2048)]  # 128 MiB in the freed blocks
+        del again
+    assert peak["bytes"] >= 100 * 2**20, peak
+    assert len(keepers) == 2048
 
 
 def test_plan_follows_gradient_checkpointing_and_counts_the_restore_copy(tiny_model_dir):

@@ -31,7 +31,8 @@ networks are built on the meta device: no weights are read):
   accelerator once the prompts are encoded).
 
 The measured peak is CUDA's max allocated memory on a GPU, and on a CPU the growth of the
-process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/clear_refs``).
+process's peak resident set (``VmHWM``, reset at the start through ``/proc/self/clear_refs``),
+from a start read once glibc's free heap blocks went back to the system.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
-from kscu.allocator import proc_bytes
+from kscu.allocator import glibc, proc_bytes
 from kscu.config import EraseConfig
 from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
 from kscu.optim import steps_together
@@ -367,7 +368,10 @@ def _uncounted(cfg: EraseConfig, device: torch.device, compute: torch.dtype) -> 
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
-    """Yields a dict filled at exit: ``{"bytes": peak, "kind": what was measured}``."""
+    """Yields a dict filled at exit: ``{"bytes": peak, "kind": what was measured}``; on a CPU
+    also ``"file_bytes"``, the growth of the file-backed resident set over the same span (the
+    library code first run inside, read at the end): part of ``bytes``, none of it the erase's
+    tensors."""
     record: dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -379,14 +383,34 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
             start_bytes=start,
         )
         return
+    _return_free_heap()
     start = proc_bytes("status", "VmRSS")
+    files = proc_bytes("status", "RssFile")
     reset = _reset_peak_rss()
     yield record
     peak = proc_bytes("status", "VmHWM")
     if reset and peak is not None and start is not None:
         record.update(bytes=peak - start, kind="cpu_peak_rss_growth", start_bytes=start)
+        end_files = proc_bytes("status", "RssFile")
+        if files is not None and end_files is not None:
+            record["file_bytes"] = end_files - files
     else:
         record.update(bytes=None, kind="unavailable (no /proc/self/clear_refs)")
+
+
+def _return_free_heap() -> None:
+    """Give the heap's free blocks back to the system before the start is read.
+
+    Blocks freed before the erase (a preview's activations and replay records) stay resident in
+    glibc's heap; the erase would reuse them without the resident set growing, so its growth
+    would hide that many of its own bytes (11 MiB of the bundled world's 60 MiB).
+    """
+    import gc
+
+    gc.collect()  # tensors in reference cycles (autograd graphs) free their storage now
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _reset_peak_rss() -> bool:

@@ -138,6 +138,7 @@ def erase_to_folder(
     record["peak_memory_bytes"] = peak["bytes"]
     record["peak_memory_kind"] = peak["kind"]
     record["peak_memory_start_bytes"] = peak.get("start_bytes")
+    record["peak_memory_file_backed_bytes"] = peak.get("file_bytes")  # library code, in the peak
     record["memory_plan"] = plan
     if analysis is not None:
         record["start_step_analysis"] = analysis
