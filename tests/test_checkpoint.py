@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kscu.checkpoint import WEIGHTS, load_erased, read_metadata, save_erased
+from kscu.checkpoint import WEIGHTS, check_output, load_erased, read_metadata, save_erased
 from kscu.config import EraseConfig
 from kscu.errors import KscuError
 from kscu.runner import erase_to_folder
@@ -126,3 +126,33 @@ def test_bf16_erase_of_a_float32_checkpoint_is_exact_and_recorded(tiny_model_dir
         p[0] = torch.nextafter(p[0], torch.tensor(1.0))
     with pytest.raises(KscuError, match="differ"):
         load_erased(other, out)
+
+
+def test_check_output_keeps_erase_messages_and_takes_another_commands_markers(tmp_path):
+    """Erase's words stay as they were; analyze and world train name their own result."""
+    folder = tmp_path / "out"
+    analysis = dict(markers=("analyze.json",), what="analysis", how="--overwrite")
+    assert check_output(folder) is False and check_output(folder, **analysis) is False
+    folder.mkdir()
+    assert check_output(folder, True) is False  # empty: nothing to replace
+    (folder / "analyze.json").write_text("{}")
+    with pytest.raises(KscuError) as e:
+        check_output(folder, True)
+    assert str(e.value) == (
+        f"--output {folder} is not empty and holds no kscu run; give a new or empty folder"
+    )
+    with pytest.raises(KscuError) as e:
+        check_output(folder, **analysis)
+    assert str(e.value) == (
+        f"--output {folder} already holds an analysis; give a new folder, or pass --overwrite "
+        "to replace it (the old analysis stays until the new one is complete)"
+    )
+    assert check_output(folder, True, **analysis) is True
+    (folder / WEIGHTS).write_text("x")
+    with pytest.raises(KscuError) as e:
+        check_output(folder)
+    assert str(e.value) == (
+        f"--output {folder} already holds a run; give a new folder, or pass --overwrite / "
+        "overwrite=True to replace it (the old run stays until the new one is complete)"
+    )
+    assert check_output(folder, True) is True

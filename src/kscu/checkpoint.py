@@ -55,27 +55,39 @@ def _fingerprint_matches(expected: dict[str, list[float]], params: dict[str, Any
     return True
 
 
-def check_output(output: str | Path, overwrite: bool = False) -> None:
-    """Refuse an erase output folder that would lose work; cheap, so it runs before any load.
+def check_output(
+    output: str | Path,
+    overwrite: bool = False,
+    markers: tuple[str, ...] = (WEIGHTS, METADATA),
+    what: str = "run",
+    how: str = "--overwrite / overwrite=True",
+) -> bool:
+    """Refuse an output folder that would lose work; cheap, so it runs before any load.
 
-    A missing or empty folder is fine. A folder holding a run (``kscu.json`` or
-    ``weights.safetensors``) is replaced as a whole, and only with ``overwrite``: whatever else
-    is in it (images, evaluations) describes the old weights. Any other non-empty folder is never
-    replaced: kscu does not delete a folder it cannot recognise as a run.
+    A missing or empty folder is fine. A folder holding a ``what`` (one of the ``markers``, paths
+    inside it; an erase run's: ``kscu.json`` or ``weights.safetensors``) is replaced as a whole,
+    and only with ``overwrite`` (``how`` names that option in the message): whatever else is in
+    it (images, evaluations) describes the old result. Any other non-empty folder is never
+    replaced: kscu does not delete a folder it cannot recognise as its own output.
+
+    Returns whether ``output`` holds a ``what`` that is to be replaced: pass it as
+    ``atomic_folder``'s ``replace``, so the old one stays until the new one is complete.
     """
     output = Path(output)
     check_writable(output)
     if not output.is_dir() or not any(output.iterdir()):
-        return
-    if not (output / WEIGHTS).exists() and not (output / METADATA).exists():
+        return False
+    if not any((output / marker).exists() for marker in markers):
         raise KscuError(
-            f"--output {output} is not empty and holds no kscu run; give a new or empty folder"
+            f"--output {output} is not empty and holds no kscu {what}; give a new or empty folder"
         )
     if not overwrite:
+        article = "an" if what[:1] in tuple("aeiou") else "a"
         raise KscuError(
-            f"--output {output} already holds a run; give a new folder, or pass --overwrite / "
-            "overwrite=True to replace it (the old run stays until the new one is complete)"
+            f"--output {output} already holds {article} {what}; give a new folder, or pass "
+            f"{how} to replace it (the old {what} stays until the new one is complete)"
         )
+    return True
 
 
 def save_erased(output: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:

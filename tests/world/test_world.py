@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -196,3 +197,135 @@ def test_world_train_cli_defaults_are_the_settings_defaults(tmp_path):
     args = parser.parse_args(["world", "train", "--output", str(tmp_path)])
     got = {f.name: getattr(args, f.name) for f in fields(WorldTrainSettings)}
     assert WorldTrainSettings(**got) == WorldTrainSettings()
+
+
+WORLD_ALREADY = (
+    "error: --output {} already holds a world train run; give a new folder, or pass --overwrite "
+    "/ overwrite=True to replace it (the old world train run stays until the new one is complete)\n"
+)
+WORLD_FOREIGN = (
+    "error: --output {} is not empty and holds no kscu world train run; "
+    "give a new or empty folder\n"
+)
+
+
+def world_train(capsys, output, *flags):
+    import kscu.cli
+
+    argv = ["world", "train", "--output", output, "--only", "classifier", *flags]
+    try:
+        code = kscu.cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: an unknown flag
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def hidden_siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
+def classifier_seed(folder):
+    return json.loads((folder / "classifier" / "config.json").read_text())["seed"]
+
+
+@pytest.fixture
+def old_world(tmp_path, capsys, monkeypatch):
+    """A folder holding a finished world train run (seed 1), trained by a stand-in for the
+    classifier's training; ``old_world.calls`` then lists each later training as (the folder
+    trained into, the classifier seed the old folder held meanwhile)."""
+    import kscu.world.train
+
+    folder = tmp_path / "world"
+    calls = []
+
+    def train_classifier(out, device, seed, steps, log):
+        held = classifier_seed(folder) if (folder / "classifier").is_dir() else None
+        calls.append((out, held))
+        (out / "classifier").mkdir(exist_ok=True)  # as save_classifier does
+        (out / "classifier" / "config.json").write_text(json.dumps({"seed": seed}))
+
+    monkeypatch.setattr(kscu.world.train, "train_classifier", train_classifier)
+    code, _, err = world_train(capsys, folder, "--seed", "1")
+    assert code == 0, err
+    assert {p.name for p in folder.iterdir()} == {"classifier", "train.log"}
+    calls.clear()
+    return SimpleNamespace(folder=folder, calls=calls)
+
+
+def test_world_train_refuses_a_folder_holding_a_run_before_training(old_world, capsys):
+    """Before: a second run into the same --output trained and wrote over the first."""
+    folder, before = old_world.folder, tree(old_world.folder)
+    code, out, err = world_train(capsys, folder, "--seed", "2")
+    assert code == 2 and err == WORLD_ALREADY.format(folder), err
+    assert old_world.calls == [] and out == ""  # nothing trained, nothing logged
+    assert tree(folder) == before and hidden_siblings(folder) == []
+    with pytest.raises(KscuError, match=re.escape("pass --overwrite / overwrite=True")):
+        from kscu.world.train import run
+
+        run(folder)  # the Python API refuses too
+    assert old_world.calls == [] and tree(folder) == before
+
+
+def test_world_train_overwrite_replaces_the_run_only_once_complete(old_world, capsys):
+    folder = old_world.folder
+    (folder / "notes.txt").write_text("described the old run")
+    code, out, err = world_train(capsys, folder, "--seed", "2", "--overwrite")
+    assert code == 0, err
+    [(trained_in, held)] = old_world.calls
+    assert trained_in != folder and held == 1  # trained aside; the old run there meanwhile
+    assert {p.name for p in folder.iterdir()} == {"classifier", "train.log"}  # replaced whole
+    assert classifier_seed(folder) == 2
+    log = (folder / "train.log").read_text()
+    assert log.count("world train:") == 1 and "seed=2" in log and "done" in log
+    assert hidden_siblings(folder) == []
+
+
+def test_world_train_failed_overwrite_leaves_the_old_run(old_world, capsys, monkeypatch):
+    import kscu.world.train
+
+    before = tree(old_world.folder)
+
+    def crash(*args):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(kscu.world.train, "train_classifier", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        world_train(capsys, old_world.folder, "--overwrite")
+    assert tree(old_world.folder) == before and hidden_siblings(old_world.folder) == []
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_world_train_never_replaces_a_folder_of_other_files(flags, tmp_path, capsys, monkeypatch):
+    import kscu.world.train
+
+    def no_training(*args):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(kscu.world.train, "train_classifier", no_training)
+    folder = tmp_path / "notes"
+    (folder / "model").mkdir(parents=True)  # a folder named like a world part is not a run
+    (folder / "model" / "todo.txt").write_text("mine")
+    code, _, err = world_train(capsys, folder, *flags)
+    assert code == 2 and err == WORLD_FOREIGN.format(folder), err
+    assert tree(folder) == {"model/todo.txt": b"mine"}
+
+
+def test_world_train_overwrite_for_real(tmp_path, capsys, monkeypatch):
+    """The real classifier training (1 step, not scored), into a new folder and then over it."""
+    import kscu.world.train
+
+    monkeypatch.setattr(kscu.world.train, "evaluate_classifier", lambda *args: {})  # 2000 renders
+    folder = tmp_path / "world"
+    for seed in (0, 1):
+        code, _, err = world_train(
+            capsys, folder, "--seed", seed, "--classifier-steps", "1", "--overwrite"
+        )
+        assert code == 0, err
+        assert classifier_seed(folder) == seed and hidden_siblings(folder) == []
+    assert {p.name for p in folder.iterdir()} == {"classifier", "train.log"}
+    assert (folder / "classifier" / "model.safetensors").is_file()

@@ -1,4 +1,8 @@
-"""The ``kscu analyze`` subcommand: writes ``DIR/analyze.json`` and ``DIR/analyze.png``."""
+"""The ``kscu analyze`` subcommand: writes ``DIR/analyze.json`` and ``DIR/analyze.png``.
+
+A folder holding an earlier analysis is refused before any model loads, or with ``--overwrite``
+replaced as a whole once the new analysis is complete (``kscu.checkpoint.check_output``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from kscu.errors import KscuError
-from kscu.fileio import check_writable, write_json
+from kscu.fileio import write_json
 
 JSON_NAME, PNG_NAME = "analyze.json", "analyze.png"
 
@@ -65,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--no-cache", action="store_true", help="measure again, ignore the cache")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the analysis already in --output (only once the new one is complete)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
 
@@ -73,7 +82,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from kscu.analyze.analysis import analyze
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
+    from kscu.checkpoint import check_output
     from kscu.config import MODE_DEFAULTS, parse_concepts
+    from kscu.fileio import atomic_folder
     from kscu.models import load_pipeline, resolve_device
 
     concepts = parse_concepts(args.concept)
@@ -81,7 +92,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise KscuError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
     settings = settings_from_args(args)
     settings.validate()
-    check_writable(args.output)
+    replace = check_output(  # before any model loads
+        args.output, args.overwrite, (JSON_NAME, PNG_NAME), what="analysis", how="--overwrite"
+    )
     device = resolve_device(args.device)
     scorer = make_scorer(args.scorer, args.model, args.mode, args.neutral, args.clip_model, device)
     for c in concepts:
@@ -97,17 +110,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         progress=not args.quiet,
     )
-    write_json(args.output / JSON_NAME, result)
-    plot_curve(
-        args.output / PNG_NAME,
-        result["curve"],
-        result["recommended_start_step"],
-        result["task_defaults"],
-        settings.threshold,
-        f"commitment of {', '.join(concepts)} ({result['scorer']['name']}, "
-        f"{settings.samples} samples)",
-        *_single_extras(result),
-    )
+    with atomic_folder(args.output, replace=replace) as folder:  # both files, or the old ones
+        write_json(folder / JSON_NAME, result)
+        plot_curve(
+            folder / PNG_NAME,
+            result["curve"],
+            result["recommended_start_step"],
+            result["task_defaults"],
+            settings.threshold,
+            f"commitment of {', '.join(concepts)} ({result['scorer']['name']}, "
+            f"{settings.samples} samples)",
+            *_single_extras(result),
+        )
     print(
         f"recommended start step {result['recommended_start_step']} of {len(result['curve'])} "
         f"for {', '.join(concepts)} ({args.mode} default {result['mode_default_start_step']}; "

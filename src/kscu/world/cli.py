@@ -8,7 +8,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from kscu.errors import KscuError
-from kscu.fileio import check_writable
 from kscu.world.settings import WorldTrainSettings
 
 
@@ -35,8 +34,7 @@ def _train(args: argparse.Namespace) -> int:
             raise KscuError(f"--{name.replace('_', '-')} must be positive")
     if not settings.lr > 0:
         raise KscuError(f"--lr must be a number > 0 (got {settings.lr})")
-    check_writable(args.output)
-    run(args.output, settings)
+    run(args.output, settings, overwrite=args.overwrite)  # checks --output before training
     return 0
 
 
@@ -49,6 +47,11 @@ def register(subparsers) -> None:
         "train", help="train the world's classifier and/or diffusion model from scratch"
     )
     train.add_argument("--output", required=True, help="folder for classifier/, model/, train.log")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the world train run already in --output (only once the new one is complete)",
+    )
     train.add_argument("--device", default=d.device, help=f"cpu or cuda (default: {d.device})")
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument(

@@ -8,8 +8,10 @@ The denoiser is trained with the standard epsilon loss on cached VAE latents, fr
 every step (10% empty for classifier-free guidance) and an EMA of the weights.
 
 Run: ``kscu world train --output DIR [--device cpu|cuda] [--seed N] [--only classifier|model]``
-(every flag: ``kscu.world.settings.WorldTrainSettings``).
+(every flag: ``kscu.world.settings.WorldTrainSettings``; and ``--overwrite``).
 DIR receives ``classifier/``, ``model/`` (a StableDiffusionPipeline folder) and ``train.log``.
+A DIR holding an earlier run (its ``train.log``) is refused before training starts, or with
+``--overwrite`` replaced as a whole once the new run is complete (see ``run``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kscu.checkpoint import check_output
+from kscu.fileio import atomic_folder
 from kscu.world import tokenizer as world_tokenizer
 from kscu.world.classifier import WorldClassifier, WorldCNN, save_classifier
 from kscu.world.data import ATTRIBUTES, label_indices, sample_batch, sample_caption
 from kscu.world.settings import WorldTrainSettings
 
 RESOLUTION = 32
+LOG_NAME = "train.log"  # written first by every run: what marks a folder as a world train run
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -335,15 +340,32 @@ def train_model(
     log(f"saved pipeline to {out / 'model'}")
 
 
-def run(output: str, settings: WorldTrainSettings | None = None) -> None:
-    """Train the parts ``settings.only`` names (default: classifier and model) into ``output``."""
+def run(
+    output: str | Path, settings: WorldTrainSettings | None = None, overwrite: bool = False
+) -> None:
+    """Train the parts ``settings.only`` names (default: classifier and model) into ``output``.
+
+    A missing or empty ``output`` is trained into directly (an interrupted run leaves its log and
+    snapshot there). A folder holding an earlier run is refused before training starts unless
+    ``overwrite``; then the new run is trained in a hidden folder beside it, which replaces it
+    only once complete (until then the old run stays, and an interrupted run leaves nothing).
+    Any other non-empty folder is refused (``kscu.checkpoint.check_output``).
+    """
     s = settings or WorldTrainSettings()
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    if check_output(out, overwrite, markers=(LOG_NAME,), what="world train run"):
+        with atomic_folder(out, replace=True) as folder:
+            _train_into(folder, s, f"{out} (trained in {folder}; the old run stays until done)")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _train_into(out, s, str(out))
+
+
+def _train_into(out: Path, s: WorldTrainSettings, shown: str) -> None:
     if s.device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
-    log = Logger(out / "train.log")
-    log(f"world train: output={out} device={s.device} seed={s.seed} only={s.only}")
+    log = Logger(out / LOG_NAME)
+    log(f"world train: output={shown} device={s.device} seed={s.seed} only={s.only}")
     if s.only in (None, "classifier"):
         train_classifier(out, s.device, s.seed, s.classifier_steps, log)
     if s.only in (None, "model"):

@@ -1,0 +1,146 @@
+"""``kscu analyze --output``: a folder holding an earlier analysis is refused before any model
+loads, replaced with ``--overwrite`` only once the new analysis is complete, and a folder of
+other files is never replaced.
+
+The measurement, the scorer and the model loading are stand-ins (the real ones:
+tests/test_analyze.py); what runs for real is the CLI's check and its writing of analyze.json and
+analyze.png. Before: a second run silently wrote over the first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kscu.analyze.analysis
+import kscu.analyze.plot
+import kscu.analyze.scorers
+import kscu.cli
+import kscu.models
+
+ALREADY = (
+    "error: --output {} already holds an analysis; give a new folder, or pass --overwrite to "
+    "replace it (the old analysis stays until the new one is complete)\n"
+)
+FOREIGN = "error: --output {} is not empty and holds no kscu analysis; give a new or empty folder\n"
+
+
+class Scorer:
+    def check(self, concept):
+        pass
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Stand-ins for the heavy work; returns the list of model loads made."""
+    calls = []
+
+    def fake_analyze(pipe, model, concepts, mode, settings, scorer, **kwargs):
+        curve = [0.0, 0.05, 0.5, 1.0]
+        return {
+            "seed": settings.seed,  # tells the runs apart
+            "curve": curve,
+            "recommended_start_step": 1,
+            "task_defaults": {"class": 1},
+            "mode_default_start_step": 1,
+            "scorer": {"name": "stand-in"},
+            "per_concept": {"circle": {"forward": curve, "reverse_complement": curve}},
+            "seconds": 0.0,
+        }
+
+    monkeypatch.setattr(kscu.analyze.analysis, "analyze", fake_analyze)
+    monkeypatch.setattr(kscu.analyze.scorers, "make_scorer", lambda *a: Scorer())
+    monkeypatch.setattr(kscu.models, "load_pipeline", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def analyze(capsys, output, *flags):
+    argv = ["analyze", "--concept", "circle", "--output", output, "--device", "cpu", "--quiet"]
+    try:
+        code = kscu.cli.main([str(a) for a in [*argv, *flags]])
+    except SystemExit as e:  # argparse: an unknown flag
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def hidden_siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
+def seed_in(folder):
+    return json.loads((folder / "analyze.json").read_text())["seed"]
+
+
+@pytest.fixture
+def old(tmp_path, capsys, loads):
+    """A folder holding a finished analysis (seed 1)."""
+    folder = tmp_path / "an"
+    code, _, err = analyze(capsys, folder, "--seed", "1")
+    assert code == 0, err
+    assert {p.name for p in folder.iterdir()} == {"analyze.json", "analyze.png"}
+    loads.clear()
+    return folder
+
+
+def test_second_run_is_refused_before_any_model_loads(old, loads, capsys):
+    before = snapshot(old)
+    code, out, err = analyze(capsys, old, "--seed", "2")
+    assert code == 2 and err == ALREADY.format(old), err
+    assert loads == [] and out == ""
+    assert snapshot(old) == before and hidden_siblings(old) == []
+
+
+def test_overwrite_replaces_the_analysis_only_once_complete(old, capsys, monkeypatch):
+    (old / "stale.txt").write_text("described the old analysis")
+    seen = []
+    real_plot = kscu.analyze.plot.plot_curve
+
+    def plot(path, *args):
+        seen.append((path.parent != old, seed_in(old)))  # written aside; the old one still there
+        real_plot(path, *args)
+
+    monkeypatch.setattr(kscu.analyze.plot, "plot_curve", plot)
+    code, _, err = analyze(capsys, old, "--seed", "2", "--overwrite")
+    assert code == 0, err
+    assert seen == [(True, 1)]
+    assert {p.name for p in old.iterdir()} == {"analyze.json", "analyze.png"}  # replaced whole
+    assert seed_in(old) == 2 and (old / "analyze.png").read_bytes()[:4] == b"\x89PNG"
+    assert hidden_siblings(old) == []
+
+
+def test_a_failed_overwrite_leaves_the_old_analysis(old, capsys, monkeypatch):
+    before = snapshot(old)
+
+    def crash(*args):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(kscu.analyze.plot, "plot_curve", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        analyze(capsys, old, "--seed", "2", "--overwrite")
+    assert snapshot(old) == before and hidden_siblings(old) == []
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_folder_of_other_files_is_never_replaced(flags, tmp_path, loads, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("mine")
+    code, _, err = analyze(capsys, folder, *flags)
+    assert code == 2 and err == FOREIGN.format(folder), err
+    assert loads == [] and snapshot(folder) == {"todo.txt": b"mine"}
+
+
+def test_new_and_empty_folders_are_written(tmp_path, loads, capsys):
+    nested, empty = tmp_path / "a" / "b" / "an", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (nested, empty):
+        code, out, err = analyze(capsys, folder)
+        assert code == 0 and "recommended start step" in out, err
+        assert {p.name for p in folder.iterdir()} == {"analyze.json", "analyze.png"}
+        assert hidden_siblings(folder) == []
