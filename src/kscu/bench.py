@@ -83,8 +83,9 @@ def parse_step_ranges(text: str | None) -> list[tuple[int, int]]:
 
 
 def parse_seeds(text: str | None) -> list[int]:
-    """ "0,1,2" -> [0, 1, 2]."""
-    if not text:
+    """ "0,1,2" -> [0, 1, 2]; None (not given) -> []. An empty list or item is refused: an
+    explicit ``--seeds ""`` would otherwise quietly run the default seed alone."""
+    if text is None:
         return []
     try:
         return [int(part) for part in text.split(",")]
@@ -92,6 +93,14 @@ def parse_seeds(text: str | None) -> list[int]:
         raise KscuError(
             f"bad --seeds {text!r}; write integers separated by commas, e.g. 0,1,2"
         ) from None
+
+
+def parse_methods(text: str) -> list[str]:
+    """ "kscu,esd" -> ["kscu", "esd"]; an empty item ("kscu,,esd") is refused, as in --seeds."""
+    methods = [m.strip() for m in text.split(",")]
+    if not all(methods):
+        raise KscuError(f"bad --methods {text!r}; write kscu and/or esd separated by commas")
+    return methods
 
 
 def bench_prompts(concept: str, samples: int, seed: int) -> dict[str, Any]:

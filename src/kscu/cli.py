@@ -397,9 +397,9 @@ def _bench_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kscu.bench import markdown, parse_seeds, parse_step_ranges, run_bench
+    from kscu.bench import markdown, parse_methods, parse_seeds, parse_step_ranges, run_bench
 
-    seeds = parse_seeds(args.seeds)
+    seeds, methods = parse_seeds(args.seeds), parse_methods(args.methods)
     if args.attack_samples is not None and args.attack is None:
         raise KscuError("--attack-samples needs --attack unlearndiff (or ringabell)")
     if seeds and args.seed is not None:
@@ -408,7 +408,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(
         concept=args.concept,
         mode=args.mode,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=methods,
         output=args.output,
         model=args.model,
         iterations=args.iterations,

@@ -68,6 +68,8 @@ def test_parse_seeds():
     "extra, message",
     [
         (["--seeds", "0,x"], "bad --seeds"),
+        (["--seeds", ""], "bad --seeds"),
+        (["--methods", "kscu,,esd"], "bad --methods"),
         (["--seeds", "0,0"], "repeats a seed"),
         (["--seed", "1", "--seeds", "0,1"], "not both"),
         (["--attack", "gcg"], "unknown method 'gcg'"),

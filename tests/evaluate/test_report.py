@@ -134,6 +134,10 @@ def test_run_dir_errors(tmp_path, capsys):
         kscu_main(["report", str(tmp_path / "missing"), "--output", str(tmp_path / "r.html")]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "existing.csv").write_text("prompt\n")  # a file where a run folder belongs
+    args = ["report", str(tmp_path / "existing.csv"), "--output", str(tmp_path / "r.html")]
+    assert kscu_main(args) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     make_images(tmp_path / "r" / "images", 1)
     assert kscu_main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "r.pdf")]) == 2
     assert ".html or .md" in capsys.readouterr().err

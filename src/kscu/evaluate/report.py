@@ -126,7 +126,8 @@ def load_run(path: str | Path) -> Run:
     """Collect a run directory's training record, eval results and images."""
     path = Path(path)
     if not path.is_dir():
-        raise KscuError(f"run directory {path} does not exist; give a folder made by kscu")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise KscuError(f"run directory {path} {what}; give a folder made by kscu")
     run = Run(path=path, name=path.resolve().name)
     if (path / "kscu.json").is_file():
         run.info = _read_json(path / "kscu.json")
