@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,20 @@ def test_console_entry_point_and_python_m(tmp_path):
     for cmd in ([str(Path(sys.executable).parent / "kscu")], [sys.executable, "-m", "kscu"]):
         res = subprocess.run([*cmd, *args], capture_output=True, text=True)
         assert res.returncode == 2 and res.stderr.startswith("error: unknown mode"), res.stderr
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
+    """Without a network every Hub lookup retried for ~25 s, a line per retry, before failing;
+    the CLI now uses the local cache alone when the Hub's host name does not resolve."""
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    args = ["erase", "--model", "kscu-test/not-cached", "--concept", "church", "--plan"]
+    res = subprocess.run(
+        [sys.executable, "-m", "kscu", *args], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: cannot load model kscu-test/not-cached"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no retries, no notices
 
 
 def test_start_step_auto_uses_and_records_the_analysis(

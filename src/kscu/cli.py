@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -474,10 +475,34 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
+def _offline_without_hub() -> None:
+    """Use the Hub's local cache alone (``HF_HUB_OFFLINE=1``) when its host name does not resolve.
+
+    Without a network, every Hub lookup retries five times over about 25 s, printing a line per
+    retry, before it fails; a model already in the cache then loads only after those retries.
+    The libraries read the switch when first imported, so it is set before any of them is
+    (a process that imported them already, or a user's own ``HF_HUB_OFFLINE``, is left as is).
+    """
+    if "HF_HUB_OFFLINE" in os.environ or "huggingface_hub" in sys.modules:
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host or "huggingface.co", 443)
+    except (OSError, UnicodeError):  # no name server, an unknown name, a malformed endpoint
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Library notices (e.g. "torchvision not installed") would break the one-line error promise.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _offline_without_hub()
+    # diffusers' config lookup passes an argument huggingface_hub has deprecated (a notice per
+    # Hub model, nothing the user can change)
+    warnings.filterwarnings("ignore", "The `local_dir_use_symlinks` argument", UserWarning)
     _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
