@@ -263,6 +263,8 @@ def test_cli_writes_json_and_png(tiny_model_dir, tiny_clip, tmp_path, capsys, mo
         (["--concept", "church", "--stride", "0"], "--stride"),
         (["--concept", "church", "--threshold", "1.5"], "--threshold"),
         (["--concept", "church", "--mode", "bogus"], "unknown mode"),
+        # before: the default CLIP scorer failed to load first, naming CLIP instead of the folder
+        (["--concept", "church", "--model", "no/such/folder"], "model folder no/such/folder"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys, monkeypatch):

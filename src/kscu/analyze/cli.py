@@ -85,7 +85,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from kscu.checkpoint import check_output
     from kscu.config import MODE_DEFAULTS, parse_concepts
     from kscu.fileio import atomic_folder
-    from kscu.models import load_pipeline, resolve_device
+    from kscu.models import load_pipeline, model_family, resolve_device
 
     concepts = parse_concepts(args.concept)
     if args.mode not in MODE_DEFAULTS:
@@ -95,6 +95,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     replace = check_output(  # before any model loads
         args.output, args.overwrite, (JSON_NAME, PNG_NAME), what="analysis", how="--overwrite"
     )
+    model_family(args.model)  # a missing or foreign model folder fails before the scorer loads
     device = resolve_device(args.device)
     scorer = make_scorer(args.scorer, args.model, args.mode, args.neutral, args.clip_model, device)
     for c in concepts:
