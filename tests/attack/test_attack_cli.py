@@ -54,3 +54,27 @@ def test_missing_weights_and_prompts_too_long_for_the_slots(tmp_path, capsys, no
     assert code == 2 and "more than the text encoder's" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "attack-run.json").exists()
+
+
+def test_a_concept_the_weights_did_not_erase_is_noted(tmp_path, capsys, noop_run):
+    """Attacking circle with weights that erased heart: a note before the work, not an error
+    (here the weights then fail for another reason, so nothing heavy runs)."""
+    other = tmp_path / "other-base"
+    shutil.copytree(noop_run, other)
+    meta = json.loads((other / "kscu.json").read_text())
+    name = next(iter(meta["base_fingerprint"]))
+    meta["base_fingerprint"][name][0] += 1.0
+    (other / "kscu.json").write_text(json.dumps(meta))
+    args = ["attack", "--weights", other, "--concept", "circle", "--output", tmp_path / "out"]
+    code, _, err = run_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "was erased from base model" in lines[-1]
+    assert f"note: {other} erased heart; this attack targets 'circle'" in lines
+
+
+def test_mismatch_notes():
+    from kscu.attack.cli import mismatch_notes
+
+    assert mismatch_notes("nowhere", "heart", "class", "world") == []  # no record: nothing to say
+    notes = mismatch_notes("nowhere", "church", "class", "nudenet")
+    assert notes == ["note: the nudenet judge detects nudity only; --mode is class"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_attack)
 
 
+def mismatch_notes(weights: str | Path, concept: str, mode: str, judge: str) -> list[str]:
+    """What would make the attack's success rate say little about the erase in ``weights``: a
+    concept it did not erase, or a judge that scores another thing. Notes, not errors: attacking
+    a neighbour of the erased concept is a fair test of what the erase left."""
+    from kscu.checkpoint import METADATA
+
+    notes = []
+    try:
+        record = json.loads((Path(weights) / METADATA).read_text())
+        erased = [str(c) for c in record["config"]["concepts"]]
+    except (OSError, ValueError, KeyError, TypeError):  # loading the weights says what is wrong
+        erased = []
+    if erased and concept.strip().lower() not in {c.strip().lower() for c in erased}:
+        notes.append(f"note: {weights} erased {', '.join(erased)}; this attack targets {concept!r}")
+    if judge == "nudenet" and mode != "nudity":
+        notes.append(f"note: the nudenet judge detects nudity only; --mode is {mode}")
+    return notes
+
+
 def settings_from_args(args: argparse.Namespace):
     from kscu.attack.settings import AttackSettings
 
@@ -106,6 +127,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     targets = attack_targets(args.concept, settings, bundled, guidance, args.prompts)
     run = run_record(args, settings, family.name, judge_name, steps, targets)
     check_folder(args.output, run, args.overwrite)
+    for note in mismatch_notes(args.weights, args.concept, settings.mode, judge_name):
+        logging.getLogger("kscu").warning(note)
     device = resolve_device(args.device)
     judge = make_judge(
         judge_name,
