@@ -509,15 +509,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KscuError as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # what no check foresaw (a full disk, a path changed during the run)
+        _end_progress_bars()
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}; check the paths and free space", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Clear the progress bars an error left open, so its message starts a line of its own
+    (a bar is closed only when the loop that drew it is collected, after the message)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -90,3 +90,15 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no images" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "n.json").exists()
+
+
+def test_a_corrupt_image_error_starts_its_own_line(tmp_path, capsys):
+    """Before, the message was appended to the progress bar's line and the bar drawn again
+    after it, once the loop holding it was collected."""
+    make_images(tmp_path / "images", 2, size=(32, 32))
+    (tmp_path / "images" / "1.png").write_bytes(b"\x89PNG cut short")
+    args = ["evaluate", "nudity", "--images", str(tmp_path / "images")]
+    assert kscu_main([*args, "--output", str(tmp_path / "n.json")]) == 2
+    err = capsys.readouterr().err
+    shown = [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]
+    assert shown[-1].startswith("error: cannot read image") and len(shown) == 1, err
