@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import kscu
+from kscu.allocator import host_memory
 from kscu.analyze.core import (
     EpsFn,
     GuidedStepper,
@@ -126,14 +127,20 @@ def measure(
     stepper = GuidedStepper(sampler, raw, settings.guidance, uncond, settings.batch_size)
     noise = torch.cat([sampler.noise(settings.seed + i) for i in range(settings.samples)])
     steps = settings.measured_steps()
-    finals = switch_finals(
-        stepper, noise, prompts[concept], prompts[settings.neutral], steps, progress
-    )
-    k, n = len(finals.starts), settings.samples
-    latents = torch.cat(
-        [finals.forward.flatten(0, 1), finals.reverse.flatten(0, 1), finals.concept, finals.neutral]
-    )
-    images = (decode or (lambda z: decode_latents(pipe, z, sampler)))(latents)
+    with host_memory(True, net.device):  # a CPU keeps freed blocks for the next step's buffers
+        finals = switch_finals(
+            stepper, noise, prompts[concept], prompts[settings.neutral], steps, progress
+        )
+        k, n = len(finals.starts), settings.samples
+        latents = torch.cat(
+            [
+                finals.forward.flatten(0, 1),
+                finals.reverse.flatten(0, 1),
+                finals.concept,
+                finals.neutral,
+            ]
+        )
+        images = (decode or (lambda z: decode_latents(pipe, z, sampler)))(latents)
     scores = torch.cat(
         [
             scorer.presence(images[i : i + 256], concept).float().cpu()
