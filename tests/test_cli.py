@@ -252,7 +252,8 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
     """Without a network every Hub lookup retried for ~25 s, a line per retry, before failing;
     the CLI now uses the local cache alone when the Hub's host name does not resolve."""
     env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("HF_HUB_OFFLINE", None)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(name, None)
     args = ["erase", "--model", "kscu-test/not-cached", "--concept", "church", "--plan"]
     res = subprocess.run(
         [sys.executable, "-m", "kscu", *args], capture_output=True, text=True, env=env
@@ -260,6 +261,21 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error: cannot load model kscu-test/not-cached"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no retries, no notices
+
+
+def test_the_offline_switch_is_left_alone_behind_a_proxy(monkeypatch):
+    from kscu.cli import _offline_without_hub
+
+    monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)  # as in a new process
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)  # each restored (or removed) after the test
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # the proxy resolves names
+    _offline_without_hub()
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.delenv("HTTPS_PROXY")
+    _offline_without_hub()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_start_step_auto_uses_and_records_the_analysis(

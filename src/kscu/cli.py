@@ -482,8 +482,12 @@ def _offline_without_hub() -> None:
     retry, before it fails; a model already in the cache then loads only after those retries.
     The libraries read the switch when first imported, so it is set before any of them is
     (a process that imported them already, or a user's own ``HF_HUB_OFFLINE``, is left as is).
+    Behind a proxy the proxy resolves the name, so nothing is decided here.
     """
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
     if "HF_HUB_OFFLINE" in os.environ or "huggingface_hub" in sys.modules:
+        return
+    if any(os.environ.get(name) for name in proxies):
         return
     import socket
     from urllib.parse import urlparse
