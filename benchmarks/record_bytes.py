@@ -1,14 +1,21 @@
 """Heap bytes held by the replay records of an erase's denoiser calls (kscu.tracing).
 
-``kscu erase --plan`` does not count these records: torch's tracer cannot run on the meta tensors
-the plan uses. This measures them on a loaded model instead, as glibc counts the heap bytes in
-use (``mallinfo2``), read after the record's calls and again once the record is dropped: the
+Torch's tracer cannot run on the meta tensors ``kscu erase --plan`` uses, so the plan computes
+these records from the operations its meta trace runs (``kscu.memory.RECORD_BYTES_PER_OPERATION``).
+This measures them on a loaded model instead, as glibc counts the heap bytes in use
+(``mallinfo2``), read after the record's calls and again once the record is dropped: the
 difference is what the record alone holds, whatever the resident set reuses. Each record is
 measured after tracing only and after 1 and 3 replays (torch's executor copies the graph on its
 first run), at the erase's batch of 2, with and without gradients, and the Python stack text its
 graph nodes keep is summed. Linux with glibc >= 2.33 only.
 
+``--per-operation``: both records of an erase together, as it holds them (each replayed once),
+on a CPU copy of the network with zero weights built from the folder's configs (a folder of
+configs alone will do, as for ``--plan``), against the operations the plan counts: the source of
+``RECORD_BYTES_PER_OPERATION``.
+
     python benchmarks/record_bytes.py --json docs/results/record-bytes.json [--model DIR]
+    python benchmarks/record_bytes.py --per-operation --model DIR [--model DIR2] --json out.json
 """
 
 from __future__ import annotations
@@ -87,20 +94,85 @@ def measure(model: str, repeats: int) -> list[dict]:
     return results
 
 
+def per_operation(model: str) -> dict:
+    """Both records of an erase (no gradients, then gradients; 2 rows at the start step), after
+    a first set has paid torch's first-use costs, against the plan's count of operations."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    from kscu.config import EraseConfig, resolve
+    from kscu.memory import RECORD_BYTES_PER_OPERATION, _components, _MetaPipe, plan
+    from kscu.scope import trainable_names
+
+    family = model_family(model, None)
+    cfg = resolve(EraseConfig(concepts=["x"], device="cpu", dtype="float32"), family=family)
+    planned = plan(model, cfg, family)["bytes"]["replay_records"]
+    scheduler = DiffusionPipeline.load_config(model)["scheduler"][1]
+    pipe = _MetaPipe(
+        _components(model, family),
+        getattr(diffusers, scheduler).load_config(model, subfolder="scheduler"),
+    )
+    net = family.denoiser(pipe).to_empty(device="cpu")
+    trainable = set(trainable_names(net, cfg.scope, family))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.zero_().requires_grad_(name in trainable)
+        for b in net.buffers():
+            b.zero_()
+    sampler = family.sampler(pipe, cfg.num_steps, None, cfg.loss_space)
+    x = sampler.noise(0)
+    cond = family.meta_cond(pipe, 1, cfg.max_sequence_length)
+    cond = {k: torch.zeros(v.shape) for k, v in cond.items()}
+    rows, both = torch.cat([x, x]), cond_cat(cond, cond)
+
+    def records() -> TracedDenoiser:
+        sampler.traced = TracedDenoiser(net)
+        for grad in (False, True):
+            for _ in range(2):  # recorded, then replayed once (checked against the eager call)
+                with torch.set_grad_enabled(grad):
+                    sampler.raw(net, rows.clone(), cfg.start_step, both)
+        return sampler.traced
+
+    records()
+    sampler.traced = None  # the first set goes
+    before = in_use()
+    held = records()
+    measured = in_use() - before
+    assert held.recorded == 2 and not held.dropped, held.summary()
+    operations = planned // RECORD_BYTES_PER_OPERATION
+    result = {
+        "model": model,
+        "operations": operations,
+        "records_bytes": measured,
+        "bytes_per_operation": round(measured / operations, 1),
+        "plan_replay_records_bytes": planned,
+        "plan_over_measured": round(planned / measured, 4),
+    }
+    print(
+        f"{model}: {measured / MIB:.2f} MiB for {operations} operations, "
+        f"{measured / operations:.0f} bytes each; plan {planned / MIB:.2f} MiB "
+        f"({planned / measured:.3f})"
+    )
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a diffusers folder (default: the bundled world)")
+    p.add_argument(
+        "--model", action="append", help="a diffusers folder (default: the bundled world)"
+    )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--per-operation", action="store_true", help="the plan's coefficient")
     p.add_argument("--json", type=Path, default=Path("record_bytes.json"))
     args = p.parse_args()
-    model = args.model or default_model()
-    record = {
-        **machine(),
-        "model": "bundled world" if args.model is None else args.model,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "records": measure(model, args.repeats),
-    }
+    models = args.model or [default_model()]
+    record = {**machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.per_operation:
+        record["per_operation"] = [per_operation(m) for m in models]
+    else:
+        (model,) = models
+        record["model"] = "bundled world" if args.model is None else model
+        record["records"] = measure(model, args.repeats)
     args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -71,14 +71,35 @@ def test_cli_plan_needs_no_output_folder(tiny_model_dir, capsys):
 
 @pytest.mark.parametrize("replayed", [True, False])
 def test_cli_plan_says_what_it_leaves_out(tiny_model_dir, tmp_path, capsys, replayed):
-    """On a CPU in float32 the denoiser's calls are replayed from recorded graphs, host memory
-    the plan does not count: the printed plan says so, and says nothing of it without replay."""
+    """On a CPU in float32 the denoiser's calls are replayed from recorded graphs: the printed
+    plan counts them, computed from its operations, and says so; without replay, neither."""
     args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--plan"]
     args += ["--output", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"]
     assert main(args if replayed else [*args, "--no-trace-denoiser"]) == 0
     text = capsys.readouterr().out
     assert "not counted:" in text and "library code" in text
-    assert ("replayed denoiser calls" in text) == replayed
+    assert ("replay_records" in text) == replayed
+    assert ("kB per operation" in text) == replayed
+
+
+def test_plan_counts_the_replay_records_by_operations(tiny_model_dir):
+    """The records grow with the network's operations, not its weights: the plan computes them
+    from the operations its meta trace runs, only where calls are replayed (CPU, float32)."""
+    from kscu.memory import RECORD_BYTES_PER_OPERATION
+
+    sd = FAMILIES["sd"]
+
+    def planned(**kw):
+        cfg = resolve(EraseConfig(concepts=["church"], device="cpu", **kw), family=sd)
+        return plan(str(tiny_model_dir), cfg, sd)["bytes"]
+
+    records = planned(dtype="float32")["replay_records"]
+    assert records > 0 and records % RECORD_BYTES_PER_OPERATION == 0
+    one_row = planned(dtype="float32", lambda2=0.0)["replay_records"]  # ESD's edited call
+    assert abs(one_row - records) < 0.02 * records  # the same network: nearly the same graph
+    assert "replay_records" not in planned(dtype="float32", trace_denoiser=False)
+    assert "replay_records" not in planned(dtype="bfloat16")  # not replayed: autocast
+    assert "replay_records" not in planned(dtype="float32", gradient_checkpointing=True)
 
 
 def test_cli_plan_that_fails_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):

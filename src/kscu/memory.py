@@ -24,6 +24,10 @@ networks are built on the meta device: no weights are read):
   real erase's dtypes, so under bf16/fp16 compute it also counts autocast's compute-dtype
   copies of float32 weights (the masters, and a float32 checkpoint's other weights) that
   backward needs;
+- replay_records: where the denoiser's calls are replayed (``kscu.tracing``: a CPU, float32),
+  the two recorded graphs, host memory that grows with the network's operations, not with its
+  weights: computed as ``RECORD_BYTES_PER_OPERATION`` per operation of the activations' trace
+  (torch's tracer cannot run on meta tensors);
 - restore copy: with a lossy compute dtype (bf16 of a float32 checkpoint) the trainer keeps an
   exact float32 copy of the trainable tensors in host memory, to undo a failed erase; counted in
   the total only when the erase runs on the CPU (on a GPU it is host RAM, reported apart in
@@ -59,6 +63,13 @@ from kscu.scope import trainable_names
 from kscu.tracing import replays
 
 GRAD_DTYPE_BYTES = 4
+# Host bytes the erase's two replay records (kscu.tracing: CPU, float32) hold together, per
+# operation the plan's meta trace of the edited forward and backward runs: measured (glibc's
+# heap bytes in use, each record replayed once: benchmarks/record_bytes.py --per-operation) on
+# torch 2.13 at 11,827 for the bundled world (23.39 MiB, 2,074 operations) and 11,576 for SD
+# v1.4's UNet (49.40 MiB, 4,475 operations). Torch's tracer cannot run on meta tensors, and
+# tracing real weights would cost the plan SD v1.4's 3.4 GB and 90 s, so it counts operations.
+RECORD_BYTES_PER_OPERATION = 11_700
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -103,8 +114,9 @@ def activation_bytes(
     compute: torch.dtype,
     float32: set[str],
     trainable: set[str],
-) -> int:
-    """Peak bytes one edited forward (2 rows: e and u; ESD: 1) and its backward hold.
+) -> tuple[int, int]:
+    """Peak bytes one edited forward (2 rows: e and u; ESD: 1) and its backward hold, and the
+    number of operations they ran (``replay_records`` follow it).
 
     The forward and its backward run on the meta device with the erase's own trainable tensors,
     and the count is the peak of the bytes alive (``_LiveBytes``): what autograd saves for those
@@ -154,9 +166,10 @@ def _forward_backward_peak(
     forward: Callable[[], torch.Tensor],
     compute: torch.dtype,
     inputs: list[torch.Tensor],
-) -> int:
+) -> tuple[int, int]:
     """Peak bytes alive while ``forward()`` and its backward run, the network's own tensors and
-    the inputs apart (each counted elsewhere). Changes ``net``: pass a throwaway meta network."""
+    the inputs apart (each counted elsewhere), and the number of operations both ran. Changes
+    ``net``: pass a throwaway meta network."""
     for p in net.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(_drop_grad)
@@ -166,7 +179,7 @@ def _forward_backward_peak(
         with _MetaTrace(compute):
             out = forward()
         out.float().square().mean().backward()  # a float32 gradient of the output, as the loss's
-    return live.peak
+    return live.peak, live.operations
 
 
 def _drop_grad(p: torch.Tensor) -> None:
@@ -188,8 +201,10 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self, skip: set[int]):
         super().__init__()
         self.skip, self.alive, self.live, self.peak = skip, {}, 0, 0
+        self.operations = 0  # dispatched: what a replay record's size follows
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -335,9 +350,11 @@ def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:
         "gradients": _gradient_elements(cfg, [params[n].numel() for n in names]) * GRAD_DTYPE_BYTES,
     }
     float32_weights = set(names) | (set(params) if loaded == torch.float32 else set())
-    parts["activations"] = activation_bytes(
+    parts["activations"], operations = activation_bytes(
         family, pipe_like, cfg, compute, float32_weights, set(names)
     )
+    if cfg.trace_denoiser and replays(device, compute, cfg.gradient_checkpointing):
+        parts["replay_records"] = operations * RECORD_BYTES_PER_OPERATION
     if on_cpu:  # host RAM is the erase's own memory
         parts["restore_copy"] = host.pop("restore_copy")
         if cfg.offload_adam:
@@ -358,12 +375,13 @@ def _uncounted(cfg: EraseConfig, device: torch.device, compute: torch.dtype) -> 
         left.append("the CPU random state torch keeps per checkpointed call (5 KB each)")
     if device.type == "cpu":
         left.append("library code and caches torch sets up on first use")
+    counted = "networks as configured"
     if cfg.trace_denoiser and replays(device, compute, cfg.gradient_checkpointing):
-        left.append(
-            "the graphs of the replayed denoiser calls (kscu.tracing; host memory that grows "
-            "with the network's number of operations, not with its weights)"
+        counted += (
+            "; replay_records (the graphs of the replayed denoiser calls, kscu.tracing) computed "
+            f"at {RECORD_BYTES_PER_OPERATION / 1000:g} kB per operation of one forward and backward"
         )
-    return "networks as configured; not counted: " + "; ".join(left)
+    return counted + "; not counted: " + "; ".join(left)
 
 
 @contextlib.contextmanager
