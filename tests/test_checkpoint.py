@@ -156,3 +156,14 @@ def test_check_output_keeps_erase_messages_and_takes_another_commands_markers(tm
         "overwrite=True to replace it (the old run stays until the new one is complete)"
     )
     assert check_output(folder, True) is True
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_check_output_refuses_the_current_folder(tmp_path, monkeypatch, output):
+    """Before, an erase into an empty current folder trained and then failed with a ValueError
+    traceback when moving its run into place ("PosixPath('.') has an empty name")."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(KscuError, match="is the current folder or holds it"):
+        check_output(output)
+    check_output("runs/x")  # below it: fine

@@ -75,6 +75,12 @@ def check_output(
     """
     output = Path(output)
     check_writable(output)
+    here = Path.cwd().resolve()
+    if output.resolve() == here or output.resolve() in here.parents:
+        raise KscuError(
+            f"--output {output} is the current folder or holds it; a {what} is written as a "
+            "folder of its own, moved into place at the end: give a folder below it, e.g. runs/x"
+        )
     if not output.is_dir() or not any(output.iterdir()):
         return False
     if not any((output / marker).exists() for marker in markers):

@@ -1,6 +1,6 @@
-"""``kscu analyze --output``: a folder holding an earlier analysis is refused before any model
-loads, replaced with ``--overwrite`` only once the new analysis is complete, and a folder of
-other files is never replaced.
+"""``kscu analyze --output``: an earlier analysis there is refused before any model loads, and
+with ``--overwrite`` replaced file by file, each only once the new one is complete; the folder's
+other files (an erase's run beside it, notes) are never touched.
 
 The measurement, the scorer and the model loading are stand-ins (the real ones:
 tests/test_analyze.py); what runs for real is the CLI's check and its writing of analyze.json and
@@ -20,10 +20,10 @@ import kscu.cli
 import kscu.models
 
 ALREADY = (
-    "error: --output {} already holds an analysis; give a new folder, or pass --overwrite to "
-    "replace it (the old analysis stays until the new one is complete)\n"
+    "error: --output {} already holds an analysis (analyze.json, analyze.png); give a new "
+    "folder, or pass --overwrite to replace it (each file only once the new one is complete; "
+    "other files stay)\n"
 )
-FOREIGN = "error: --output {} is not empty and holds no kscu analysis; give a new or empty folder\n"
 
 
 class Scorer:
@@ -96,22 +96,22 @@ def test_second_run_is_refused_before_any_model_loads(old, loads, capsys):
     assert snapshot(old) == before and hidden_siblings(old) == []
 
 
-def test_overwrite_replaces_the_analysis_only_once_complete(old, capsys, monkeypatch):
-    (old / "stale.txt").write_text("described the old analysis")
+def test_overwrite_replaces_the_analysis_and_keeps_other_files(old, capsys, monkeypatch):
+    (old / "weights.safetensors").write_bytes(b"an erase run beside the analysis")
     seen = []
     real_plot = kscu.analyze.plot.plot_curve
 
     def plot(path, *args):
-        seen.append((path.parent != old, seed_in(old)))  # written aside; the old one still there
+        seen.append(seed_in(old))  # the old analysis is still there while the new one is drawn
         real_plot(path, *args)
 
     monkeypatch.setattr(kscu.analyze.plot, "plot_curve", plot)
     code, _, err = analyze(capsys, old, "--seed", "2", "--overwrite")
     assert code == 0, err
-    assert seen == [(True, 1)]
-    assert {p.name for p in old.iterdir()} == {"analyze.json", "analyze.png"}  # replaced whole
-    assert seed_in(old) == 2 and (old / "analyze.png").read_bytes()[:4] == b"\x89PNG"
-    assert hidden_siblings(old) == []
+    assert seen == [1] and seed_in(old) == 2
+    assert (old / "analyze.png").read_bytes()[:4] == b"\x89PNG"
+    assert (old / "weights.safetensors").read_bytes() == b"an erase run beside the analysis"
+    assert hidden_siblings(old) == [] and not [p for p in old.iterdir() if p.name[0] == "."]
 
 
 def test_a_failed_overwrite_leaves_the_old_analysis(old, capsys, monkeypatch):
@@ -126,14 +126,21 @@ def test_a_failed_overwrite_leaves_the_old_analysis(old, capsys, monkeypatch):
     assert snapshot(old) == before and hidden_siblings(old) == []
 
 
-@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
-def test_a_folder_of_other_files_is_never_replaced(flags, tmp_path, loads, capsys):
-    folder = tmp_path / "notes"
+def test_other_files_in_the_folder_are_kept(tmp_path, loads, capsys):
+    folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "todo.txt").write_text("mine")
-    code, _, err = analyze(capsys, folder, *flags)
-    assert code == 2 and err == FOREIGN.format(folder), err
-    assert loads == [] and snapshot(folder) == {"todo.txt": b"mine"}
+    (folder / "kscu.json").write_text("{}")  # e.g. the erase the analysis belongs with
+    code, _, err = analyze(capsys, folder)
+    assert code == 0, err
+    assert {p.name for p in folder.iterdir()} == {"kscu.json", "analyze.json", "analyze.png"}
+    assert (folder / "kscu.json").read_text() == "{}"
+
+
+def test_the_current_folder_as_output(tmp_path, loads, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = analyze(capsys, ".")
+    assert code == 0, err
+    assert {p.name for p in tmp_path.iterdir()} == {"analyze.json", "analyze.png"}
 
 
 def test_new_and_empty_folders_are_written(tmp_path, loads, capsys):

@@ -1,7 +1,8 @@
 """The ``kscu analyze`` subcommand: writes ``DIR/analyze.json`` and ``DIR/analyze.png``.
 
-A folder holding an earlier analysis is refused before any model loads, or with ``--overwrite``
-replaced as a whole once the new analysis is complete (``kscu.checkpoint.check_output``).
+An earlier analysis in DIR (either file) is refused before any model loads, or with
+``--overwrite`` replaced file by file, each only once the new one is complete; the folder's other
+files are never touched (an analysis may sit beside an erase's run).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from kscu.errors import KscuError
-from kscu.fileio import write_json
+from kscu.fileio import check_writable, write_json
 
 JSON_NAME, PNG_NAME = "analyze.json", "analyze.png"
 
@@ -72,19 +73,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the analysis already in --output (only once the new one is complete)",
+        help="replace the analysis already in --output (other files there stay)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier analysis unless ``overwrite``; cheap, so it runs first."""
+    check_writable(output)
+    held = [name for name in (JSON_NAME, PNG_NAME) if (output / name).exists()]
+    if held and not overwrite:
+        raise KscuError(
+            f"--output {output} already holds an analysis ({', '.join(held)}); give a new "
+            "folder, or pass --overwrite to replace it (each file only once the new one is "
+            "complete; other files stay)"
+        )
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from kscu.analyze.analysis import analyze
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
-    from kscu.checkpoint import check_output
     from kscu.config import MODE_DEFAULTS, parse_concepts
-    from kscu.fileio import atomic_folder
     from kscu.models import load_pipeline, model_family, resolve_device
 
     concepts = parse_concepts(args.concept)
@@ -92,9 +103,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise KscuError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
     settings = settings_from_args(args)
     settings.validate()
-    replace = check_output(  # before any model loads
-        args.output, args.overwrite, (JSON_NAME, PNG_NAME), what="analysis", how="--overwrite"
-    )
+    check_output(args.output, args.overwrite)  # before any model loads
     model_family(args.model)  # a missing or foreign model folder fails before the scorer loads
     device = resolve_device(args.device)
     scorer = make_scorer(args.scorer, args.model, args.mode, args.neutral, args.clip_model, device)
@@ -111,18 +120,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         progress=not args.quiet,
     )
-    with atomic_folder(args.output, replace=replace) as folder:  # both files, or the old ones
-        write_json(folder / JSON_NAME, result)
-        plot_curve(
-            folder / PNG_NAME,
-            result["curve"],
-            result["recommended_start_step"],
-            result["task_defaults"],
-            settings.threshold,
-            f"commitment of {', '.join(concepts)} ({result['scorer']['name']}, "
-            f"{settings.samples} samples)",
-            *_single_extras(result),
-        )
+    plot_curve(  # the picture first, the JSON (what scripts read) last
+        args.output / PNG_NAME,
+        result["curve"],
+        result["recommended_start_step"],
+        result["task_defaults"],
+        settings.threshold,
+        f"commitment of {', '.join(concepts)} ({result['scorer']['name']}, "
+        f"{settings.samples} samples)",
+        *_single_extras(result),
+    )
+    write_json(args.output / JSON_NAME, result)
     print(
         f"recommended start step {result['recommended_start_step']} of {len(result['curve'])} "
         f"for {', '.join(concepts)} ({args.mode} default {result['mode_default_start_step']}; "
