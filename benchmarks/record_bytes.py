@@ -170,6 +170,8 @@ def main() -> None:
     if args.per_operation:
         record["per_operation"] = [per_operation(m) for m in models]
     else:
+        if len(models) > 1:
+            p.error("one --model at a time, unless --per-operation")
         (model,) = models
         record["model"] = "bundled world" if args.model is None else model
         record["records"] = measure(model, args.repeats)

@@ -278,6 +278,22 @@ def test_the_offline_switch_is_left_alone_behind_a_proxy(monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+def test_a_name_server_that_does_not_answer_leaves_the_switch_alone(monkeypatch):
+    import socket
+    import time
+
+    import kscu.cli
+
+    monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kscu.cli, "HUB_LOOKUP_SECONDS", 0.2)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a: time.sleep(2))  # hangs past the wait
+    start = time.monotonic()
+    kscu.cli._offline_without_hub()
+    assert time.monotonic() - start < 1.5 and "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_start_step_auto_uses_and_records_the_analysis(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):

@@ -475,6 +475,9 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
+HUB_LOOKUP_SECONDS = 2.0  # the longest a command waits to learn whether the Hub's name resolves
+
+
 def _offline_without_hub() -> None:
     """Use the Hub's local cache alone (``HF_HUB_OFFLINE=1``) when its host name does not resolve.
 
@@ -490,12 +493,23 @@ def _offline_without_hub() -> None:
     if any(os.environ.get(name) for name in proxies):
         return
     import socket
+    import threading
     from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
-    try:
-        socket.getaddrinfo(host or "huggingface.co", 443)
-    except (OSError, UnicodeError):  # no name server, an unknown name, a malformed endpoint
+    answer: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host or "huggingface.co", 443)
+            answer.append(True)
+        except (OSError, UnicodeError):  # no name server, an unknown name, a malformed endpoint
+            answer.append(False)
+
+    lookup = threading.Thread(target=resolve, daemon=True)
+    lookup.start()
+    lookup.join(HUB_LOOKUP_SECONDS)  # a name server that does not answer: undecided, left alone
+    if answer == [False]:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -503,13 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library notices (e.g. "torchvision not installed") would break the one-line error promise.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    _offline_without_hub()
     # diffusers' config lookup passes an argument huggingface_hub has deprecated (a notice per
     # Hub model, nothing the user can change)
     warnings.filterwarnings("ignore", "The `local_dir_use_symlinks` argument", UserWarning)
     _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _offline_without_hub()  # after parsing: --help and bad flags need no lookup
     try:
         return int(args.func(args) or 0)
     except KscuError as e:
