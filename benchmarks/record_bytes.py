@@ -97,21 +97,14 @@ def measure(model: str, repeats: int) -> list[dict]:
 def per_operation(model: str) -> dict:
     """Both records of an erase (no gradients, then gradients; 2 rows at the start step), after
     a first set has paid torch's first-use costs, against the plan's count of operations."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-
     from kscu.config import EraseConfig, resolve
-    from kscu.memory import RECORD_BYTES_PER_OPERATION, _components, _MetaPipe, plan
+    from kscu.memory import RECORD_BYTES_PER_OPERATION, meta_pipeline, plan
     from kscu.scope import trainable_names
 
     family = model_family(model, None)
     cfg = resolve(EraseConfig(concepts=["x"], device="cpu", dtype="float32"), family=family)
     planned = plan(model, cfg, family)["bytes"]["replay_records"]
-    scheduler = DiffusionPipeline.load_config(model)["scheduler"][1]
-    pipe = _MetaPipe(
-        _components(model, family),
-        getattr(diffusers, scheduler).load_config(model, subfolder="scheduler"),
-    )
+    pipe = meta_pipeline(model, family)
     net = family.denoiser(pipe).to_empty(device="cpu")
     trainable = set(trainable_names(net, cfg.scope, family))
     with torch.no_grad():
