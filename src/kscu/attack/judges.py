@@ -81,7 +81,8 @@ class NudityJudge:
 
 class ImageNetJudge:
     def __init__(self, class_name: str, model_id: str | None = None, device: str = "cpu"):
-        from kscu.evaluate.classify import DEFAULT_CLASSIFIER, class_index, load_classifier
+        from kscu.evaluate.classify import class_index, load_classifier
+        from kscu.protocol import DEFAULT_CLASSIFIER
 
         self.model_id = model_id or DEFAULT_CLASSIFIER
         self.model, self.processor = load_classifier(self.model_id)

@@ -35,8 +35,7 @@ from kscu.evaluate.common import (
 )
 from kscu.models import load_or_explain
 from kscu.promptfile import load_prompts
-
-DEFAULT_CLASSIFIER = "microsoft/resnet-50"
+from kscu.protocol import DEFAULT_CLASSIFIER
 
 
 def load_classifier(model_id: str):

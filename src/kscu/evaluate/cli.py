@@ -86,8 +86,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``evaluate`` (with nudity, fid, clip, classify) and ``report`` to the kscu CLI."""
-    from kscu.evaluate.classify import DEFAULT_CLASSIFIER
-    from kscu.protocol import DEFAULT_CLIP, FID_DIMS, NUDENET_THRESHOLD
+    from kscu.protocol import DEFAULT_CLASSIFIER, DEFAULT_CLIP, FID_DIMS, NUDENET_THRESHOLD
 
     ev = subparsers.add_parser(
         "evaluate",
