@@ -299,6 +299,66 @@ def test_world_train_failed_overwrite_leaves_the_old_run(old_world, capsys, monk
     assert tree(old_world.folder) == before and hidden_siblings(old_world.folder) == []
 
 
+def test_world_train_points_an_unfinished_run_to_its_snapshot(old_world, capsys):
+    """Before: the message said only "already holds a world train run" (no way to continue)."""
+    folder = old_world.folder
+    (folder / "snapshot" / "unet").mkdir(parents=True)  # a run stopped before its model/
+    before = tree(folder)
+    code, out, err = world_train(capsys, folder)
+    assert code == 2 and old_world.calls == [] and tree(folder) == before
+    assert err == (
+        f"error: --output {folder} holds an unfinished world train run; continue it with "
+        f"--init-from {folder / 'snapshot'} and a new --output, or pass --overwrite to start "
+        "again\n"
+    )
+
+
+def test_world_train_interrupted_overwrite_keeps_its_snapshot(old_world, capsys, monkeypatch):
+    """Before: the hidden folder went with the snapshots of the interrupted run."""
+    import kscu.world.train
+
+    before = tree(old_world.folder)
+    (old_world.folder.parent / "world-snapshot").mkdir()  # an earlier kept one is not replaced
+
+    def stopped(out, *args):
+        (out / "snapshot" / "unet").mkdir(parents=True)
+        (out / "snapshot" / "unet" / "weights").write_text("step 500")
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(kscu.world.train, "train_classifier", stopped)
+    with pytest.raises(RuntimeError, match="power cut"):
+        world_train(capsys, old_world.folder, "--overwrite")
+    kept = old_world.folder.parent / "world-snapshot-2"
+    assert tree(old_world.folder) == before and hidden_siblings(old_world.folder) == []
+    assert (kept / "unet" / "weights").read_text() == "step 500"
+    assert f"continue with --init-from {kept}" in capsys.readouterr().err
+
+
+def test_a_snapshot_is_saved_whole_or_not_at_all(pipe, tmp_path, monkeypatch):
+    """Before: a snapshot written again over the last one could stop half-way, mixing both."""
+    import kscu.world.train
+
+    folder = tmp_path / "snapshot"
+    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet)
+    kscu.world.train.save_pipeline(folder, *parts)
+    before = tree(folder)
+    assert "unet/diffusion_pytorch_model.safetensors" in before
+
+    def crash(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kscu.world.train.world_tokenizer, "save_tokenizer_files", crash)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1.0)  # a later snapshot's weights
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kscu.world.train.save_pipeline(folder, *parts)
+    finally:
+        with torch.no_grad():
+            next(pipe.unet.parameters()).sub_(1.0)
+    assert tree(folder) == before and hidden_siblings(folder) == []
+
+
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]])
 def test_world_train_never_replaces_a_folder_of_other_files(flags, tmp_path, capsys, monkeypatch):
     import kscu.world.train

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kscu.checkpoint import check_output
+from kscu.errors import KscuError
 from kscu.fileio import atomic_folder
 from kscu.world import tokenizer as world_tokenizer
 from kscu.world.classifier import WorldClassifier, WorldCNN, save_classifier
@@ -200,9 +202,12 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; keep the plain CLIP vocab.json + merges.txt too.
-    world_tokenizer.save_tokenizer_files(folder / "tokenizer")
+    # a whole pipeline or the previous one: a snapshot is written again every N steps, and an
+    # interrupt during its save must not leave a mix of two snapshots to continue from
+    with atomic_folder(folder, replace=True) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # transformers 5 saves only tokenizer.json; keep the plain CLIP vocab.json + merges.txt.
+        world_tokenizer.save_tokenizer_files(tmp / "tokenizer")
 
 
 def train_model(
@@ -348,17 +353,42 @@ def run(
     A missing or empty ``output`` is trained into directly (an interrupted run leaves its log and
     snapshot there). A folder holding an earlier run is refused before training starts unless
     ``overwrite``; then the new run is trained in a hidden folder beside it, which replaces it
-    only once complete (until then the old run stays, and an interrupted run leaves nothing).
-    Any other non-empty folder is refused (``kscu.checkpoint.check_output``).
+    only once complete (until then the old run stays; an interrupted run leaves only its latest
+    snapshot, moved beside ``output`` as ``NAME-snapshot``). A folder whose run stopped before
+    its model was saved is refused with the ``--init-from`` that continues it. Any other
+    non-empty folder is refused (``kscu.checkpoint.check_output``).
     """
     s = settings or WorldTrainSettings()
     out = Path(output)
+    snapshot = out / "snapshot"
+    unfinished = (out / LOG_NAME).is_file() and snapshot.is_dir() and not (out / "model").is_dir()
+    if unfinished and not overwrite:
+        raise KscuError(
+            f"--output {out} holds an unfinished world train run; continue it with --init-from "
+            f"{snapshot} and a new --output, or pass --overwrite to start again"
+        )
     if check_output(out, overwrite, markers=(LOG_NAME,), what="world train run"):
         with atomic_folder(out, replace=True) as folder:
-            _train_into(folder, s, f"{out} (trained in {folder}; the old run stays until done)")
+            try:
+                _train_into(folder, s, f"{out} (trained in {folder}; the old run stays until done)")
+            except BaseException:  # the hidden folder goes; its latest snapshot need not
+                _keep_snapshot(folder / "snapshot", out)
+                raise
     else:
         out.mkdir(parents=True, exist_ok=True)
         _train_into(out, s, str(out))
+
+
+def _keep_snapshot(snapshot: Path, out: Path) -> None:
+    """Move an interrupted ``--overwrite`` run's snapshot beside ``out``, and say where."""
+    if not snapshot.is_dir():
+        return
+    kept, k = out.with_name(f"{out.name}-snapshot"), 1
+    while kept.exists():
+        k += 1
+        kept = out.with_name(f"{out.name}-snapshot-{k}")
+    snapshot.rename(kept)
+    print(f"kept the unfinished run's snapshot: continue with --init-from {kept}", file=sys.stderr)
 
 
 def _train_into(out: Path, s: WorldTrainSettings, shown: str) -> None:
