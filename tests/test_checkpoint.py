@@ -86,6 +86,38 @@ def test_missing_files_are_clear(tmp_path, tiny_pipe):
         load_erased(tiny_pipe, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda run: (run / "kscu.json").write_text("[]"), "does not hold a JSON object"),
+        (lambda run: (run / "kscu.json").write_bytes(b"\x89PNG\x00\xff"), "cannot read"),
+        (lambda run: _drop_key(run, "base_fingerprint"), "names no base_fingerprint"),
+        (lambda run: save_erased(run, {}, read_metadata(run)), "holds no tensors"),
+    ],
+)
+def test_a_damaged_or_foreign_run_is_one_line(damage, words, erased):
+    """Before: a list or binary kscu.json raised AttributeError / UnicodeDecodeError, and a
+    kscu.json without a fingerprint (another tool's JSON) or weights without tensors loaded
+    silently, the base model unchecked."""
+    base, _, run = erased
+    damage(run)
+    with pytest.raises(KscuError, match=words) as e:
+        load_erased(base, run)
+    assert "\n" not in str(e.value)
+
+
+def test_the_weights_file_instead_of_its_folder(erased):
+    base, _, run = erased
+    with pytest.raises(KscuError, match="is a file; give the folder"):
+        load_erased(base, run / WEIGHTS)
+
+
+def _drop_key(run, key):
+    meta = read_metadata(run)
+    del meta[key]
+    (run / "kscu.json").write_text(json.dumps(meta))
+
+
 def test_bf16_erase_of_a_float32_checkpoint_is_exact_and_recorded(tiny_model_dir, tmp_path):
     """kscu erase --dtype bfloat16 on a float32 checkpoint: the saved tensors are base + update
     with no bf16 rounding of the base; kscu.json states family, timesteps and loss space; the

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kscu.checkpoint import save_erased
+from kscu.checkpoint import fingerprint, save_erased
 from kscu.cli import main
 from kscu.errors import KscuError
 from kscu.generate import SETTINGS, generate_images, prompts_sha256
@@ -94,7 +94,8 @@ def test_other_settings_are_refused_and_nothing_changes(
 
 def test_other_weights_are_refused(folder, tiny_model_dir, tiny_pipe, prompts, capsys, tmp_path):
     name, param = next(iter(tiny_pipe.unet.named_parameters()))
-    save_erased(tmp_path / "erased", {name: param.detach() + 0.1}, {"base_model": "tiny"})
+    meta = {"base_model": "tiny", "base_fingerprint": fingerprint({name: param})}
+    save_erased(tmp_path / "erased", {name: param.detach() + 0.1}, meta)
     code, _, err = generate(
         capsys,
         tiny_model_dir,
@@ -349,4 +350,27 @@ def test_a_fractional_case_number_is_refused(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "img"
     code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", prompts=csv)
     assert code == 2 and "case_number='1.5'" in err and "not a whole number" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, csv, words",
+    [
+        (["--steps", "1001"], None, "1001 sampling steps: this model's scheduler has 1000"),
+        ([], "prompt,evaluation_seed\na church,99999999999999999999999\n", "outside the seeds"),
+        (["--seed", str(2**64)], None, "outside the seeds torch takes"),
+    ],
+)
+def test_bad_steps_or_seeds_are_one_line_before_the_folder(
+    tiny_model_dir, tmp_path, capsys, extra, csv, words
+):
+    """Before: diffusers' ValueError (steps) or torch's overflow (seed) as a traceback, after the
+    output folder (and, for the seed, its generate.json) was made."""
+    prompts = None
+    if csv is not None:
+        prompts = tmp_path / "p.csv"
+        prompts.write_text(csv)
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, *extra, prompts=prompts)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()

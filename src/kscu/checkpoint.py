@@ -7,7 +7,6 @@ loading checks names, shapes and a fingerprint of the base weights the erase sta
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.fileio import atomic_target, check_writable, write_json
+from kscu.fileio import atomic_target, check_writable, read_json_object, write_json
 
 WEIGHTS = "weights.safetensors"
 METADATA = "kscu.json"
@@ -111,14 +110,19 @@ def save_erased(output: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     write_json(output / METADATA, metadata)
 
 
+def _run_folder(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if directory.is_file():  # e.g. RUN/weights.safetensors: its kscu.json is needed beside it
+        raise KscuError(f"{directory} is a file; give the folder written by `kscu erase`")
+    return directory
+
+
 def read_metadata(directory: str | Path) -> dict:
-    path = Path(directory) / METADATA
+    """An erase's ``kscu.json``: what says which base model and family its tensors fit."""
+    path = _run_folder(directory) / METADATA
     if not path.is_file():
         raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise KscuError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    return read_json_object(path, "the checkpoint is damaged")
 
 
 def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
@@ -128,7 +132,7 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
     denoiser (always), and a checkpoint made from another base model (unless ``force``: e.g. a
     deliberate transfer to a fine-tune).
     """
-    directory = Path(directory)
+    directory = _run_folder(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise KscuError(f"{weights} is missing; give a folder written by `kscu erase`")
@@ -137,6 +141,8 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise KscuError(f"cannot read {weights} ({e}); the checkpoint is damaged") from None
+    if not tensors:
+        raise KscuError(f"{weights} holds no tensors; the checkpoint is damaged")
 
     family = family_of(pipe)
     made_for = meta.get("family", "sd")
@@ -161,6 +167,11 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
             "it was made for another architecture"
         )
     expected = meta.get("base_fingerprint")
+    if not expected and not force:  # nothing to check the base model against
+        raise KscuError(
+            f"{directory / METADATA} names no base_fingerprint, so it was not written by "
+            "`kscu erase`; give an erase's folder, or pass --force / force=True to load anyway"
+        )
     if expected and not force and not _fingerprint_matches(expected, params):
         current = getattr(pipe, "name_or_path", None) or "this pipeline"
         raise KscuError(

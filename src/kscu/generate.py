@@ -48,6 +48,9 @@ def image_name(row: PromptRow) -> str:
     return f"{row.case_number}.png"
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
 def row_seed(row: PromptRow, seed: int) -> int:
     return row.seed if row.seed is not None else seed + row.case_number
 
@@ -98,10 +101,10 @@ def generate_images(
     family = family_of(pipe)
     steps = family.eval_steps if steps is None else steps
     guidance = family.eval_guidance if guidance is None else guidance
-    check_inputs(rows, guidance, resolution)  # before the folder, its record or any image
-    output.mkdir(parents=True, exist_ok=True)
+    check_inputs(rows, seed, guidance, resolution)  # before the folder, its record or any image
     size = native_resolution(pipe) if resolution is None else resolution
     record = generation_record(pipe, steps, guidance, size, seed, weights, rows=rows)
+    output.mkdir(parents=True, exist_ok=True)  # once the record (the sampler's steps) is sound
     check_resume(output, record, overwrite)  # every process, before any image
     if process_index == 0:
         start_folder(output, record, overwrite)
@@ -135,15 +138,21 @@ def generate_images(
     return written
 
 
-def check_inputs(rows: list[PromptRow], guidance: float, resolution: int | None) -> None:
+def check_inputs(rows: list[PromptRow], seed: int, guidance: float, resolution: int | None) -> None:
     """Refuse settings that would make wrong images rather than an error: a non-finite guidance
     samples all-black PNGs, and a size that is not a positive multiple of 8 is either ignored
-    (0) or does not fit the latent grid. Same rule and wording as ``kscu erase``."""
+    (0) or does not fit the latent grid. Same rule and wording as ``kscu erase``. A seed torch
+    cannot take would fail only at its row's batch, after earlier images were written."""
     if resolution is not None and (resolution <= 0 or resolution % 8 != 0):
         raise KscuError(f"--resolution must be a positive multiple of 8 (got {resolution})")
     if not math.isfinite(guidance):
         raise KscuError(f"--guidance must be a finite number (got {guidance})")
     for row in rows:
+        if not SEED_RANGE[0] <= row_seed(row, seed) <= SEED_RANGE[1]:
+            raise KscuError(
+                f"case {row.case_number} has seed {row_seed(row, seed)}, outside the seeds torch "
+                f"takes [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
+            )
         if row.guidance is not None and not math.isfinite(row.guidance):
             raise KscuError(
                 f"case {row.case_number} has evaluation_guidance {row.guidance}; "

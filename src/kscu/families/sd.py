@@ -154,6 +154,12 @@ class DDIMSampler(Sampler):
             raise KscuError(f"unknown loss space {loss_space!r}; choose one of {LOSS_SPACES}")
         self.family = family
         self.scheduler = pinned_ddim(pipe.scheduler.config)
+        trained = int(self.scheduler.config.num_train_timesteps)
+        if not 0 < num_steps <= trained:  # diffusers' own check raises deep inside set_timesteps
+            raise KscuError(
+                f"{num_steps} sampling steps: this model's scheduler has {trained} timesteps; "
+                f"give between 1 and {trained} steps"
+            )
         self.scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         self.prediction_type = self.scheduler.config.prediction_type
