@@ -58,7 +58,8 @@ def memory_plan(model: str | None, cfg: EraseConfig) -> dict[str, Any]:
         family = model_family(model, cfg.family)
         return plan(default_model() if model is None else model, cfg, family)
     except (KscuError, OSError, ValueError) as e:  # a plan must never cost a finished run
-        return {"error": f"no plan for {model!r}: {str(e).splitlines()[0][:200]}"}
+        name = "the bundled world" if model is None else repr(model)
+        return {"error": f"no plan for {name}: {str(e).splitlines()[0][:200]}"}
 
 
 def run_record(result: EraseResult, base_model: str, device: torch.device) -> dict[str, Any]:
