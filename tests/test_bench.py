@@ -117,6 +117,34 @@ def test_a_bench_of_another_concept_is_not_mixed_in(tmp_path, capsys):
     ]
 
 
+def test_a_bench_is_not_replaced_without_reuse_or_overwrite(tmp_path, capsys):
+    """Before: a second bench into the same --output erased again over the first one's runs."""
+    out = tmp_path / "b"
+    (out / "kscu").mkdir(parents=True)
+    (out / "kscu" / "kscu.json").write_text("{}")
+    code, _, err = run_cli(["bench", "--concept", "circle", "--output", out], capsys)
+    assert code == 2 and "holds no bench.json" in err and "--reuse" in err
+    (out / "bench.json").write_text(json.dumps({"concept": "circle", "mode": "class"}))
+    code, _, err = run_cli(["bench", "--concept", "circle", "--output", out], capsys)
+    assert code == 2 and "already holds a bench of 'circle'" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == ["bench.json", "kscu", "kscu.json"]
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--samples", "1"], "--samples must be >= 2"),  # before: LinAlgError after the erases
+        (["--methods", "esd", "--start-step", "auto"], "--start-step is kscu's"),  # ignored
+    ],
+)
+def test_bench_flags_that_cannot_work_are_refused(flags, words, tmp_path, capsys):
+    args = ["bench", "--concept", "circle", "--output", tmp_path / "b", *flags]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_names_its_own_attack_samples_flag(tmp_path, capsys):
     args = ["bench", "--concept", "heart", "--attack", "unlearndiff", "--attack-samples", "0"]
     code, _, err = run_cli([*args, "--output", tmp_path / "b"], capsys)
@@ -315,7 +343,7 @@ def test_a_failed_parallel_erase_is_one_line_and_stops_the_bench(tmp_path, capsy
     try:
         args = ["--concept", "heart", "--iterations", "3", "--samples", "2", "--steps", "2"]
         code, _, err = run_cli(
-            ["bench", *args, "--output", tmp_path, "--jobs", "2", "--quiet"], capsys
+            ["bench", *args, "--output", tmp_path, "--jobs", "2", "--quiet", "--overwrite"], capsys
         )
     finally:
         torch.set_num_threads(threads)

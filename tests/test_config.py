@@ -57,6 +57,13 @@ def test_esd_removes_key_steps_and_leak_term():
         ({"lambda1_alpha": float("nan")}, "--lambda1-alpha must be a finite number"),
         ({"max_sequence_length": 0}, "sets FLUX's T5 prompt length; sd has no such setting"),
         ({"num_steps": 10}, "class mode starts at key step 14, outside --num-steps 10"),
+        # found by review (stop 35): tracebacks or wrong advice before
+        ({"num_steps": 0}, r"--num-steps must be > 0 \(got 0\)"),
+        ({"seed": 10**23}, "noise seeds seed..seed\\+iterations-1 must lie in torch's"),
+        ({"seed": 2**64 - 2, "iterations": 5}, "give a smaller seed"),
+        ({"device": "foo"}, "unknown device 'foo'; use auto, cpu, cuda or cuda:N"),
+        ({"device": "mps"}, "unknown device 'mps'"),
+        ({"device": "meta"}, "unknown device 'meta'"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(kwargs, words):
@@ -70,6 +77,12 @@ def test_empty_concepts_are_refused(text):
         parse_concepts(text)
 
 
+def test_a_concept_given_twice_is_refused():
+    """Before: accepted, and trained twice per pass (another schedule than asked for)."""
+    with pytest.raises(KscuError, match="concept 'circle' given twice in 'circle,circle'"):
+        parse_concepts("circle, circle")
+
+
 def test_concepts_are_split_and_stripped():
     assert parse_concepts("Van Gogh, church") == ["Van Gogh", "church"]
 
@@ -77,6 +90,26 @@ def test_concepts_are_split_and_stripped():
 def test_unknown_preset_key_is_refused():
     with pytest.raises(KscuError, match="preset"):
         resolve(EraseConfig(concepts=["x"]), {"learning_rate": 1})
+
+
+@pytest.mark.parametrize(
+    "preset, words",
+    [
+        ({"lr": "fast"}, "sets lr='fast', not a float"),
+        ({"iterations": True}, "sets iterations=True, not a int"),
+        ({"modes": [1]}, '"modes" must map mode names to objects'),
+        ({"modes": {"class": 3}}, '"modes" must map mode names to objects'),
+    ],
+)
+def test_a_malformed_preset_is_one_line(preset, words):
+    """Before: TypeError / AttributeError from inside resolve()."""
+    with pytest.raises(KscuError, match=words):
+        resolve(EraseConfig(concepts=["x"]), preset)
+
+
+def test_a_well_typed_preset_is_taken():
+    cfg = resolve(EraseConfig(concepts=["x"]), {"lr": 1, "iterations": 9, "scope": "xattn"})
+    assert (cfg.lr, cfg.iterations, cfg.scope) == (1, 9, "xattn")
 
 
 def test_round_trip_through_dict():

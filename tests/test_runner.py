@@ -3,6 +3,7 @@ what the runner sets up before the model loads."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,24 @@ def test_crash_between_weights_and_json_leaves_the_old_run_intact(
     assert hidden_siblings(old_run) == []
 
 
+def test_overwrite_never_replaces_a_folder_made_meanwhile(tiny_model_dir, tmp_path, monkeypatch):
+    """Before: with --overwrite, a folder made at --output while the erase ran (no run there at
+    the start) was replaced, its files deleted."""
+    out = tmp_path / "out"
+    real = kscu.runner.erase
+
+    def erase_while_someone_writes(*args, **kwargs):
+        out.mkdir()
+        (out / "thesis.tex").write_text("precious")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kscu.runner, "erase", erase_while_someone_writes)
+    cfg = EraseConfig(concepts=["church"], iterations=2, num_steps=4, start_step=1)
+    with pytest.raises(KscuError, match="was filled by something else meanwhile"):
+        erase_to_folder(cfg, str(tiny_model_dir), out, progress=False, overwrite=True)
+    assert snapshot(out) == {"thesis.tex": b"precious"} and hidden_siblings(out) == []
+
+
 def test_overwrite_replaces_the_whole_run(old_run, tiny_model_dir, capsys):
     old_weights = (old_run / "weights.safetensors").read_bytes()
     code, err = erase_cli(
@@ -183,3 +202,30 @@ def test_torch_gets_huge_pages_only_when_freed_memory_is_returned(tmp_path, allo
     assert int(huge_bytes) >= 32 * 2**20 if huge else int(huge_bytes) < 8 * 2**20
     # torch keeps what it read: huge pages after the request has left the environment
     assert (left_in_environment, granted) == ("False", str(huge))
+
+
+@pytest.mark.parametrize(
+    "index_change, words",
+    [
+        ({"_class_name": "StableDiffusionXLPipeline"}, "declared a sdxl pipeline but has no"),
+        ({"_class_name": "FluxPipeline"}, "no transformer|cannot load the transformer"),
+        (None, "model_index.json does not hold a JSON object"),
+    ],
+)
+def test_a_pipeline_folder_that_does_not_match_its_class_is_one_line(
+    tiny_model_dir, tmp_path, capsys, index_change, words
+):
+    """Before: AttributeError tracebacks from --plan, and from a real erase once loaded."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    text = "[]" if index_change is None else json.dumps({**index, **index_change})
+    (model / "model_index.json").write_text(text)
+    for extra in (["--plan"], ["--output", tmp_path / "run", "--no-preview"]):
+        args = ["erase", "--concept", "church", "--model", model, *SHORT, *extra]
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and re.search(words, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

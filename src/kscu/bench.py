@@ -234,6 +234,7 @@ def run_bench(
     attack_settings: Any = None,
     reuse: bool = False,
     jobs: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Erase with each method from the same start, score all models, write bench.json/md/png.
 
@@ -247,7 +248,8 @@ def run_bench(
     seeds as UA's first images) after that attack (``kscu.attack``), with ``attack_settings``
     (an ``AttackSettings``; default: the attack's tiny-world defaults, 16 prompts).
     ``reuse`` loads erases already in ``output`` with the same resolved settings instead of
-    erasing again, and resumes their attacks; every score is computed again.
+    erasing again, and resumes their attacks; every score is computed again. An ``output``
+    holding a bench (or anything) is refused unless ``reuse`` or ``overwrite`` (erase again).
     ``jobs`` > 1 runs the erases first, that many at a time in their own processes, the CPU
     threads split between them (see ``_erase_in_parallel``); scoring follows with all threads.
     """
@@ -258,12 +260,14 @@ def run_bench(
     if not is_bundled_model(model):
         raise KscuError("kscu bench scores with the tiny world's classifier; omit --model")
     target = bench_prompts(concept, samples, seeds[0])["target"]  # outside the world: fails
-    _check_earlier_bench(Path(output), target, mode)
+    _check_earlier_bench(Path(output), target, mode, reuse or overwrite)
     unknown = sorted(set(methods) - {"kscu", "esd"})
     if unknown or not methods:
         raise KscuError(f"unknown method(s) {unknown}; --methods takes kscu and/or esd")
-    if samples <= 0 or steps <= 0:
-        raise KscuError("--samples and --steps must be > 0")
+    if samples < 2 or steps <= 0:  # FD compares feature covariances: 2 images at the least
+        raise KscuError(f"--samples must be >= 2 and --steps > 0 (got {samples} and {steps})")
+    if start_step is not None and "kscu" not in methods:
+        raise KscuError("--start-step is kscu's; add kscu to --methods or drop --start-step")
     if not math.isfinite(guidance):
         raise KscuError(f"--guidance must be a finite number (got {guidance})")
     if len(set(seeds)) != len(seeds):
@@ -352,16 +356,29 @@ def run_bench(
     return report
 
 
-def _check_earlier_bench(output: Path, concept: str, mode: str) -> None:
-    """A bench replaces the run folders it makes; another concept's would stay beside them, in
-    a folder whose bench.json no longer describes them."""
-    if not (output / "bench.json").is_file():
+def _check_earlier_bench(output: Path, concept: str, mode: str, keep: bool) -> None:
+    """A bench replaces the run folders it makes: only where the user said so (``keep``:
+    ``reuse`` or ``overwrite``), and never another concept's, which would stay beside the new
+    runs in a folder whose bench.json no longer describes them."""
+    if not output.is_dir() or not any(output.iterdir()):
         return
+    if not (output / "bench.json").is_file():
+        if keep:  # an interrupted bench's erases (reused where they match, else replaced)
+            return
+        raise KscuError(
+            f"--output {output} is not empty and holds no bench.json; give a new or empty "
+            "folder, or pass --reuse (an interrupted bench) or --overwrite"
+        )
     old = read_json_object(output / "bench.json", "remove it or give another --output")
     if (old.get("concept"), old.get("mode")) != (concept, mode):
         raise KscuError(
             f"{output} holds a bench of {old.get('concept')!r} ({old.get('mode')} mode), not "
             f"{concept!r} ({mode} mode); give another --output"
+        )
+    if not keep:
+        raise KscuError(
+            f"--output {output} already holds a bench of {concept!r}; pass --reuse to keep its "
+            "erases made with the same settings, or --overwrite to erase again"
         )
 
 

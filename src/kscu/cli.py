@@ -22,7 +22,12 @@ from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 def _int_or_auto(text: str) -> int | str:
     """``--start-step 14`` or ``--start-step auto`` (chosen by ``kscu analyze``, cached)."""
-    return "auto" if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:  # argparse would name this function in its message
+        raise argparse.ArgumentTypeError(f"give a step number or auto (got {text!r})") from None
 
 
 # (flag name = EraseConfig field, type, help) for every overridable hyperparameter.
@@ -365,6 +370,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "again, and resume their attacks; scores are computed again",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="erase again into an --output that holds a bench (without it: refused, or --reuse)",
+    )
+    p.add_argument(
         "--fast-cpu-conv",
         action="store_true",
         help="every erase with kscu erase --fast-cpu-conv (torch's native convolution): faster "
@@ -418,6 +428,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         attack=args.attack,
         attack_settings=_bench_attack_settings(args.attack_samples),
         reuse=args.reuse,
+        overwrite=args.overwrite,
         jobs=args.jobs,
         samples=args.samples,
         steps=args.steps,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,11 @@ def parse_concepts(text: str | list[str]) -> list[str]:
         raise KscuError(
             f'empty concept in {text!r}; give --concept "church" or a comma-separated list'
         )
+    twice = sorted({c for c in concepts if concepts.count(c) > 1})
+    if twice:  # it would be trained twice per pass: another schedule than the one asked for
+        raise KscuError(
+            f"concept {twice[0]!r} given twice in {','.join(concepts)!r}; give each concept once"
+        )
     return concepts
 
 
@@ -179,7 +185,7 @@ def resolve(
     values["concepts"] = concepts
     values["preset"] = {**config.preset, **applied}  # resolving twice keeps the record
     out = EraseConfig(**values)
-    if config.start_step is None and not 0 <= out.start_step < out.num_steps:
+    if config.start_step is None and out.num_steps > 0 and not 0 <= out.start_step < out.num_steps:
         raise KscuError(  # the user changed --num-steps, not the start step the mode picked
             f"{config.mode} mode starts at key step {out.start_step}, outside --num-steps "
             f"{out.num_steps}; pass --start-step below {out.num_steps}"
@@ -188,13 +194,21 @@ def resolve(
     return out
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
 def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     """A preset's flat keys apply to every mode; ``{"modes": {"class": {...}}}`` to one mode.
 
     Keys starting with ``_`` are comments (e.g. ``_why``: the measurements behind the values).
     """
+    modes = preset.get("modes", {})
+    if not isinstance(modes, dict) or not all(isinstance(v, dict) for v in modes.values()):
+        raise KscuError(
+            'model preset\'s "modes" must map mode names to objects; fix kscu_preset.json'
+        )
     flat = {k: v for k, v in preset.items() if k != "modes" and not k.startswith("_")}
-    flat.update(preset.get("modes", {}).get(mode, {}))
+    flat.update(modes.get(mode, {}))
     allowed = set(MODE_DEFAULTS["class"]) | set(DEFAULTS)
     unknown = sorted(set(flat) - allowed)
     if unknown:
@@ -202,6 +216,13 @@ def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
             f"model preset has unknown keys {unknown}; fix kscu_preset.json (allowed: "
             f"{sorted(allowed)})"
         )
+    for key, value in flat.items():  # the type of the default (None: a number or a string)
+        kind = type(DEFAULTS.get(key, MODE_DEFAULTS["class"].get(key)))
+        ok = isinstance(value, (int, float) if kind in (int, float) else kind)
+        if kind is not type(None) and (not ok or isinstance(value, bool) != (kind is bool)):
+            raise KscuError(
+                f"model preset sets {key}={value!r}, not a {kind.__name__}; fix kscu_preset.json"
+            )
     return flat
 
 
@@ -246,6 +267,15 @@ def _validate(c: EraseConfig, family: Any) -> None:
         "on the device: choose one",
     )
     need(c.iterations > 0, f"--iterations must be > 0 (got {c.iterations})")
+    need(  # iteration i draws its noise with seed + i
+        SEED_RANGE[0] <= c.seed and c.seed + c.iterations - 1 <= SEED_RANGE[1],
+        f"--seed {c.seed}: the noise seeds seed..seed+iterations-1 must lie in torch's "
+        f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed",
+    )
+    need(
+        c.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", c.device) is not None,
+        f"unknown device {c.device!r}; use auto, cpu, cuda or cuda:N",
+    )
     need(c.num_steps > 0, f"--num-steps must be > 0 (got {c.num_steps})")
     need(
         0 <= c.start_step < c.num_steps,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import kscu
 from kscu.checkpoint import WEIGHTS
+from kscu.config import SEED_RANGE
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_target, read_json_object, write_text
@@ -46,9 +47,6 @@ _EXPLAINED = {"prompts_sha256": "the rows' case numbers, prompts, seeds or guida
 
 def image_name(row: PromptRow) -> str:
     return f"{row.case_number}.png"
-
-
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def row_seed(row: PromptRow, seed: int) -> int:

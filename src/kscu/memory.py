@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kscu.allocator import glibc, proc_bytes
 from kscu.config import EraseConfig
-from kscu.models import TORCH_DTYPES, resolve_device, stored_dtype
+from kscu.models import TORCH_DTYPES, check_networks, resolve_device, stored_dtype
 from kscu.optim import steps_together
 from kscu.scope import trainable_names
 from kscu.tracing import replays
@@ -104,6 +104,7 @@ def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:
             "Model|Transformer|UNet|Autoencoder", cls_name
         ):
             out[name] = _meta_component(source, name, cls_name, library)
+    check_networks(source, family, out)
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from kscu.errors import KscuError
+from kscu.fileio import read_json_object
 
 PRESET_FILE = "kscu_preset.json"
 T = TypeVar("T")
@@ -148,9 +149,23 @@ def load_pipeline(
         )
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    check_networks(model, fam, pipe.components)
     pipe.set_progress_bar_config(disable=True)
     pipe._kscu_family = fam.name
     return pipe.to(device)
+
+
+def check_networks(source: str, family: Any, networks: dict[str, Any]) -> None:
+    """A folder whose model_index.json names a pipeline class without that family's networks
+    (an SDXL class over SD parts) would fail deep inside the first call that needs one."""
+    missing = [
+        n for n in (family.denoiser_attr, *family.encoder_modules) if networks.get(n) is None
+    ]
+    if missing:
+        raise KscuError(
+            f"{source} is declared a {family.name} pipeline but has no {missing[0]}; "
+            "fix its model_index.json or give the matching --family"
+        )
 
 
 def stored_dtype(source: str, family: Any) -> torch.dtype:
@@ -183,13 +198,13 @@ def model_family(model: str | None, family: str | None = None) -> Any:
 
     model = default_model() if model is None else str(model)
     path = Path(model).expanduser()
+    if not path.exists() and _looks_local(model):
+        raise KscuError(f"model folder {model} does not exist; give a folder or a hub id")
     if family is not None:
         named = get_family(family)
         if (path / "model_index.json").is_file():
             _check_named_family(path, named)
         return named
-    if not path.exists() and _looks_local(model):
-        raise KscuError(f"model folder {model} does not exist; give a folder or a hub id")
     if path.exists() and not (path / "model_index.json").is_file():
         raise KscuError(
             f"{model} is not a diffusers pipeline folder (no model_index.json); "
@@ -227,10 +242,7 @@ def read_preset(model: str | None) -> dict[str, Any]:
     path = Path(default_model() if model is None else model).expanduser() / PRESET_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise KscuError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    return read_json_object(path, "fix or remove it")
 
 
 def native_resolution(pipe: Any) -> int:

@@ -57,9 +57,13 @@ def memory_plan(model: str | None, cfg: EraseConfig) -> dict[str, Any]:
     try:
         family = model_family(model, cfg.family)
         return plan(default_model() if model is None else model, cfg, family)
-    except (KscuError, OSError, ValueError) as e:  # a plan must never cost a finished run
+    except Exception as e:  # a plan must never cost a finished run
         name = "the bundled world" if model is None else repr(model)
-        return {"error": f"no plan for {name}: {str(e).splitlines()[0][:200]}"}
+        why = str(e).splitlines()[0][:200] if str(e).strip() else ""
+        why = (
+            why if isinstance(e, KscuError | OSError | ValueError) else f"{type(e).__name__}: {why}"
+        )
+        return {"error": f"no plan for {name}: {why}"}
 
 
 def run_record(result: EraseResult, base_model: str, device: torch.device) -> dict[str, Any]:
@@ -104,7 +108,7 @@ def erase_to_folder(
     ``overwrite`` (see ``kscu.checkpoint.check_output``).
     """
     cfg = prepare(config, model, pipe)
-    check_output(output, overwrite)  # before any weights load
+    replace = check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
@@ -143,7 +147,8 @@ def erase_to_folder(
     record["memory_plan"] = plan
     if analysis is not None:
         record["start_step_analysis"] = analysis
-    with atomic_folder(output, replace=overwrite) as folder:
+    # only the run found above: a folder made there meanwhile is not replaced, even so
+    with atomic_folder(output, replace=replace) as folder:
         save_erased(folder, result.tensors, record)
         if preview_prompts:
             after = preview.sample(pipe, preview_prompts, cfg.seed, resolution=size)

@@ -285,4 +285,5 @@ def _nonfinite(value: float, i: int, s: int, dtype: str) -> str:
             f"float16 overflowed in the forward pass (loss {value} at iteration {i}, step {s}); "
             "use --dtype bfloat16 (float32's range at float16's cost) or float32"
         )
-    return f"loss became {value} at iteration {i} (step {s}); lower --lr or use --dtype float32"
+    fix = "lower --lr" + (" or use --dtype float32" if dtype != "float32" else "")
+    return f"loss became {value} at iteration {i} (step {s}); {fix}"

@@ -6,7 +6,6 @@ named by the user (``--family``). Adding a family means adding its module and on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from kscu.errors import KscuError
 from kscu.families.flux import FluxFamily
 from kscu.families.sd import SDFamily
 from kscu.families.sdxl import SDXLFamily
+from kscu.fileio import read_json_object
 
 FAMILIES: dict[str, Any] = {"sd": SDFamily(), "sdxl": SDXLFamily(), "flux": FluxFamily()}
 
@@ -48,12 +48,8 @@ def detect_family(model_folder: Path | None, class_name: str | None = None) -> A
     """From a local folder's ``model_index.json`` (or a class name read from the hub)."""
     if class_name is None and model_folder is not None:
         index = model_folder / "model_index.json"
-        try:
-            class_name = json.loads(index.read_text()).get("_class_name")
-        except (OSError, json.JSONDecodeError) as e:
-            raise KscuError(
-                f"cannot read {index} ({e}); give a diffusers pipeline folder"
-            ) from None
+        fix = "give a diffusers pipeline folder"
+        class_name = read_json_object(index, fix).get("_class_name")
     if not class_name:
         return FAMILIES["sd"]
     return family_for_class(class_name, str(model_folder or "the model"))
