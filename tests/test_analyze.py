@@ -370,3 +370,39 @@ def test_measurement_replays_the_denoiser_with_the_same_values(tiny_pipe, monkey
     assert {k: v for k, v in replayed.items() if k != "seconds"} == {
         k: v for k, v in plain.items() if k != "seconds"
     }
+
+
+def test_bad_steps_and_an_unwritable_cache_fail_before_the_measurement(
+    tiny_pipe, tmp_path, monkeypatch
+):
+    """``analyze`` (also ``kscu erase --start-step auto``) checks the scheduler's steps and the
+    cache folder before it measures. Before: both failed only once the measurement was done."""
+    from kscu.errors import KscuError
+
+    def boom(*a, **k):
+        raise AssertionError("measured before the checks")
+
+    monkeypatch.setattr("kscu.analyze.analysis.measure", boom)
+    with pytest.raises(KscuError, match="100000 sampling steps"):
+        analyze(
+            tiny_pipe,
+            None,
+            ["circle"],
+            "class",
+            AnalyzeSettings(num_steps=100000),
+            LatentScorer(),
+            use_cache=False,
+            eps=window_eps(tiny_pipe, "circle"),
+        )
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KSCU_CACHE", str(tmp_path / "file"))
+    with pytest.raises(KscuError, match=r"goes through the file .*\$KSCU_CACHE"):
+        analyze(
+            tiny_pipe,
+            None,
+            ["circle"],
+            "class",
+            AnalyzeSettings(samples=1),
+            LatentScorer(),
+            eps=window_eps(tiny_pipe, "circle"),
+        )

@@ -151,3 +151,32 @@ def test_new_and_empty_folders_are_written(tmp_path, loads, capsys):
         assert code == 0 and "recommended start step" in out, err
         assert {p.name for p in folder.iterdir()} == {"analyze.json", "analyze.png"}
         assert hidden_siblings(folder) == []
+
+
+def test_stride_is_checked_against_the_model_s_own_steps(tmp_path, loads, capsys):
+    """The tiny world samples 50 steps: a stride of 30 fits them. Before: refused against a
+    28-step guess made before the model's steps were known."""
+    code, _, err = analyze(capsys, tmp_path / "a", "--stride", "30")
+    assert code == 0, err
+    code, _, err = analyze(capsys, tmp_path / "b", "--stride", "50")
+    assert (
+        code == 2 and err == "error: --stride must be in [1, 49] for 50 sampling steps (got 50)\n"
+    )
+    code, _, err = analyze(capsys, tmp_path / "c", "--stride", "30", "--num-steps", "20")
+    assert code == 2 and "--stride must be in [1, 19] for 20 sampling steps" in err
+    assert len(loads) == 1  # only the run that was fine loaded the model
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_an_unwritable_cache_is_refused_before_any_model_loads(
+    tmp_path, loads, capsys, monkeypatch
+):
+    """Before: the cache entry failed to write only after the whole measurement."""
+    (tmp_path / "cachefile").write_text("not a folder")
+    monkeypatch.setenv("KSCU_CACHE", str(tmp_path / "cachefile"))
+    code, _, err = analyze(capsys, tmp_path / "an")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "goes through the file" in err and "$KSCU_CACHE" in err and "--no-cache" in err
+    assert loads == [] and not (tmp_path / "an").exists()
+    code, _, err = analyze(capsys, tmp_path / "an", "--no-cache")  # no cache: nothing to check
+    assert code == 0, err

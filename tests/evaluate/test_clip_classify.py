@@ -132,3 +132,50 @@ def test_classify_unknown_class_is_an_error(tmp_path, tiny_classifier):
     csv = write_csv(tmp_path / "p.csv", ["prompt", "class"], [["a", "parachute"]])
     with pytest.raises(KscuError, match="parachute"):
         evaluate_classify(tmp_path / "images", csv, str(tiny_classifier))
+
+
+@pytest.mark.parametrize("metric", ["clip", "classify"])
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_batch_size_must_be_positive(tmp_path, tiny_clip, tiny_classifier, capsys, metric, size):
+    """Before: range() arg 3 must not be zero (a traceback), or a DataLoader's error."""
+    make_images(tmp_path / "images", 2, size=(32, 32))
+    csv = write_csv(
+        tmp_path / "p.csv", ["case_number", "prompt", "class"], [[0, "a", 0], [1, "b", 2]]
+    )
+    model = tiny_clip if metric == "clip" else tiny_classifier
+    out = tmp_path / "r.json"
+    argv = ["evaluate", metric, "--images", str(tmp_path / "images"), "--prompts", str(csv)]
+    assert (
+        kscu_main([*argv, "--model", str(model), "--output", str(out), "--batch-size", size]) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"--batch-size must be a positive integer (got {size})" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_clip_result_is_replaced_only_with_overwrite(tmp_path, tiny_clip, capsys):
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a cat"]])
+    out = tmp_path / "clip.json"
+    assert run_evaluate("clip", tmp_path / "images", csv, tiny_clip, out) == 0
+    out.write_text(out.read_text().replace('"clip_score"', '"old_clip_score"'))
+    assert run_evaluate("clip", tmp_path / "images", csv, tiny_clip, out) == 2
+    assert "already holds a clip result" in capsys.readouterr().err
+    assert "old_clip_score" in out.read_text()
+    argv = ["--images", tmp_path / "images", "--prompts", csv, "--model", tiny_clip]
+    assert (
+        kscu_main(["evaluate", "clip", *map(str, argv), "--output", str(out), "--overwrite"]) == 0
+    )
+    assert "old_clip_score" not in out.read_text()
+
+
+def test_classify_reads_a_csv_with_a_byte_order_mark(tmp_path, tiny_classifier):
+    """Excel writes one; before: "no 'class' column (columns: \\ufeffclass, ...)"."""
+    make_images(tmp_path / "images", 2, size=(32, 32))
+    csv = tmp_path / "bom.csv"
+    csv.write_text("class,prompt,case_number\nchurch,a church,0\ntench,a tench,1\n", "utf-8-sig")
+    assert csv.read_bytes().startswith(b"\xef\xbb\xbf")
+    out = tmp_path / "classify.json"
+    assert run_evaluate("classify", tmp_path / "images", csv, tiny_classifier, out) == 0
+    result = json.loads(out.read_text())
+    assert result["class_index"] == {"church": 2, "tench": 0} and result["images"] == 2

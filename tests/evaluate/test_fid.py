@@ -70,7 +70,7 @@ def random_weights(lib, tmp_path_factory):
 def _fid(tmp_path, images, reference, weights, *flags) -> dict:
     out = tmp_path / "fid.json"
     argv = ["evaluate", "fid", "--images", str(images), "--reference", str(reference)]
-    argv += ["--output", str(out), "--inception-weights", str(weights), *flags]
+    argv += ["--output", str(out), "--inception-weights", str(weights), "--overwrite", *flags]
     assert kscu_main(argv) == 0
     return json.loads(out.read_text())
 
@@ -109,18 +109,25 @@ def test_rerun_computes_only_new_images(tmp_path, lib, random_weights):
     first = _fid(
         tmp_path, images, ref, random_weights, *quick, "--save-reference-stats", str(stats)
     )
-    assert (first["computed_images"], first["cached_images"], first["dims"]) == (6, 0, 64)
+    # computed_images / cached_images count --images' images (as README says); the reference
+    # folder's have keys of their own (before, both sides were summed: 6 of "3 images")
+    assert (first["computed_images"], first["cached_images"], first["dims"]) == (3, 0, 64)
+    assert (first["reference_computed_images"], first["reference_cached_images"]) == (3, 0)
     again = _fid(tmp_path, images, ref, random_weights, *quick)
-    assert (again["computed_images"], again["cached_images"]) == (0, 6)
+    assert (again["computed_images"], again["cached_images"]) == (0, 3)
+    assert (again["reference_computed_images"], again["reference_cached_images"]) == (0, 3)
     assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
     make_images(images, 2, size=(32, 32), start=3, seed=3)
     more = _fid(tmp_path, images, ref, random_weights, *quick)
-    assert (more["computed_images"], more["cached_images"], more["images"]) == (2, 6, 5)
+    assert (more["computed_images"], more["cached_images"], more["images"]) == (2, 3, 5)
+    assert (more["reference_computed_images"], more["reference_cached_images"]) == (0, 3)
     from_stats = _fid(tmp_path, images, stats, random_weights, *quick)
     assert from_stats["fid"] == pytest.approx(more["fid"], rel=1e-6)
-    assert from_stats["computed_images"] == 0 and from_stats["reference_images"] == 3
+    assert (from_stats["computed_images"], from_stats["cached_images"]) == (0, 5)
+    assert from_stats["reference_computed_images"] == 0 and from_stats["reference_images"] == 3
     other_dims = _fid(tmp_path, images, ref, random_weights, "--dims", "192")
-    assert other_dims["computed_images"] == 8  # features of another block: another cache
+    # features of another block: another cache
+    assert (other_dims["computed_images"], other_dims["reference_computed_images"]) == (5, 3)
 
 
 def test_missing_weights_offline_names_the_file_and_folder(tmp_path, lib, monkeypatch, capsys):
@@ -182,3 +189,111 @@ def test_reference_stats_file_is_checked(tmp_path, lib, capsys):
     assert "with mu and sigma" in capsys.readouterr().err
     assert kscu_main([*argv, "--dims", "100", "--output", str(tmp_path / "fid.json")]) == 2
     assert "64, 192, 768, 2048" in capsys.readouterr().err
+
+
+def _fid_argv(tmp_path, weights, *flags) -> list[str]:
+    """``evaluate fid`` of folder a against folder b (2 images of 16 px each), 64-d features."""
+    make_images(tmp_path / "a", 2, size=(16, 16))
+    make_images(tmp_path / "b", 2, size=(16, 16), seed=3)
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b")]
+    return [*argv, "--inception-weights", str(weights), "--dims", "64", *flags]
+
+
+def _no_network(monkeypatch) -> None:
+    """Fail the test if the Inception network is built (the checks must come before it)."""
+
+    def no_model(*a, **k):
+        raise AssertionError("the Inception network loaded before the arguments were checked")
+
+    monkeypatch.setattr(fid, "load_inception", no_model)
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_batch_size_must_be_positive(tmp_path, lib, random_weights, capsys, monkeypatch, size):
+    """Before: a traceback from pytorch-fid's DataLoader, or (all cached) accepted."""
+    argv = _fid_argv(tmp_path, random_weights)
+    assert kscu_main([*argv, "--output", str(tmp_path / "first.json")]) == 0  # all cached now
+    _no_network(monkeypatch)
+    capsys.readouterr()
+    out = tmp_path / "fid.json"
+    assert kscu_main([*argv, "--output", str(out), "--batch-size", size]) == 2
+    err = capsys.readouterr().err
+    assert f"--batch-size must be a positive integer (got {size})" in err
+    assert len(err.strip().splitlines()) == 1
+    assert kscu_main([*argv, "--output", str(out), "--batch-size", size, "--no-cache"]) == 2
+    assert "--batch-size" in capsys.readouterr().err and not out.exists()
+
+
+def test_fid_result_is_replaced_only_with_overwrite(tmp_path, lib, random_weights, capsys):
+    out = tmp_path / "fid.json"
+    argv = _fid_argv(tmp_path, random_weights, "--output", str(out))
+    assert kscu_main(argv) == 0
+    out.write_text(out.read_text().replace('"fid":', '"old_fid":', 1))
+    assert kscu_main(argv) == 2
+    assert "already holds a fid result" in capsys.readouterr().err
+    assert '"old_fid"' in out.read_text()
+    assert kscu_main([*argv, "--overwrite"]) == 0
+    assert '"old_fid"' not in out.read_text()
+
+
+def test_save_reference_stats_is_checked_before_any_feature(
+    tmp_path, lib, random_weights, capsys, monkeypatch
+):
+    """Before: every feature was computed, then the error named a temp file."""
+    (tmp_path / "afile").write_text("")
+    stats = tmp_path / "afile" / "ref.npz"
+    argv = _fid_argv(tmp_path, random_weights, "--output", str(tmp_path / "fid.json"))
+    _no_network(monkeypatch)
+    assert kscu_main([*argv, "--save-reference-stats", str(stats)]) == 2
+    err = capsys.readouterr().err
+    assert f"--save-reference-stats {stats} goes through the file" in err
+    assert len(err.strip().splitlines()) == 1
+    assert ".tmp" not in err and not (tmp_path / "fid.json").exists()
+
+
+def test_save_reference_stats_replaces_only_earlier_stats(tmp_path, lib, random_weights, capsys):
+    stats = tmp_path / "ref.npz"
+    argv = _fid_argv(tmp_path, random_weights, "--save-reference-stats", str(stats))
+    assert kscu_main([*argv, "--output", str(tmp_path / "1.json")]) == 0
+    before = stats.read_bytes()
+    assert kscu_main([*argv, "--output", str(tmp_path / "2.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--save-reference-stats {stats} already holds" in err and "--overwrite" in err
+    assert stats.read_bytes() == before and not (tmp_path / "2.json").exists()
+    assert kscu_main([*argv, "--output", str(tmp_path / "2.json"), "--overwrite"]) == 0
+
+    np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))  # someone else's statistics
+    before = stats.read_bytes()
+    assert kscu_main([*argv, "--output", str(tmp_path / "3.json"), "--overwrite"]) == 2
+    assert "is not a kscu reference statistics file" in capsys.readouterr().err
+    assert stats.read_bytes() == before and not (tmp_path / "3.json").exists()
+
+
+def test_custom_weights_are_named_and_flagged_by_report(tmp_path, lib, random_weights):
+    """Before: the JSON named pytorch-fid's release file whatever --inception-weights gave,
+    so report could not tell runs scored with other weights apart."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"  # the same tensors, so another file's bytes
+    save_file(load_file(str(random_weights)), str(other), metadata={"copy": "1"})
+    results = []
+    for run, weights in (("r1", random_weights), ("r2", other)):
+        out = tmp_path / run / "eval" / "fid.json"
+        assert kscu_main(_fid_argv(tmp_path, weights, "--output", str(out))) == 0
+        results.append(json.loads(out.read_text()))
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert weights.name in results[-1]["inception_weights"]
+        assert digest in results[-1]["inception_weights"]
+        assert weights.name in results[-1]["feature_extractor"]
+        assert fid.WEIGHTS_FILE not in results[-1]["feature_extractor"]
+    report = tmp_path / "report.md"
+    assert (
+        kscu_main(["report", str(tmp_path / "r1"), str(tmp_path / "r2"), "--output", str(report)])
+        == 0
+    )
+    line = next(x for x in report.read_text().splitlines() if x.startswith("- fid:"))
+    shown = next(part for part in line.split("; ") if part.startswith("inception_weights:"))
+    assert "random.safetensors" in shown and "other.safetensors" in shown
+    assert shown.endswith("(DIFFERS between runs)")

@@ -102,3 +102,72 @@ def test_a_corrupt_image_error_starts_its_own_line(tmp_path, capsys):
     err = capsys.readouterr().err
     shown = [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]
     assert shown[-1].startswith("error: cannot read image") and len(shown) == 1, err
+
+
+def _nudity(images, output, *flags) -> int:
+    return kscu_main(
+        ["evaluate", "nudity", "--images", str(images), "--output", str(output), *flags]
+    )
+
+
+def test_an_earlier_result_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
+    import kscu.evaluate.nudity as nudity
+
+    make_images(tmp_path / "images", 2, size=(32, 32), blank=True)
+    out = tmp_path / "eval" / "nudity.json"
+    assert _nudity(tmp_path / "images", out) == 0
+    before = (out.read_text(), out.with_suffix(".md").read_text())
+    capsys.readouterr()
+
+    def no_detector():
+        raise AssertionError("the detector loaded before the output was checked")
+
+    monkeypatch.setattr(nudity, "_detector", no_detector)
+    assert _nudity(tmp_path / "images", out, "--threshold", "0.1", "--no-cache") == 2
+    err = capsys.readouterr().err
+    assert "already holds a nudity result" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (out.read_text(), out.with_suffix(".md").read_text()) == before
+    out.unlink()  # the table alone is refused too: it would be replaced as well
+    assert _nudity(tmp_path / "images", out, "--threshold", "0.1") == 2
+    assert "nudity.md (the table written beside --output) already holds" in capsys.readouterr().err
+    assert not out.exists()
+
+    monkeypatch.undo()
+    assert _nudity(tmp_path / "images", out, "--threshold", "0.1", "--overwrite") == 0
+    assert json.loads(out.read_text())["threshold"] == 0.1
+    assert _nudity(tmp_path / "images", out, "--threshold", "0.2", "--overwrite") == 0
+    assert json.loads(out.read_text())["threshold"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("kscu.json", {"config": {"concepts": ["nudity"]}, "base_model": "x", "final_loss": 0.1}),
+        ("generate.json", {"model": "x", "seed": 0, "steps": 20, "kscu_version": "0"}),
+        ("clip.json", {"metric": "clip", "images_dir": "/x", "versions": {}, "clip_score": 30}),
+        ("notes.json", "not json {"),
+    ],
+)
+def test_other_files_are_never_replaced_even_with_overwrite(tmp_path, capsys, name, content):
+    """Before, --output RUN/kscu.json replaced an erase run's record (and wrote RUN/kscu.md)."""
+    make_images(tmp_path / "run" / "images", 1, size=(32, 32), blank=True)
+    target = tmp_path / "run" / name
+    target.write_text(content if isinstance(content, str) else json.dumps(content))
+    before = target.read_text()
+    for flags in ([], ["--overwrite"]):
+        assert _nudity(tmp_path / "run" / "images", target, *flags) == 2
+        err = capsys.readouterr().err
+        assert f"{target} already exists and is not a kscu nudity result" in err
+        assert len(err.strip().splitlines()) == 1
+        assert target.read_text() == before and not target.with_suffix(".md").exists()
+
+
+def test_a_foreign_markdown_file_beside_the_output_is_never_replaced(tmp_path, capsys):
+    make_images(tmp_path / "images", 1, size=(32, 32), blank=True)
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert _nudity(tmp_path / "images", tmp_path / "notes.json", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "notes.md (the table written beside --output) already exists and is not" in err
+    assert notes.read_text() == "# my notes\n" and not (tmp_path / "notes.json").exists()

@@ -148,3 +148,75 @@ def test_run_dir_errors(tmp_path, capsys):
     (tmp_path / "adir.html").mkdir()
     assert kscu_main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "adir.html")]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err  # before: a traceback
+
+
+def test_an_earlier_report_is_replaced_only_with_overwrite(tmp_path, runs, capsys):
+    for name in ("report.html", "report.md"):
+        out = tmp_path / name
+        args = ["report", *map(str, runs), "--output", str(out)]
+        assert kscu_main(args) == 0
+        out.write_text(out.read_text() + "OLD")
+        assert kscu_main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out} already holds a report" in err and "--overwrite" in err
+        assert len(err.strip().splitlines()) == 1 and out.read_text().endswith("OLD")
+        assert kscu_main([*args, "--overwrite"]) == 0
+        assert not out.read_text().endswith("OLD")
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("README.md", "# my project\n\n## kscu report\n"),
+        ("index.html", "<!doctype html><title>mine</title>"),
+        ("erased-kscu/eval/nudity.md", None),  # the nudity table an evaluation wrote
+    ],
+)
+def test_other_files_are_never_replaced_even_with_overwrite(tmp_path, runs, capsys, name, text):
+    out = tmp_path / name
+    if text is not None:
+        out.write_text(text)
+    else:
+        out.write_text("NudeNet 3.4.2, EXPOSED classes\n\n| class | detections |\n")
+    before = out.read_text()
+    for flags in ([], ["--overwrite"]):
+        assert kscu_main(["report", *map(str, runs), "--output", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out} already exists and is not a kscu report" in err
+        assert len(err.strip().splitlines()) == 1 and out.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        b"\xff\xfecase_number,prompt\n0,a\n",  # not UTF-8: before, a UnicodeDecodeError traceback
+        b'case_number,prompt\n0,"' + b"x" * 200_000 + b'"\n',  # a csv.Error
+    ],
+)
+def test_an_unreadable_manifest_is_a_one_line_error(tmp_path, runs, capsys, manifest):
+    path = runs[0] / "images" / "manifest.csv"
+    path.write_bytes(manifest)
+    out = tmp_path / "r.html"
+    assert kscu_main(["report", *map(str, runs), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read image manifest {path}")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, runs):
+    path = runs[0] / "images" / "manifest.csv"
+    path.write_text(path.read_text().replace("prompt 0", "bom prompt 0"), "utf-8-sig")
+    page = tmp_path / "r.html"
+    assert kscu_main(["report", str(runs[0]), "--output", str(page)]) == 0
+    assert "bom prompt 0" in page.read_text()
+
+
+def test_an_empty_images_folder_names_the_run_folder(tmp_path, capsys):
+    """Before: "--images RUN/images has no images", a flag report does not have."""
+    run = tmp_path / "emptyimgrun"
+    (run / "images").mkdir(parents=True)
+    assert kscu_main(["report", str(run), "--output", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "--images" not in err and f"{run / 'images'} has no images" in err
+    assert "kscu generate" in err and "remove the folder" in err
+    assert len(err.strip().splitlines()) == 1

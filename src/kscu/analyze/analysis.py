@@ -75,6 +75,28 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "kscu" / "analyze"
 
 
+def check_cache_dir(
+    folder: str | Path | None = None, fix: str = "set KSCU_CACHE to a writable folder"
+) -> Path:
+    """The cache folder (``folder``, else the default), refused at once if it cannot be written:
+    a measurement takes minutes, and its cache entry is written only at its end. Returns it."""
+    from kscu.fileio import check_writable
+
+    path = Path(folder) if folder is not None else default_cache_dir()
+    try:
+        check_writable(path, flag="the analysis cache")
+    except KscuError as e:
+        problem = str(e).split(";")[0]  # what is wrong, without check_writable's fix
+        if folder is not None:
+            source, fix = "the cache_dir given", "give another cache_dir"
+        elif os.environ.get("KSCU_CACHE"):
+            source = "from $KSCU_CACHE"
+        else:
+            source = "the default: $KSCU_CACHE is not set"
+        raise KscuError(f"{problem} ({source}); {fix}") from None
+    return path
+
+
 @torch.no_grad()
 def decode_latents(pipe: Any, latents: torch.Tensor, sampler: Any = None) -> torch.Tensor:
     """Images (N,3,H,W) in [0, 1] on the CPU, decoded a few at a time by the family's sampler."""
@@ -291,14 +313,16 @@ def analyze(
     family = family_of(pipe)
     settings = (settings or AnalyzeSettings()).for_family(family)
     settings.validate()
+    # more steps than the scheduler has: one line now, not after the cache key's fingerprint
+    family.sampler(pipe, settings.num_steps, settings.resolution, guidance=settings.guidance)
     concepts = parse_concepts(concepts)
     if mode not in MODE_DEFAULTS:
         raise KscuError(f"unknown mode {mode!r}; choose one of {', '.join(MODE_DEFAULTS)}")
+    folder = check_cache_dir(cache_dir) if use_cache else Path(cache_dir or default_cache_dir())
     if scorer is None:
         scorer = make_scorer("auto", model_id, mode, settings.neutral, None, pipe.device)
     for c in concepts:
         scorer.check(c)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = {
         "version": VERSION,
         "model": model_key(model_id) if eps is None else "custom-eps",
@@ -373,6 +397,7 @@ __all__ = [
     "AnalyzeSettings",
     "analyze",
     "auto_start_step",
+    "check_cache_dir",
     "default_cache_dir",
     "is_world_model",
     "measure",

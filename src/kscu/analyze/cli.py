@@ -92,7 +92,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kscu.analyze.analysis import analyze
+    from kscu.analyze.analysis import analyze, check_cache_dir
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
     from kscu.config import MODE_DEFAULTS, parse_concepts
@@ -104,7 +104,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.validate()
     check_output(args.output, args.overwrite)  # before any model loads
-    model_family(args.model)  # a missing or foreign model folder fails before the scorer loads
+    # a missing or foreign model folder fails before the scorer loads; its family's steps are
+    # the ones --stride must fit when --num-steps is not given
+    settings = settings.for_family(model_family(args.model))
+    settings.validate()
+    if not args.no_cache:
+        # written only after the measurement: refused before it
+        check_cache_dir(fix="set KSCU_CACHE to a writable folder, or pass --no-cache")
     device = resolve_device(args.device)
     scorer = make_scorer(args.scorer, args.model, args.mode, args.neutral, args.clip_model, device)
     for c in concepts:

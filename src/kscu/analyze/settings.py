@@ -45,9 +45,17 @@ class AnalyzeSettings:
                 raise KscuError(message)
 
         need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
-        steps = self.num_steps if self.num_steps is not None else 28  # the fewest of a family
-        need(steps > 1, f"--num-steps must be > 1 (got {steps})")
-        need(0 < self.stride < steps, f"--stride must be in [1, {steps - 1}] (got {self.stride})")
+        need(self.stride > 0, f"--stride must be >= 1 (got {self.stride})")
+        # Unset steps are the family's (``for_family``): the stride's upper bound is checked
+        # against those once they are known, not against a guess (SD's 50 are not FLUX's 28).
+        if self.num_steps is not None:
+            steps = self.num_steps
+            need(steps > 1, f"--num-steps must be > 1 (got {steps})")
+            need(
+                self.stride < steps,
+                f"--stride must be in [1, {steps - 1}] for {steps} sampling steps "
+                f"(got {self.stride})",
+            )
         need(0 < self.threshold < 1, f"--threshold must be in (0, 1) (got {self.threshold})")
         need(
             0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"

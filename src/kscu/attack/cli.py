@@ -9,11 +9,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kscu.errors import KscuError
+
 # (AttackSettings field, type, help) for every flag named after a field.
 _FLAGS: list[tuple[str, Any, str]] = [
     ("method", str, "unlearndiff or ringabell"),
     ("samples", int, "attack prompts: the first N rows of --prompts, or N tiny-world prompts"),
-    ("seed", int, "image seed of prompt i: seed + i (a CSV row's evaluation_seed wins)"),
+    (
+        "seed",
+        int,
+        "image seeds: a --prompts row's evaluation_seed, else seed + its case_number (its row "
+        "index when the CSV has none); tiny world: also draws the prompts, prompt i seed + i",
+    ),
     ("steps", int, "sampling steps of every image (default: the family's, SD 50)"),
     ("guidance", float, "CFG scale (default: the family's, SD 7.5)"),
     ("batch_size", int, "prompts attacked together (tiny world {world}, else 1)"),
@@ -72,8 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--family", default=None, help="sd, sdxl, flux (default: from the model)")
     p.add_argument("--force", action="store_true", help="load --weights onto another base model")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    p.add_argument(
+        "--dtype", default="float32", help="float32, bfloat16 or float16 (a resume keeps it)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda if available), cpu, cuda:N (a resume keeps the device type)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="start again: delete the attack in --output"
     )
@@ -108,16 +121,26 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from kscu.attack.judges import judge_kind, make_judge
+    from kscu.attack.judges import check_judge_flags, judge_kind, make_judge
     from kscu.attack.run import attack_targets, check_folder, load_with_original, run_attack
-    from kscu.models import is_bundled_model, load_pipeline, model_family, resolve_device
+    from kscu.models import (
+        TORCH_DTYPES,
+        is_bundled_model,
+        load_pipeline,
+        model_family,
+        resolve_device,
+    )
 
     settings = settings_from_args(args)
     settings.validate()
+    if args.dtype not in TORCH_DTYPES:  # load_pipeline's check, needed here for the run record
+        raise KscuError(f"unknown dtype {args.dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    device = resolve_device(args.device)
     bundled = is_bundled_model(args.model)
     settings = settings.resolved(bundled)
     family = model_family(args.model, args.family)
     judge_name = judge_kind(settings.judge, settings.mode, bundled, settings.imagenet_class)
+    check_judge_flags(judge_name, settings.imagenet_class, settings.clip_model)
     if judge_name == "world" or bundled:
         from kscu.world import concept_kind
 
@@ -125,11 +148,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     steps = settings.steps or family.eval_steps
     guidance = family.eval_guidance if settings.guidance is None else settings.guidance
     targets = attack_targets(args.concept, settings, bundled, guidance, args.prompts)
-    run = run_record(args, settings, family.name, judge_name, steps, targets)
+    run = run_record(args, settings, family.name, judge_name, steps, targets, device)
     check_folder(args.output, run, args.overwrite)
     for note in mismatch_notes(args.weights, args.concept, settings.mode, judge_name):
         logging.getLogger("kscu").warning(note)
-    device = resolve_device(args.device)
     judge = make_judge(
         judge_name,
         args.concept,
@@ -162,8 +184,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_record(args, settings, family: str, judge: str, steps: int, targets) -> dict[str, Any]:
-    """What decides the results: compared on a rerun into the same folder."""
+def run_record(
+    args, settings, family: str, judge: str, steps: int, targets, device: Any
+) -> dict[str, Any]:
+    """What decides the results: compared on a rerun into the same folder, and stated in
+    attack.json. The precision and the device type decide an image's last bits, so a resume
+    in another one would mix results; ``force`` changes no image (not compared)."""
     from kscu.attack.run import weights_digest
     from kscu.models import is_bundled_model
     from kscu.runner import BUNDLED_MODEL
@@ -181,6 +207,9 @@ def run_record(args, settings, family: str, judge: str, steps: int, targets) -> 
         "weights_sha256": weights_digest(args.weights),
         "family": family,
         "steps": steps,
+        "dtype": args.dtype,
+        "device": device.type,
+        "force": bool(args.force),
         "judge_name": judge,
         "settings": settings.record(),
         "targets": [[t.case_number, t.prompt, t.seed, t.guidance] for t in targets],

@@ -157,3 +157,17 @@ def judge_kind(kind: str, mode: str, bundled: bool, imagenet_class: str | None) 
     if mode == "nudity":
         return "nudenet"
     return "imagenet" if imagenet_class else "clip"
+
+
+def check_judge_flags(kind: str, imagenet_class: str | None, clip_model: str | None) -> None:
+    """Refuse a judge flag the judge ``kind`` does not read: it would be recorded in the run's
+    settings as if it had decided the verdicts (and make a resume without it look different)."""
+    for flag, value, reader in (
+        ("--imagenet-class", imagenet_class, "imagenet"),
+        ("--clip-model", clip_model, "clip"),
+    ):
+        if value is not None and kind != reader:
+            raise KscuError(
+                f"{flag} is read by the {reader} judge only, and this attack's judge is {kind}; "
+                f"drop {flag}, or pass --judge {reader}"
+            )

@@ -9,15 +9,21 @@ success. ``asr`` is the share of prompts whose final image shows the concept, ``
 share whose ``-pre`` image does.
 
 Each finished prompt is written to ``records/{i}.json`` at once, so an interrupted run resumes
-where it stopped; ``attack-run.json``, written before the first prompt, states how the run is
-made, and a rerun made another way is refused unless ``overwrite``. Every prompt has its own
-random streams, so its result does not depend on which prompts share its batch.
+where it stopped; ``attack-run.json``, written once every check has passed and before the first
+prompt, states how the run is made, and a rerun made another way is refused unless
+``overwrite``. A run record with no finished prompt beside it holds no result, so a rerun made
+another way starts afresh there. A folder that holds ``attack.json``, ``images`` or ``records``
+but no run record is not an attack's, and is never written into. ``overwrite`` deletes only the
+files an attack writes. Every prompt has its own random streams, so its result does not depend
+on which prompts share its batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +44,11 @@ RESULT = "attack.json"
 RUN = "attack-run.json"
 RECORDS = "records"
 IMAGES = "images"
-_NOT_COMPARED = ("weights",)  # moving the weights folder leaves the results valid
+# Moving the weights folder leaves the results valid; --force changes no image (the model and
+# the weights' digest are compared), it only lets the weights load onto another base.
+_NOT_COMPARED = ("weights", "force")
+_OWN_IMAGE = re.compile(r"\d+(-pre|-target)?\.png")  # {i}.png, {i}-pre.png, {i}-target.png
+_OWN_RECORD = re.compile(r"\d+\.json")  # records/{i}.json
 
 
 def attack_targets(
@@ -105,17 +115,33 @@ def load_with_original(pipe: Any, weights: str | Path, force: bool = False):
 
 
 def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
-    """Refuse to add to a folder attacked another way; cheap, so it runs before any load."""
+    """Refuse to add to a folder attacked another way, or to write into files that are not an
+    attack's; cheap, so it runs before any load."""
     output = Path(output)
     check_writable(output)
-    if overwrite or not (output / RUN).is_file():
-        if not overwrite and (output / RECORDS).is_dir() and any((output / RECORDS).iterdir()):
-            raise KscuError(
-                f"{output} holds attack records but no {RUN}; pass --overwrite to start again"
-            )
+    if not (output / RUN).is_file():
+        _refuse_foreign(output)
+        return
+    if overwrite or not holds_results(output):
         return
     old = read_json_object(output / RUN, "pass --overwrite to start again")
-    new = json.loads(json.dumps(run, default=str))
+    differ = _differences(old, json.loads(json.dumps(run, default=str)))
+    if differ:
+        why = (
+            " (float results differ in the last bits between devices, so a run is resumed on "
+            "the device it started on)"
+            if "device" in differ and "device" in old  # older records do not state it
+            else ""
+        )
+        raise KscuError(
+            f"{output} holds an attack made another way (differs in: {', '.join(differ)}){why}; "
+            "rerun with its settings to resume, pass --overwrite to start again, or give "
+            "another --output"
+        )
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The compared keys of two run records that differ (``settings.steps`` for nested ones)."""
     differ = []
     for key in sorted({*old, *new} - set(_NOT_COMPARED)):
         a, b = old.get(key), new.get(key)
@@ -123,26 +149,73 @@ def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = Fals
             differ += [f"{key}.{k}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
         elif a != b:
             differ.append(key)
-    if differ:
+    return differ
+
+
+def _refuse_foreign(output: Path) -> None:
+    """A folder without a run record may hold the user's own ``attack.json`` or ``images``: the
+    attack would write over them (and ``--overwrite`` delete them), so it is not used."""
+    held = [name for name in (RESULT, IMAGES, RECORDS) if (output / name).exists()]
+    if held:
         raise KscuError(
-            f"{output} holds an attack made another way (differs in: {', '.join(differ)}); "
-            "rerun with its settings to resume, pass --overwrite to start again, or give "
-            "another --output"
+            f"--output {output} holds {', '.join(held)} but no {RUN}, so not a kscu attack; "
+            "give a new folder, or one without those names"
         )
 
 
-def start_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
-    """Clear an earlier attack (``overwrite``: only the files an attack writes); record the run."""
+def holds_results(output: str | Path) -> bool:
+    """Whether an attack in ``output`` finished anything: a run record alone (a run stopped
+    before its first prompt) is no result to keep, resume or refuse for."""
     output = Path(output)
-    if overwrite:
-        for name in (RECORDS, IMAGES):
-            shutil.rmtree(output / name, ignore_errors=True)
-        for name in (RESULT, RUN):
-            (output / name).unlink(missing_ok=True)
+    return (output / RESULT).exists() or any(_own_files(output / RECORDS, _OWN_RECORD))
+
+
+def _own_files(folder: Path, pattern: re.Pattern) -> list[Path]:
+    """The files in ``folder`` named as the attack names its own."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and pattern.fullmatch(p.name)]
+
+
+def clear_attack(output: str | Path) -> None:
+    """Delete the files an attack writes, and nothing else (other files in ``images`` stay)."""
+    output = Path(output)
+    for path in _own_files(output / RECORDS, _OWN_RECORD) + _own_files(output / IMAGES, _OWN_IMAGE):
+        path.unlink()
+    for name in (RESULT, RUN):
+        (output / name).unlink(missing_ok=True)
+
+
+def start_folder(output: str | Path, run: dict[str, Any], overwrite: bool = False) -> None:
+    """Clear an earlier attack (``overwrite``, or a run record without results: only the files
+    an attack writes); record the run. Call it only once every check has passed."""
+    output = Path(output)
+    if overwrite or not holds_results(output):
+        clear_attack(output)
     (output / RECORDS).mkdir(parents=True, exist_ok=True)
     (output / IMAGES).mkdir(parents=True, exist_ok=True)
     if not (output / RUN).exists():
         write_json(output / RUN, json.loads(json.dumps(run, default=str)))
+
+
+def check_sampling(pipe: Any, targets: list[Target], steps: int) -> None:
+    """What would fail only at the first image, after the folder is started: more steps than the
+    scheduler has (building the family's sampler checks that), a seed torch cannot take, a
+    guidance that is not a number."""
+    from kscu.families import family_of
+    from kscu.generate import SEED_RANGE
+
+    family = family_of(pipe)
+    for guidance in sorted({t.guidance for t in targets}):
+        if not math.isfinite(guidance):
+            raise KscuError(f"guidance {guidance} is not a finite number; give a finite one")
+        family.sampler(pipe, steps, guidance=guidance)
+    for t in targets:
+        if not SEED_RANGE[0] <= t.seed <= SEED_RANGE[1]:
+            raise KscuError(
+                f"case {t.case_number} has seed {t.seed}, outside the seeds torch takes "
+                f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
+            )
 
 
 def make_method(
@@ -177,6 +250,7 @@ def run_attack(
     check_folder(output, run, overwrite)
     method = make_method(pipe, original, concept, settings, bundled)
     method.check(targets)  # e.g. a prompt too long for K more tokens: before anything is written
+    check_sampling(pipe, targets, steps)  # e.g. 1001 steps of a 1000-timestep scheduler
     start_folder(output, run, overwrite)
     todo = [t for t in targets if not _record_path(output, t).is_file()]
     bar = tqdm(

@@ -51,7 +51,9 @@ class AttackSettings:
 
     method: str = "unlearndiff"
     samples: int = 16  # attack prompts: the first N rows of --prompts, or N world prompts
-    seed: int = 0  # image seed of prompt i: seed + i (a CSV row's own seed wins)
+    # image seeds: a CSV row's evaluation_seed, else seed + its case_number (the row index
+    # when the CSV has none); tiny world: also draws the prompts, and prompt i gets seed + i
+    seed: int = 0
     steps: int | None = None  # sampling steps of every image; None: the family's (SD 50)
     guidance: float | None = None  # CFG scale; None: the family's (SD 7.5)
     attack_all: bool = False  # also attack prompts that show the concept without the attack
@@ -101,6 +103,8 @@ class AttackSettings:
             need(
                 getattr(self, name) > 0, f"--{_flag(name)} must be > 0 (got {getattr(self, name)})"
             )
+        # the per-prompt random streams (numpy's SeedSequence) take no negative seed
+        need(self.seed >= 0, f"--seed must be >= 0 (got {self.seed})")
         for name in ("generations", "steps", "batch_size"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{_flag(name)} must be > 0 (got {value})")

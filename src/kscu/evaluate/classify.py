@@ -26,6 +26,7 @@ from kscu.evaluate.cache import ImageCache, cached_map
 from kscu.evaluate.common import (
     Workers,
     cache_counts,
+    check_batch_size,
     list_images,
     load_rgb,
     match_rows,
@@ -88,6 +89,7 @@ def evaluate_classify(
     use_cache: bool = True,
 ) -> dict:
     """Top-1 accuracy, overall and per class, of the classes the prompt file names."""
+    check_batch_size(batch_size)
     files = list_images(images)
     records = read_csv_records(prompts, ["class"])
     rows = load_prompts(prompts)  # same file, same order: gives the case numbers

@@ -26,9 +26,9 @@ def _finish(result: dict, output: Path, markdown: str | None, headline: str) -> 
 
 
 def run_nudity(args: argparse.Namespace) -> int:
-    from kscu.evaluate.nudity import evaluate_nudity, nudity_markdown
+    from kscu.evaluate.nudity import TABLE_MARKER, evaluate_nudity, nudity_markdown
 
-    output = check_output(args.output)
+    output = check_output(args.output, "nudity", args.overwrite, TABLE_MARKER)
     result = evaluate_nudity(args.images, args.threshold, use_cache=not args.no_cache)
     headline = (
         f"nudity: {result['flagged']}/{result['images']} images flagged, "
@@ -41,7 +41,7 @@ def run_nudity(args: argparse.Namespace) -> int:
 def run_fid(args: argparse.Namespace) -> int:
     from kscu.evaluate.fid import evaluate_fid
 
-    output = check_output(args.output)
+    output = check_output(args.output, "fid", args.overwrite)
     result = evaluate_fid(
         args.images,
         args.reference,
@@ -50,6 +50,7 @@ def run_fid(args: argparse.Namespace) -> int:
         args.save_reference_stats,
         use_cache=not args.no_cache,
         dims=args.dims,
+        overwrite=args.overwrite,
     )
     headline = f"FID: {result['fid']:.3f} ({result['protocol']} {result['library_version']})"
     return _finish(result, output, None, headline)
@@ -58,7 +59,7 @@ def run_fid(args: argparse.Namespace) -> int:
 def run_clip(args: argparse.Namespace) -> int:
     from kscu.evaluate.clip_score import evaluate_clip
 
-    output = check_output(args.output)
+    output = check_output(args.output, "clip", args.overwrite)
     result = evaluate_clip(
         args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
     )
@@ -68,7 +69,7 @@ def run_clip(args: argparse.Namespace) -> int:
 def run_classify(args: argparse.Namespace) -> int:
     from kscu.evaluate.classify import evaluate_classify
 
-    output = check_output(args.output)
+    output = check_output(args.output, "classify", args.overwrite)
     result = evaluate_classify(
         args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
     )
@@ -79,7 +80,7 @@ def run_classify(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from kscu.evaluate.report import write_report
 
-    runs = write_report(args.runs, args.output, args.samples)
+    runs = write_report(args.runs, args.output, args.samples, args.overwrite)
     print(f"wrote {args.output} ({len(runs)} runs)")
     return 0
 
@@ -105,6 +106,12 @@ def register(subparsers) -> None:
             help="compute every image again (per-image results are cached in "
             "IMAGES/.kscu-cache, or $KSCU_CACHE/evaluate, keyed by file content)",
         )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an earlier result of this metric in --output (and its .md table); "
+            "any other file there is never replaced",
+        )
 
     p = which.add_parser("nudity", help="NudeNet exposed-class detections (I2P protocol)")
     common(p, "RUN/eval/nudity.json")
@@ -127,7 +134,8 @@ def register(subparsers) -> None:
         "--save-reference-stats",
         default=None,
         metavar="FILE.npz",
-        help="also write the reference folder's statistics here, for later --reference FILE.npz",
+        help="also write the reference folder's statistics here, for later --reference FILE.npz "
+        "(an earlier statistics file there is replaced only with --overwrite)",
     )
     p.add_argument(
         "--inception-weights",
@@ -172,4 +180,9 @@ def register(subparsers) -> None:
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     rp.add_argument("--output", required=True, help="report.html or report.md")
     rp.add_argument("--samples", type=int, default=8, help="sample images per run (default 8)")
+    rp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier kscu report in --output (any other file is never replaced)",
+    )
     rp.set_defaults(func=run_report)

@@ -19,6 +19,7 @@ from kscu.evaluate.cache import ImageCache, cached_map
 from kscu.evaluate.common import (
     Workers,
     cache_counts,
+    check_batch_size,
     list_images,
     load_rgb,
     match_rows,
@@ -81,6 +82,7 @@ def evaluate_clip(
     use_cache: bool = True,
 ) -> dict:
     """Mean CLIP score of a folder of images against the prompts they were made from."""
+    check_batch_size(batch_size)
     files = list_images(images)
     rows = load_prompts(prompts)
     pairs = match_rows(files, {r.case_number: r for r in rows}, str(prompts))

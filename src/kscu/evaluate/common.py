@@ -10,9 +10,12 @@ always be traced to how it was made.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata
 import json
+import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from PIL import Image
 
 from kscu.distributed import Workers  # noqa: F401  (re-exported for the evaluators)
 from kscu.errors import KscuError
-from kscu.fileio import check_writable, write_text
+from kscu.fileio import check_writable, read_json_object, write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -34,17 +37,23 @@ def _sort_key(path: Path) -> tuple[int, int, str]:
     return (1, 0, path.name)
 
 
-def list_images(folder: str | Path, what: str = "--images") -> list[Path]:
-    """All image files directly in ``folder``, in case-number order; a clear error if none."""
+def list_images(
+    folder: str | Path,
+    what: str = "--images",
+    fix: str = "generate them first with kscu generate",
+) -> list[Path]:
+    """All image files directly in ``folder``, in case-number order; a clear error if none.
+
+    ``what`` names where the folder came from (a flag, or a run folder's ``images/`` for
+    ``kscu report``, which has no such flag) and ``fix`` what to do about an empty one.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise KscuError(f"{what} {folder} is not a folder; give the folder the images are in")
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise KscuError(
-            f"{what} {folder} has no images ({kinds}); generate them first with kscu generate"
-        )
+        raise KscuError(f"{what} {folder} has no images ({kinds}); {fix}")
     return sorted(files, key=_sort_key)
 
 
@@ -63,18 +72,26 @@ def case_number(path: Path) -> int | None:
     return int(stem) if stem.lstrip("-").isdigit() else None
 
 
+def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], list[str]]:
+    """A CSV's dict rows and columns, read as ``kscu.promptfile`` reads prompts: UTF-8 with or
+    without the byte-order mark Excel writes (else its first column would not match its name).
+    An unreadable file is a one-line error naming ``what`` and ``path``, ending in ``fix``."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            records = list(reader)
+            columns = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise KscuError(f"cannot read {what} {path}: {e}; {fix}") from None
+    return records, columns
+
+
 def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]]:
     """Read a CSV as dict rows, failing clearly when a needed column is missing."""
     path = Path(path)
     if not path.is_file():
         raise KscuError(f"prompt file {path} does not exist; give a CSV path")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            records = list(reader)
-            columns = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise KscuError(f"cannot read prompt file {path}: {e}; give a UTF-8 CSV") from None
+    records, columns = read_csv(path, "prompt file", "give a UTF-8 CSV")
     missing = [c for c in needed if c not in columns]
     if missing:
         raise KscuError(
@@ -158,12 +175,75 @@ def write_result(result: dict, output: str | Path, markdown: str | None = None) 
         write_atomic(output.with_suffix(".md"), markdown)
 
 
-def check_output(output: str | Path) -> Path:
-    """Fail before any work if the result cannot be written (the wrong suffix, a folder)."""
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size below 1 before any work: it would fail deep in a loop or a
+    DataLoader with a traceback, or (everything cached) slip through unnoticed."""
+    if batch_size < 1:
+        raise KscuError(f"--batch-size must be a positive integer (got {batch_size}); e.g. 16")
+
+
+def check_replaceable(
+    path: Path, name: str, what: str, ours: Callable[[Path], bool], overwrite: bool
+) -> None:
+    """Refuse to replace an existing file unless ``overwrite``, and even then unless ``ours``
+    says it is an earlier ``what`` (so a typo in a path never destroys an erase run's record,
+    a generate.json, or anyone's notes). ``name`` says which path it is (``--output FILE``)."""
+    if not os.path.lexists(path):
+        return
+    if not ours(path):
+        raise KscuError(
+            f"{name} already exists and is not a kscu {what}; give another path (kscu does "
+            "not replace a file it did not write, even with --overwrite)"
+        )
+    if not overwrite:
+        raise KscuError(
+            f"{name} already holds a {what}; give another path, or pass --overwrite to replace it"
+        )
+
+
+def is_result(path: Path, metric: str) -> bool:
+    """Whether ``path`` is a result ``kscu evaluate {metric}`` wrote: what every evaluator puts
+    in its JSON (``metric``, ``images_dir``, ``versions``), which kscu.json and generate.json
+    do not hold."""
+    try:
+        data = read_json_object(path, "")
+    except KscuError:
+        return False
+    return data.get("metric") == metric and "images_dir" in data and "versions" in data
+
+
+def holds_text(path: Path, marker: str, start: bool = False) -> bool:
+    """Whether the text file ``path`` contains ``marker`` (``start``: begins with it), the text
+    kscu writes into such a file: how an earlier table or report is told from anyone's notes."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith(marker) if start else marker in text
+
+
+def check_output(
+    output: str | Path, metric: str, overwrite: bool = False, table_marker: str | None = None
+) -> Path:
+    """Fail before any work if the result cannot be written (the wrong suffix, a folder) or
+    would replace a file: an earlier ``metric`` result only with ``overwrite``, anything else
+    never. ``table_marker``: the evaluator also writes ``FILE.md``, recognised by that text."""
     output = Path(output)
     if output.suffix.lower() != ".json":
-        raise KscuError(f"--output {output} must end in .json; e.g. RUN/eval/nudity.json")
+        raise KscuError(f"--output {output} must end in .json; e.g. RUN/eval/{metric}.json")
     check_writable(output, folder=False)  # a folder in the way, or nowhere to write
+    ours = functools.partial(is_result, metric=metric)
+    check_replaceable(output, f"--output {output}", f"{metric} result", ours, overwrite)
+    if table_marker is not None:
+        table = output.with_suffix(".md")
+        if table.is_dir():
+            raise KscuError(
+                f"--output {output} writes its table to {table}, which is a folder; "
+                "give another --output"
+            )
+        ours = functools.partial(holds_text, marker=table_marker)
+        name = f"{table} (the table written beside --output)"
+        check_replaceable(table, name, f"{metric} table", ours, overwrite)
     return output
 
 

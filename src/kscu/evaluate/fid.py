@@ -15,7 +15,9 @@ place with ``weights_only=True`` (tensors only, no pickled code), or ``--incepti
 error names the file and the folder to put it in.
 
 Caching: the features of every image are cached by file content (``kscu.evaluate.cache``), so
-a rerun computes only new images; ``--reference`` may also be an ``.npz`` of statistics (``mu``,
+a rerun computes only new images; the result counts each side apart (``computed_images`` /
+``cached_images`` for ``--images``, ``reference_computed_images`` / ``reference_cached_images``
+for a reference folder). ``--reference`` may also be an ``.npz`` of statistics (``mu``,
 ``sigma``: pytorch-fid's format), which ``--save-reference-stats FILE.npz`` writes.
 """
 
@@ -32,8 +34,16 @@ from PIL import Image
 
 from kscu.errors import KscuError
 from kscu.evaluate.cache import ImageCache, cached_map
-from kscu.evaluate.common import Workers, cache_counts, list_images, load_rgb, versions
-from kscu.fileio import atomic_target
+from kscu.evaluate.common import (
+    Workers,
+    cache_counts,
+    check_batch_size,
+    check_replaceable,
+    list_images,
+    load_rgb,
+    versions,
+)
+from kscu.fileio import atomic_target, check_writable
 from kscu.protocol import FID_DIMS
 
 PROTOCOL = "pytorch-fid"
@@ -128,6 +138,15 @@ def weights_identity(inception_weights: str | Path | None) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def weights_label(inception_weights: str | Path | None, identity: str) -> str:
+    """Which Inception weights made a number, as the result (and ``kscu report``, which flags
+    runs that differ) shows it: the release file, or the given file's name and sha256, since
+    features from other weights make another, incomparable FID."""
+    if inception_weights is None:
+        return f"{WEIGHTS_FILE} (pytorch-fid's release, from the torch hub cache)"
+    return f"{Path(inception_weights).name} (sha256 {identity})"
+
+
 def image_sizes(files: list[Path], what: str, workers: Workers) -> tuple[int, int]:
     """The one size of a set of images; a clear error if they mix sizes or cannot be read.
 
@@ -173,8 +192,6 @@ class Features:
             **versions("pytorch-fid", "torchvision"),
         }
         self.model = None
-        self.computed = 0
-        self.cached = 0
 
     def compute(self, share: list[tuple[Path, str]]) -> list[np.ndarray]:
         if not share:
@@ -198,13 +215,12 @@ class Features:
             raise
         return [row.astype(np.float32) for row in feats]
 
-    def of(self, folder: str | Path, files: list[Path], use_cache: bool) -> np.ndarray:
-        """(N, 2048) features of ``files``, in order; counts computed and cached images."""
+    def of(self, folder: str | Path, files: list[Path], use_cache: bool) -> tuple[np.ndarray, int]:
+        """(N, dims) features of ``files``, in order, and how many went through the network
+        (the rest came from the cache): counted per side, so the result can say which."""
         cache = ImageCache(folder, "fid", self.protocol, arrays=True) if use_cache else None
         feats, computed = cached_map([(f, "") for f in files], self.compute, cache, self.workers)
-        self.computed += computed
-        self.cached += len(files) - computed
-        return np.stack([np.asarray(f, np.float64) for f in feats])
+        return np.stack([np.asarray(f, np.float64) for f in feats]), computed
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +258,30 @@ def load_stats(path: Path, dims: int = FID_DIMS) -> tuple[np.ndarray, np.ndarray
     return mu, sigma, info
 
 
+def is_reference_stats(path: Path) -> bool:
+    """Whether ``path`` is a statistics file ``--save-reference-stats`` wrote (``mu``,
+    ``sigma`` and kscu's ``info``), the only kind of file it may replace."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not {"mu", "sigma", "info"} <= set(data.files):
+                return False
+            info = json.loads(str(data["info"]))
+    except Exception:  # not an .npz at all (any of numpy's, zipfile's or json's errors)
+        return False
+    return isinstance(info, dict) and info.get("protocol") == PROTOCOL
+
+
+def check_stats_output(path: str | Path, overwrite: bool) -> None:
+    """Fail before any feature is computed if ``--save-reference-stats`` cannot be written
+    or would replace a file (an earlier statistics file only with ``overwrite``)."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise KscuError(f"--save-reference-stats {path} must end in .npz")
+    check_writable(path, folder=False, flag="--save-reference-stats")
+    name = f"--save-reference-stats {path}"
+    check_replaceable(path, name, "reference statistics file", is_reference_stats, overwrite)
+
+
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, info: dict) -> None:
     """pytorch-fid's statistics format (``mu``, ``sigma``) plus how they were made."""
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
@@ -256,16 +296,19 @@ def evaluate_fid(
     save_reference_stats: str | Path | None = None,
     use_cache: bool = True,
     dims: int = FID_DIMS,
+    overwrite: bool = False,
 ) -> dict:
     """FID of the images in one folder against a reference folder or statistics file.
 
     ``dims`` other than 2048 (pytorch-fid's 64, 192, 768: earlier Inception blocks) make a
     number that is not comparable with published FIDs; they exist for quick checks.
+    ``overwrite`` lets ``save_reference_stats`` replace an earlier statistics file.
     """
     inception, _ = library()  # a missing library fails before any work
     if dims not in inception.InceptionV3.BLOCK_INDEX_BY_DIM:
         known = ", ".join(map(str, sorted(inception.InceptionV3.BLOCK_INDEX_BY_DIM)))
         raise KscuError(f"--dims {dims} is not one of pytorch-fid's feature sizes ({known})")
+    check_batch_size(batch_size)
     reference = Path(reference)
     stats_file = reference.suffix.lower() == ".npz"
     if stats_file and not reference.is_file():
@@ -275,8 +318,7 @@ def evaluate_fid(
     if save_reference_stats is not None:
         if stats_file:
             raise KscuError("--save-reference-stats needs --reference to be an image folder")
-        if Path(save_reference_stats).suffix.lower() != ".npz":
-            raise KscuError(f"--save-reference-stats {save_reference_stats} must end in .npz")
+        check_stats_output(save_reference_stats, overwrite)
     files = list_images(images, "--images")
     ref_files = [] if stats_file else list_images(reference, "--reference")
     if len(files) < 2 or (not stats_file and len(ref_files) < 2):
@@ -285,15 +327,20 @@ def evaluate_fid(
     size = image_sizes(files, f"--images {images}", workers)
     ref_size = None if stats_file else image_sizes(ref_files, f"--reference {reference}", workers)
     features = Features(inception_weights, batch_size, dims, workers)
+    weights = weights_label(inception_weights, features.protocol["weights"])
     made = {
         "protocol": PROTOCOL,
         "library_version": features.protocol["pytorch-fid"],
         "resize": RESIZE,
         "dims": dims,
+        "inception_weights": weights,
     }
-    mu, sigma = statistics(features.of(images, files, use_cache))
+    feats, computed = features.of(images, files, use_cache)
+    mu, sigma = statistics(feats)
+    ref_computed = 0
     if not stats_file:
-        ref_mu, ref_sigma = statistics(features.of(reference, ref_files, use_cache))
+        ref_feats, ref_computed = features.of(reference, ref_files, use_cache)
+        ref_mu, ref_sigma = statistics(ref_feats)
         ref_info = {**made, "images": len(ref_files), "reference_dir": str(reference.resolve())}
         if save_reference_stats is not None and workers.is_main:
             save_stats(save_reference_stats, ref_mu, ref_sigma, ref_info)
@@ -305,11 +352,12 @@ def evaluate_fid(
         "reference_images": ref_info.get("images", len(ref_files)),
         "image_size": list(size),
         "reference_size": list(ref_size) if ref_size else None,
-        "feature_extractor": f"pytorch-fid InceptionV3, {dims}-d features, {WEIGHTS_FILE}",
+        "feature_extractor": f"pytorch-fid InceptionV3, {dims}-d features, {weights}",
         "weights_source": str(inception_weights or "torch hub cache (pytorch-fid's release)"),
         "images_dir": str(Path(images).resolve()),
         "reference": str(reference.resolve()),
         "reference_stats_info": ref_info if stats_file else None,
-        **cache_counts(features.computed, features.computed + features.cached),
+        **cache_counts(computed, len(files)),
+        **{f"reference_{k}": v for k, v in cache_counts(ref_computed, len(ref_files)).items()},
         "versions": versions("pytorch-fid", "torchvision", "scipy", "pillow", "numpy"),
     }

@@ -31,6 +31,9 @@ from kscu.protocol import NUDENET_EXPOSED_CLASSES, NUDENET_THRESHOLD
 EXPOSED_CLASSES = NUDENET_EXPOSED_CLASSES
 DEFAULT_THRESHOLD = NUDENET_THRESHOLD
 DETECTOR = "nudenet.NudeDetector() default 320n.onnx, 320 px"
+TABLE_HEADER = ["class", "detections"]
+# How an earlier FILE.md table is recognised (it may be replaced only with --overwrite).
+TABLE_MARKER = "| " + " | ".join(TABLE_HEADER) + " |"
 
 
 def _detector():
@@ -110,4 +113,4 @@ def nudity_markdown(result: dict) -> str:
         f"NudeNet {result['nudenet_version']}, EXPOSED classes, score >= {result['threshold']}, "
         f"{result['images']} images\n\n"
     )
-    return head + markdown_table(["class", "detections"], rows)
+    return head + markdown_table(TABLE_HEADER, rows)

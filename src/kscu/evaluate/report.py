@@ -17,7 +17,7 @@ file that opens anywhere; the markdown links the images by relative path.
 from __future__ import annotations
 
 import base64
-import csv
+import functools
 import html
 import io
 import json
@@ -27,7 +27,16 @@ from pathlib import Path
 
 from kscu.config import settings_label
 from kscu.errors import KscuError
-from kscu.evaluate.common import case_number, list_images, load_rgb, markdown_table, write_atomic
+from kscu.evaluate.common import (
+    case_number,
+    check_replaceable,
+    holds_text,
+    list_images,
+    load_rgb,
+    markdown_table,
+    read_csv,
+    write_atomic,
+)
 from kscu.fileio import check_writable
 
 # Keys of result files that are settings or bookkeeping, not results.
@@ -44,6 +53,8 @@ SKIP = {
     "cached_images",
     "dims",
     "reference_stats_info",
+    "reference_computed_images",
+    "reference_cached_images",
 }
 # Which way is better, for the column headers.
 BETTER = {
@@ -60,6 +71,7 @@ PROTOCOL = (
     "protocol",
     "library_version",
     "feature_extractor",
+    "inception_weights",
     "resize",
     "definition",
 )
@@ -140,22 +152,39 @@ def load_run(path: str | Path) -> Run:
         run.metrics.update(_numbers(metric, data))
         run.settings[metric] = {k: data[k] for k in PROTOCOL if k in data}
     if (path / "images").is_dir():
-        for img in list_images(path / "images"):
-            case = case_number(img)
-            if case is not None:
-                run.images[case] = img
-        manifest = path / "images" / "manifest.csv"
-        if manifest.is_file():
-            with manifest.open(newline="", encoding="utf-8") as f:
-                for rec in csv.DictReader(f):
-                    if str(rec.get("case_number", "")).lstrip("-").isdigit():
-                        run.prompts[int(rec["case_number"])] = rec.get("prompt", "")
+        run.images = _run_images(path / "images")
+        run.prompts = _manifest_prompts(path / "images" / "manifest.csv")
     if not (run.info or run.metrics or run.images):
         raise KscuError(
             f"{path} has no kscu.json, eval/*.json or images/; give run directories made by "
             "kscu erase / generate / evaluate"
         )
     return run
+
+
+def _run_images(folder: Path) -> dict[int, Path]:
+    """A run's images by case number; an empty folder is named as the run's (report has no
+    --images flag to blame)."""
+    fix = f"generate them with kscu generate --prompts CSV --output {folder}, or remove the folder"
+    images = {}
+    for img in list_images(folder, "run images folder", fix):
+        case = case_number(img)
+        if case is not None:
+            images[case] = img
+    return images
+
+
+def _manifest_prompts(manifest: Path) -> dict[int, str]:
+    """The prompt of each case number from ``kscu generate``'s manifest, if there is one."""
+    if not manifest.is_file():
+        return {}
+    fix = "regenerate the images with kscu generate, or delete the damaged manifest"
+    records, _ = read_csv(manifest, "image manifest", fix)
+    return {
+        int(rec["case_number"]): rec.get("prompt") or ""
+        for rec in records
+        if str(rec.get("case_number") or "").lstrip("-").isdigit()
+    }
 
 
 def _columns(runs: list[Run]) -> list[str]:
@@ -213,6 +242,10 @@ def _cell(value) -> str:
     return str(value)
 
 
+# How each format begins: an earlier report is told from other files by it (see write_report).
+HTML_START = "<!doctype html><html><head><meta charset='utf-8'><title>kscu report</title>"
+MARKDOWN_START = "# kscu report\n"
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;margin:12px 0}
@@ -228,7 +261,7 @@ def render_html(runs: list[Run], samples: int = 8, thumb: int = 192) -> str:
     cols = _columns(runs)
     e = html.escape
     out = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>kscu report</title>",
+        HTML_START,
         f"<style>{CSS}</style></head><body><h1>kscu report</h1>",
         "<h2>Metrics</h2><div class='scroll'><table id='metrics'><tr><th class='name'>run</th>"
         "<th class='name'>model</th>",
@@ -271,7 +304,7 @@ def render_html(runs: list[Run], samples: int = 8, thumb: int = 192) -> str:
 def render_markdown(runs: list[Run], output: Path, samples: int = 8) -> str:
     cols = _columns(runs)
     rows = [[run.name, run.describe(), *[_cell(run.metrics.get(c)) for c in cols]] for run in runs]
-    text = "# kscu report\n\n## Metrics\n\n"
+    text = MARKDOWN_START + "\n## Metrics\n\n"
     text += markdown_table(["run", "model", *[_header(c) for c in cols]], rows)
     lines = _protocol_lines(runs)
     if lines:
@@ -292,8 +325,14 @@ def render_markdown(runs: list[Run], output: Path, samples: int = 8) -> str:
     return text
 
 
-def write_report(run_dirs: list[str | Path], output: str | Path, samples: int = 8) -> list[Run]:
-    """Build the comparison page; the output's suffix (.html or .md) picks the format."""
+def write_report(
+    run_dirs: list[str | Path], output: str | Path, samples: int = 8, overwrite: bool = False
+) -> list[Run]:
+    """Build the comparison page; the output's suffix (.html or .md) picks the format.
+
+    An existing ``output`` is replaced only with ``overwrite``, and only if it is an earlier
+    kscu report (it begins the way a report begins), so a typo never destroys another file.
+    """
     output = Path(output)
     if output.suffix.lower() not in (".html", ".md"):
         raise KscuError(f"--output {output} must end in .html or .md")
@@ -302,6 +341,9 @@ def write_report(run_dirs: list[str | Path], output: str | Path, samples: int = 
     if samples < 0:
         raise KscuError(f"--samples must be >= 0 (got {samples})")
     check_writable(output, folder=False)
+    start = HTML_START if output.suffix.lower() == ".html" else MARKDOWN_START
+    ours = functools.partial(holds_text, marker=start, start=True)
+    check_replaceable(output, f"--output {output}", "report", ours, overwrite)
     runs = [load_run(d) for d in run_dirs]
     runs.sort(key=lambda r: not r.is_base)  # base models first, else in the order given
     if output.suffix.lower() == ".html":
