@@ -374,3 +374,9 @@ def test_bad_steps_or_seeds_are_one_line_before_the_folder(
     code, _, err = generate(capsys, tiny_model_dir, out, *extra, prompts=prompts)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_force_without_weights_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Before: accepted and ignored (there is nothing to load onto another base model)."""
+    code, _, err = generate(capsys, tiny_model_dir, tmp_path / "img", "--force")
+    assert code == 2 and "give --weights" in err and not (tmp_path / "img").exists()

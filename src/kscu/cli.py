@@ -296,6 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.steps is not None and args.steps <= 0) or args.batch_size <= 0:
         raise KscuError("--steps and --batch-size must be > 0")
+    if args.force and args.weights is None:  # it would be ignored: nothing is loaded onto a base
+        raise KscuError("--force lets --weights load onto another base model; give --weights")
     if args.prompt is not None:
         if not args.prompt.strip():
             raise KscuError("--prompt is empty; give the text to generate from")

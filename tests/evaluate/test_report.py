@@ -220,3 +220,14 @@ def test_an_empty_images_folder_names_the_run_folder(tmp_path, capsys):
     assert "--images" not in err and f"{run / 'images'} has no images" in err
     assert "kscu generate" in err and "remove the folder" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_same_run_twice_is_refused(tmp_path, runs, capsys):
+    """Before: two rows of one model, which read as two results."""
+    erased = runs[0]
+    again = tmp_path / "." / erased.name
+    args = ["report", str(erased), str(again), "--output", str(tmp_path / "r.md")]
+    assert kscu_main(args) == 2
+    err = capsys.readouterr().err
+    assert "is given twice" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.md").exists()

@@ -340,6 +340,12 @@ def write_report(
         raise KscuError("no run directories given; pass one or more RUN_DIR")
     if samples < 0:
         raise KscuError(f"--samples must be >= 0 (got {samples})")
+    seen: dict[Path, str] = {}
+    for d in run_dirs:  # one run twice would be two rows of one model, read as two results
+        key = Path(d).expanduser().resolve()
+        if key in seen:
+            raise KscuError(f"{d} is given twice (as {seen[key]}); give each run once")
+        seen[key] = str(d)
     check_writable(output, folder=False)
     start = HTML_START if output.suffix.lower() == ".html" else MARKDOWN_START
     ours = functools.partial(holds_text, marker=start, start=True)
