@@ -197,6 +197,16 @@ def resolve(
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
+def check_seed(seed: int, where: str) -> None:
+    """Refuse an image seed torch cannot take before any image is made: it would fail only at
+    that row's batch, after earlier images (and their folder) were written."""
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise KscuError(
+            f"{where} has seed {seed}, outside the seeds torch takes "
+            f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
+        )
+
+
 def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     """A preset's flat keys apply to every mode; ``{"modes": {"class": {...}}}`` to one mode.
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import kscu
 from kscu.checkpoint import WEIGHTS
-from kscu.config import SEED_RANGE
+from kscu.config import check_seed
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_target, read_json_object, write_text
@@ -146,11 +146,7 @@ def check_inputs(rows: list[PromptRow], seed: int, guidance: float, resolution: 
     if not math.isfinite(guidance):
         raise KscuError(f"--guidance must be a finite number (got {guidance})")
     for row in rows:
-        if not SEED_RANGE[0] <= row_seed(row, seed) <= SEED_RANGE[1]:
-            raise KscuError(
-                f"case {row.case_number} has seed {row_seed(row, seed)}, outside the seeds torch "
-                f"takes [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
-            )
+        check_seed(row_seed(row, seed), f"case {row.case_number}")
         if row.guidance is not None and not math.isfinite(row.guidance):
             raise KscuError(
                 f"case {row.case_number} has evaluation_guidance {row.guidance}; "

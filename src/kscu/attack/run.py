@@ -202,20 +202,14 @@ def check_sampling(pipe: Any, targets: list[Target], steps: int) -> None:
     """What would fail only at the first image, after the folder is started: more steps than the
     scheduler has (building the family's sampler checks that), a seed torch cannot take, a
     guidance that is not a number."""
+    from kscu.config import check_seed
     from kscu.families import family_of
-    from kscu.generate import SEED_RANGE
 
-    family = family_of(pipe)
-    for guidance in sorted({t.guidance for t in targets}):
-        if not math.isfinite(guidance):
-            raise KscuError(f"guidance {guidance} is not a finite number; give a finite one")
-        family.sampler(pipe, steps, guidance=guidance)
+    family_of(pipe).sampler(pipe, steps)
     for t in targets:
-        if not SEED_RANGE[0] <= t.seed <= SEED_RANGE[1]:
-            raise KscuError(
-                f"case {t.case_number} has seed {t.seed}, outside the seeds torch takes "
-                f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
-            )
+        if not math.isfinite(t.guidance):
+            raise KscuError(f"guidance {t.guidance} is not a finite number; give a finite one")
+        check_seed(t.seed, f"case {t.case_number}")
 
 
 def make_method(

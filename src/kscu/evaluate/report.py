@@ -37,7 +37,7 @@ from kscu.evaluate.common import (
     read_csv,
     write_atomic,
 )
-from kscu.fileio import check_writable
+from kscu.fileio import check_writable, read_json_object
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -125,13 +125,7 @@ def _numbers(prefix: str, data: dict) -> dict[str, float]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KscuError(f"cannot read {path}: {e}; delete it or rerun the evaluation") from None
-    if not isinstance(data, dict):
-        raise KscuError(f"{path} is not a result object; delete it or rerun the evaluation")
-    return data
+    return read_json_object(path, "delete it or rerun the evaluation")
 
 
 def load_run(path: str | Path) -> Run:
