@@ -68,3 +68,10 @@ def test_a_bad_value_names_its_row(tmp_path, column, value, words):
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'p.csv'}: row 3 has ") and words in message
     assert "fix or drop it" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("cell", ["", "   ", '""'])
+def test_an_empty_prompt_is_refused_by_row(tmp_path, cell):
+    """Before: the row generated an unconditional image, while --prompt "" was refused."""
+    with pytest.raises(KscuError, match=r"p.csv: row 3 has an empty prompt; write the prompt"):
+        load(tmp_path, f"prompt,evaluation_seed\na cat,1\n{cell},2\n")

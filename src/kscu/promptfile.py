@@ -66,10 +66,15 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
         if case in seen:
             raise KscuError(f"{source}: case_number {case} appears twice; case numbers name files")
         seen.add(case)
+        prompt = str(rec["prompt"] or "")
+        if not prompt.strip():  # as --prompt "" is refused: an empty cell is a gap in the data
+            raise KscuError(
+                f"{source}: row {i + 2} has an empty prompt; write the prompt or drop the row"
+            )
         rows.append(
             PromptRow(
                 case_number=case,
-                prompt=str(rec["prompt"] or ""),
+                prompt=prompt,
                 seed=_number(rec.get("evaluation_seed"), "evaluation_seed", i + 2, source, True),
                 guidance=_number(
                     rec.get("evaluation_guidance"), "evaluation_guidance", i + 2, source, False

@@ -389,3 +389,18 @@ def test_world_train_overwrite_for_real(tmp_path, capsys, monkeypatch):
         assert classifier_seed(folder) == seed and hidden_siblings(folder) == []
     assert {p.name for p in folder.iterdir()} == {"classifier", "train.log"}
     assert (folder / "classifier" / "model.safetensors").is_file()
+
+
+def test_world_train_overwrite_of_one_part_keeps_the_other(old_world, capsys):
+    """Before: --only classifier --overwrite deleted the run's model/ with the old classifier."""
+    folder = old_world.folder
+    (folder / "model" / "unet").mkdir(parents=True)
+    (folder / "model" / "unet" / "weights").write_text("the trained world model")
+    code, _, err = world_train(capsys, folder, "--seed", "2", "--overwrite")
+    assert code == 0, err
+    assert classifier_seed(folder) == 2  # the part asked for is retrained
+    assert (folder / "model" / "unet" / "weights").read_text() == "the trained world model"
+    assert (
+        "kept model/ of the run replaced (--only classifier)" in (folder / "train.log").read_text()
+    )
+    assert hidden_siblings(folder) == []

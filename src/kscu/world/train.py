@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from kscu.world.settings import WorldTrainSettings
 
 RESOLUTION = 32
 LOG_NAME = "train.log"  # written first by every run: what marks a folder as a world train run
+PARTS = ("classifier", "model")  # what --only names: each a folder of the run
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -354,9 +356,10 @@ def run(
     snapshot there). A folder holding an earlier run is refused before training starts unless
     ``overwrite``; then the new run is trained in a hidden folder beside it, which replaces it
     only once complete (until then the old run stays; an interrupted run leaves only its latest
-    snapshot, moved beside ``output`` as ``NAME-snapshot``). A folder whose run stopped before
-    its model was saved is refused with the ``--init-from`` that continues it. Any other
-    non-empty folder is refused (``kscu.checkpoint.check_output``).
+    snapshot, moved beside ``output`` as ``NAME-snapshot``). A part ``settings.only`` leaves out
+    is carried over from the run replaced, so retraining one part never deletes the other. A
+    folder whose run stopped before its model was saved is refused with the ``--init-from``
+    that continues it. Any other non-empty folder is refused (``kscu.checkpoint.check_output``).
     """
     s = settings or WorldTrainSettings()
     out = Path(output)
@@ -370,7 +373,8 @@ def run(
     if check_output(out, overwrite, markers=(LOG_NAME,), what="world train run"):
         with atomic_folder(out, replace=True) as folder:
             try:
-                _train_into(folder, s, f"{out} (trained in {folder}; the old run stays until done)")
+                shown = f"{out} (trained in {folder}; the old run stays until done)"
+                _train_into(folder, s, shown, keep_from=out)
             except BaseException:  # the hidden folder goes; its latest snapshot need not
                 _keep_snapshot(folder / "snapshot", out)
                 raise
@@ -391,7 +395,9 @@ def _keep_snapshot(snapshot: Path, out: Path) -> None:
     print(f"kept the unfinished run's snapshot: continue with --init-from {kept}", file=sys.stderr)
 
 
-def _train_into(out: Path, s: WorldTrainSettings, shown: str) -> None:
+def _train_into(
+    out: Path, s: WorldTrainSettings, shown: str, keep_from: Path | None = None
+) -> None:
     if s.device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     log = Logger(out / LOG_NAME)
@@ -412,4 +418,8 @@ def _train_into(out: Path, s: WorldTrainSettings, shown: str) -> None:
             init_from=s.init_from,
             lr=s.lr,
         )
+    for part in PARTS:
+        if s.only not in (None, part) and keep_from is not None and (keep_from / part).is_dir():
+            shutil.copytree(keep_from / part, out / part)
+            log(f"kept {part}/ of the run replaced (--only {s.only})")
     log("done")
