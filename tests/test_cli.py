@@ -137,6 +137,24 @@ def test_missing_model_folder(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["erase", "--concept", "cat", "--plan"], ["generate"]])
+def test_a_single_file_checkpoint_says_how_to_convert_it(tmp_path, capsys, command):
+    """Before: "is not a diffusers pipeline folder (no model_index.json); give the folder that
+    holds model_index.json", which a single-file checkpoint has none of."""
+    ckpt = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    ckpt.write_bytes(b"not read")
+    extra = (
+        ["--prompt", "a cat", "--output", tmp_path / "images"] if command == ["generate"] else []
+    )
+    code, out, err = run_cli([*command, "--model", ckpt, *extra], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "images").exists()
+    assert err == (
+        f"error: {ckpt} is a single-file checkpoint; kscu loads diffusers pipeline folders: "
+        "convert it once (diffusers: PIPELINE_CLASS.from_single_file(FILE).save_pretrained(DIR)) "
+        "and pass --model DIR\n"
+    )
+
+
 def test_generate_from_csv_uses_row_seeds_and_resumes(tiny_model_dir, tmp_path, capsys):
     csv_path = tmp_path / "p.csv"
     csv_path.write_text(

@@ -190,6 +190,9 @@ def stored_dtype(source: str, family: Any) -> torch.dtype:
     return _SAFETENSORS_DTYPES.get(name, torch.float32) if name else family.release_dtype
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # A1111/ComfyUI style
+
+
 def model_family(model: str | None, family: str | None = None) -> Any:
     """The family of ``model`` (named, or read from its ``model_index.json``), before loading."""
     import diffusers
@@ -205,6 +208,12 @@ def model_family(model: str | None, family: str | None = None) -> Any:
         if (path / "model_index.json").is_file():
             _check_named_family(path, named)
         return named
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        raise KscuError(
+            f"{model} is a single-file checkpoint; kscu loads diffusers pipeline folders: convert "
+            "it once (diffusers: PIPELINE_CLASS.from_single_file(FILE).save_pretrained(DIR)) "
+            "and pass --model DIR"
+        )
     if path.exists() and not (path / "model_index.json").is_file():
         raise KscuError(
             f"{model} is not a diffusers pipeline folder (no model_index.json); "
