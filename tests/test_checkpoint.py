@@ -35,6 +35,14 @@ def test_save_then_load_reproduces_outputs_bit_for_bit(erased):
     assert meta["config"]["concepts"] == ["church"]
 
 
+def test_plain_diffusers_loads_the_weights_as_load_erased_does(erased):
+    """The README's loading without kscu: the denoiser's own load_state_dict, nothing else."""
+    base, edited, run = erased
+    result = base.unet.load_state_dict(load_file(str(run / WEIGHTS)), strict=False)
+    assert result.unexpected_keys == []  # every tensor found its place
+    assert torch.equal(unet_out(base), unet_out(edited))
+
+
 def test_checkpoint_holds_only_edited_tensors_under_unet_names(erased):
     _, edited, run = erased
     tensors = load_file(str(run / WEIGHTS))
