@@ -397,3 +397,39 @@ def test_exact_speed_switches_are_on_unless_turned_off(field, flag):
         return getattr(resolve(erase_config_from_args(args)), field)
 
     assert value() is True and value(flag) is False
+
+
+def test_help_imports_neither_torch_nor_torchvision():
+    """Before: import kscu imported torch and torchvision (3 s here) before --help could print."""
+    code = (
+        "import sys, kscu.cli\n"
+        "try:\n"
+        "    kscu.cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'diffusers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX here")
+def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
+    """Before: a Ctrl-C in the first seconds (kscu/__init__ importing torch and torchvision,
+    before main's handler existed) printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kscu", "erase", "--concept", "circle", "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # inside main by now (kscu.cli imports in 0.1 s), still importing torch
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr == "interrupted\n", stderr[-2000:]
+    assert stdout == "" and not out.exists()

@@ -16,9 +16,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from kscu.torchvision_compat import ensure_torchvision  # noqa: E402
+from kscu.torchvision_compat import fix_on_first_import  # noqa: E402
 
-ensure_torchvision()  # PyPI's torchvision beside a CPU torch (see there); nothing without it
+fix_on_first_import()  # PyPI's torchvision beside a CPU torch (see there); imports nothing now
 
 _API = {
     "EraseConfig": "kscu.config",

@@ -5,15 +5,13 @@ offline on a CPU in minutes."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kscu.errors import KscuError
-from kscu.world.data import (
-    COLORS,
-    HELDOUT_TEMPLATES,
-    SHAPES,
-    TEXTURES,
-    TRAIN_TEMPLATES,
-)
+
+# the vocabulary lives with the renderer (kscu.world.data, which imports torch): read on first
+# use, so commands that only parse arguments (kscu --help, kscu world train's checks) start fast
+_VOCABULARY = ("COLORS", "HELDOUT_TEMPLATES", "SHAPES", "TEXTURES", "TRAIN_TEMPLATES")
 
 __all__ = [
     "COLORS",
@@ -31,8 +29,18 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "model"
 
 
+def __getattr__(name: str) -> Any:
+    if name in _VOCABULARY:
+        from kscu.world import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'kscu.world' has no attribute {name!r}")
+
+
 def concept_kind(concept: str) -> str:
     """ "shape", "color" or "texture" for a world concept word (case and spaces ignored)."""
+    from kscu.world.data import COLORS, SHAPES, TEXTURES
+
     word = concept.strip().lower()
     for kind, vocab in (("shape", SHAPES), ("color", COLORS), ("texture", TEXTURES)):
         if word in vocab:
