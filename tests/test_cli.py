@@ -155,6 +155,43 @@ def test_a_single_file_checkpoint_says_how_to_convert_it(tmp_path, capsys, comma
     )
 
 
+@pytest.mark.parametrize("plan", [False, True])
+def test_a_folder_with_pickle_weights_is_one_line_before_loading(
+    tiny_model_dir, tmp_path, capsys, plan
+):
+    """Before: diffusers' own error line, then ours; and --plan sized the model it cannot load."""
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for f in (model / "unet").glob("*.safetensors"):
+        torch.save(load_file(str(f)), f.with_suffix(".bin"))  # as older checkpoints ship
+        f.unlink()
+    flags = ["--plan"] if plan else ["--output", tmp_path / "out", *FAST]
+    code, out, err = run_cli(["erase", "--concept", "cat", "--model", model, *flags], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "out").exists()
+    assert err == (
+        f"error: {model / 'unet'} holds pickle weights only, which kscu does not load; save the "
+        "model with safetensors (diffusers: save_pretrained(DIR, safe_serialization=True))\n"
+    )
+
+
+def test_a_folder_missing_its_weights_is_one_line(tiny_model_dir, tmp_path):
+    """Before: diffusers logged "An error occurred while trying to fetch ..." before our line."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for f in (model / "unet").glob("*.safetensors"):
+        f.unlink()
+    args = ["erase", "--concept", "cat", "--model", model, "--output", tmp_path / "out", *FAST]
+    # a process of its own: diffusers' log handler writes to the stderr it found at import
+    proc = subprocess.run(
+        [sys.executable, "-m", "kscu", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "out").exists()
+    err = proc.stderr
+    assert err.startswith(f"error: cannot load model {model} (") and err.count("\n") == 1, err
+
+
 def test_generate_from_csv_uses_row_seeds_and_resumes(tiny_model_dir, tmp_path, capsys):
     csv_path = tmp_path / "p.csv"
     csv_path.write_text(

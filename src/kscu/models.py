@@ -122,7 +122,9 @@ def load_pipeline(
         "check the id or folder (offline? point --model at a local copy with safetensors weights)"
     )
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice is expected
+    # the "safety checker disabled" notice is expected, and a failed load's own error line
+    # would only precede ours (load_or_explain), which carries its text
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     diffusers_logging.disable_progress_bar()  # loading bars would bury our own output
     transformers_logging.disable_progress_bar()
     dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
@@ -190,7 +192,8 @@ def stored_dtype(source: str, family: Any) -> torch.dtype:
     return _SAFETENSORS_DTYPES.get(name, torch.float32) if name else family.release_dtype
 
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # A1111/ComfyUI style
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch.save's files: loading runs code
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # checkpoints as A1111/ComfyUI keep them
 
 
 def model_family(model: str | None, family: str | None = None) -> Any:
@@ -220,6 +223,7 @@ def model_family(model: str | None, family: str | None = None) -> Any:
             "give the folder that holds model_index.json"
         )
     if path.exists():
+        _check_safetensors(path)
         return detect_family(path)
     config = load_or_explain(
         lambda: diffusers.DiffusionPipeline.load_config(model),
@@ -227,6 +231,19 @@ def model_family(model: str | None, family: str | None = None) -> Any:
         "check the id (offline? point --model at a local copy, or name --family)",
     )
     return detect_family(None, config.get("_class_name"))
+
+
+def _check_safetensors(path: Path) -> None:
+    """kscu loads safetensors only (a pickle can run code when loaded); a part of a local
+    pipeline folder saved as pickles alone is named here, before diffusers reports it after
+    its own error line, and before ``--plan`` sizes a model that cannot be loaded."""
+    for part in sorted(p for p in path.iterdir() if (p / "config.json").is_file()):
+        names = {f.suffix for f in part.iterdir() if f.is_file()}
+        if ".safetensors" not in names and names & set(PICKLE_SUFFIXES):
+            raise KscuError(
+                f"{part} holds pickle weights only, which kscu does not load; save the model "
+                "with safetensors (diffusers: save_pretrained(DIR, safe_serialization=True))"
+            )
 
 
 def _check_named_family(path: Path, named: Any) -> None:
