@@ -322,7 +322,26 @@ def test_plot_is_a_matplotlib_png(tmp_path):
     with Image.open(tmp_path / "analyze.png") as im:
         assert im.format == "PNG" and im.size == (720, 420)
         assert len(im.convert("RGB").getcolors(2**24)) > 20  # lines and text drawn
+        assert im.info["kscu"] == "analyze"  # what --overwrite looks for (is_plot)
     assert [p.name for p in tmp_path.iterdir()] == ["analyze.png"]  # no temporary left
+
+
+def test_only_a_marked_png_is_a_plot_analyze_drew(tmp_path):
+    """Only the marker counts: the same picture saved again without it (as PIL saves it, or as
+    kscu drew it before the marker), other images, text and folders are not analyze's plots."""
+    from PIL import Image
+
+    from kscu.analyze.plot import is_plot, plot_curve
+
+    plot_curve(tmp_path / "a.png", [0.0, 0.5, 1.0], 1, {"class": 1}, 0.1, "t")
+    with Image.open(tmp_path / "a.png") as im:
+        im.save(tmp_path / "resaved.png")
+        im.convert("RGB").save(tmp_path / "a.jpg")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    assert is_plot(tmp_path / "a.png")
+    for name in ("resaved.png", "a.jpg", "text.png", "folder.png", "missing.png"):
+        assert not is_plot(tmp_path / name), name
 
 
 def test_plot_leaves_out_defaults_beyond_the_measured_steps(tmp_path):

@@ -10,7 +10,13 @@ import pytest
 from kscu.cli import main
 from kscu.errors import KscuError
 from kscu.evaluate.common import write_result
-from kscu.fileio import atomic_folder, atomic_target, check_writable, write_json
+from kscu.fileio import (
+    atomic_folder,
+    atomic_target,
+    check_replaceable,
+    check_writable,
+    write_json,
+)
 
 
 @pytest.fixture(params=[0o022, 0o007])
@@ -203,3 +209,44 @@ def test_an_os_error_no_check_foresaw_is_one_line(tiny_model_dir, tmp_path, caps
     assert main([*args, "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_replaceable_refuses_a_file_it_did_not_write_even_with_overwrite(tmp_path):
+    """One rule for every command that writes a single file: a missing path is free, an earlier
+    file of its own needs ``overwrite``, anyone else's file is never replaced; the advice (the
+    default as evaluate and report give it, or the caller's) and a note on unrecognised files
+    are the caller's."""
+    ours = tmp_path / "ours.json"
+    ours.write_text("kscu")
+    mine = tmp_path / "mine.json"
+    mine.write_text("notes")
+    (tmp_path / "link.json").symlink_to(tmp_path / "gone")  # a dangling link is still there
+
+    def is_ours(path):
+        return path.read_text() == "kscu"
+
+    check_replaceable(tmp_path / "new.json", "--output new.json", "result", is_ours, False)
+    check_replaceable(ours, "--output ours.json", "result", is_ours, True)
+    with pytest.raises(KscuError) as e:
+        check_replaceable(ours, "--output ours.json", "result", is_ours, False)
+    assert str(e.value) == (
+        "--output ours.json already holds a result; give another path, or pass --overwrite to "
+        "replace it"
+    )
+    for path in (mine, tmp_path / "link.json"):
+        with pytest.raises(KscuError) as e:
+            check_replaceable(
+                path, "X", "plot", lambda p: False, True, fix="move it", unrecognised=" (old)"
+            )
+        assert str(e.value) == (
+            "X already exists and is not a kscu plot (old); move it (kscu does not replace a "
+            "file it did not write, even with --overwrite)"
+        )
+    assert mine.read_text() == "notes"
+
+
+def test_check_replaceable_is_still_importable_from_the_evaluators():
+    """report and fid import it from kscu.evaluate.common, where it was written first."""
+    import kscu.evaluate.common
+
+    assert kscu.evaluate.common.check_replaceable is check_replaceable

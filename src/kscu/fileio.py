@@ -71,6 +71,36 @@ def check_writable(path: str | Path, folder: bool = True, flag: str = "--output"
         ) from None
 
 
+def check_replaceable(
+    path: str | Path,
+    name: str,
+    what: str,
+    ours: Callable[[Path], bool],
+    overwrite: bool,
+    *,
+    fix: str = "give another path",
+    unrecognised: str = "",
+) -> None:
+    """Refuse, before any work, to replace an existing file unless ``overwrite``, and even then
+    unless ``ours`` says it is an earlier ``what`` that this command wrote: a typo in a path, or
+    a file of the same name, must never cost an erase's record, a generate.json or anyone's notes.
+
+    ``name`` says which path it is (``--output FILE``); ``fix`` is the advice both refusals give;
+    ``unrecognised`` follows "is not a kscu {what}" where a file kscu wrote may still not be
+    recognised (one written before kscu marked such files).
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not ours(path):
+        raise KscuError(
+            f"{name} already exists and is not a kscu {what}{unrecognised}; {fix} (kscu does "
+            "not replace a file it did not write, even with --overwrite)"
+        )
+    if not overwrite:
+        raise KscuError(f"{name} already holds a {what}; {fix}, or pass --overwrite to replace it")
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file's data, or a folder's entries (so a rename in it survives a power cut)."""
     if os.name == "nt" and Path(path).is_dir():

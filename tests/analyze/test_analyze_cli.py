@@ -4,26 +4,35 @@ other files (an erase's run beside it, notes) are never touched.
 
 The measurement, the scorer and the model loading are stand-ins (the real ones:
 tests/test_analyze.py); what runs for real is the CLI's check and its writing of analyze.json and
-analyze.png. Before: a second run silently wrote over the first.
+analyze.png. Before: a second run silently wrote over the first; then, with --overwrite, any
+file of those names was replaced, a user's own analyze.json or plot included.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from PIL import Image
 
 import kscu.analyze.analysis
 import kscu.analyze.plot
 import kscu.analyze.scorers
 import kscu.cli
+import kscu.memory
 import kscu.models
 
 ALREADY = (
-    "error: --output {} already holds an analysis (analyze.json, analyze.png); give a new "
-    "folder, or pass --overwrite to replace it (each file only once the new one is complete; "
-    "other files stay)\n"
+    "error: {}/analyze.json already holds a commitment analysis; move it away or give a new "
+    "--output folder, or pass --overwrite to replace it\n"
 )
+FOREIGN = (
+    "error: {}/analyze.{} already exists and is not a kscu commitment {}{}; move it away or give "
+    "a new --output folder (kscu does not replace a file it did not write, even with "
+    "--overwrite)\n"
+)
+UNMARKED = " (it carries no kscu marker; plots from earlier kscu versions have none either)"
 
 
 class Scorer:
@@ -53,6 +62,14 @@ def loads(monkeypatch):
     monkeypatch.setattr(kscu.analyze.scorers, "make_scorer", lambda *a: Scorer())
     monkeypatch.setattr(kscu.models, "load_pipeline", lambda *a, **k: calls.append(a))
     return calls
+
+
+@pytest.fixture
+def scorers(monkeypatch):
+    """The scorers made (the CLIP scorer loads a model of its own)."""
+    made = []
+    monkeypatch.setattr(kscu.analyze.scorers, "make_scorer", lambda *a: made.append(a) or Scorer())
+    return made
 
 
 def analyze(capsys, output, *flags):
@@ -180,3 +197,116 @@ def test_an_unwritable_cache_is_refused_before_any_model_loads(
     assert loads == [] and not (tmp_path / "an").exists()
     code, _, err = analyze(capsys, tmp_path / "an", "--no-cache")  # no cache: nothing to check
     assert code == 0, err
+
+
+def foreign_json(folder):
+    """analyze.json files analyze did not write: a user's own notes, an erase's kscu.json (its
+    analysis is under start_step_analysis), a list, text that is not JSON."""
+    (folder / "analyze.json").write_text(
+        {
+            "notes": '{"curve": "mine"}',
+            "erase record": json.dumps({"config": {}, "start_step_analysis": {"curve": [0.0]}}),
+            "list": '["curve", "recommended_start_step", "per_concept"]',
+            "text": "my own analysis, in words",
+        }[folder.name]
+    )
+
+
+@pytest.mark.parametrize("kind", ["notes", "erase record", "list", "text"])
+def test_an_analyze_json_analyze_did_not_write_is_kept_even_with_overwrite(
+    tmp_path, loads, capsys, kind
+):
+    folder = tmp_path / kind
+    folder.mkdir()
+    foreign_json(folder)
+    before = snapshot(folder)
+    for flags in ([], ["--overwrite"]):
+        code, out, err = analyze(capsys, folder, *flags)
+        assert code == 2 and err == FOREIGN.format(folder, "json", "analysis", ""), err
+        assert out == "" and loads == [] and snapshot(folder) == before
+
+
+def unmarked_png(path):
+    """A PNG without the marker: a user's plot, or one drawn by kscu before it marked them."""
+    Image.new("RGB", (72, 42), "white").save(path)
+
+
+def test_a_png_without_the_marker_is_kept_even_with_overwrite(old, loads, capsys):
+    """An earlier kscu's analysis (its JSON is an analysis, its plot unmarked) is refused with
+    --overwrite and without it alike, naming the plot and its fix, not --overwrite."""
+    unmarked_png(old / "analyze.png")
+    before = snapshot(old)
+    for flags in ([], ["--overwrite"]):
+        code, out, err = analyze(capsys, old, "--seed", "2", *flags)
+        assert code == 2 and err == FOREIGN.format(old, "png", "plot", UNMARKED), err
+        assert out == "" and loads == [] and snapshot(old) == before
+    (old / "analyze.png").unlink()  # moved away: the fix the message gives
+    code, _, err = analyze(capsys, old, "--seed", "2", "--overwrite")
+    assert code == 0 and seed_in(old) == 2, err
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "folder", "text"])
+def test_other_things_named_analyze_png_are_kept(tmp_path, loads, capsys, kind):
+    folder = tmp_path / "an"
+    folder.mkdir()
+    png = folder / "analyze.png"
+    if kind == "jpeg":
+        Image.new("RGB", (8, 8)).save(png, format="JPEG")
+    elif kind == "folder":
+        png.mkdir()
+    else:
+        png.write_text("not an image")
+    code, _, err = analyze(capsys, folder, "--overwrite")
+    assert code == 2 and err == FOREIGN.format(folder, "png", "plot", UNMARKED), err
+    assert loads == [] and not (folder / "analyze.json").exists()
+
+
+def test_the_plot_carries_the_marker_overwrite_looks_for(old):
+    with Image.open(old / "analyze.png") as im:
+        assert im.info["kscu"] == "analyze"
+
+
+def few_timesteps_model(tmp_path, timesteps):
+    """The bundled world's configs (no weights: the early check reads none) with a scheduler of
+    ``timesteps`` train timesteps."""
+    folder = tmp_path / "model"
+    source = kscu.models.default_model()
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "num_train_timesteps": timesteps})
+    )
+    return folder
+
+
+def test_more_steps_than_the_scheduler_has_fail_before_any_model_loads(
+    tmp_path, loads, scorers, capsys
+):
+    """Before: the scorer and the whole model loaded, then the sampler refused the steps."""
+    code, out, err = analyze(capsys, tmp_path / "a", "--num-steps", "100000")
+    assert code == 2 and out == "", err
+    assert err == (
+        "error: 100000 sampling steps: this model's scheduler has 1000 timesteps; give between 1 "
+        "and 1000 steps\n"
+    )
+    model = few_timesteps_model(tmp_path, 40)  # the family's 50 steps: more than it has
+    code, _, err = analyze(capsys, tmp_path / "b", "--model", model)
+    assert code == 2 and "50 sampling steps: this model's scheduler has 40 timesteps" in err
+    assert loads == [] and scorers == []
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, _, err = analyze(capsys, tmp_path / "c", "--model", model, "--num-steps", "40")
+    assert code == 0 and len(loads) == 1, err  # as many as it has: fine
+
+
+def test_steps_not_knowable_before_loading_are_left_to_the_later_check(
+    tmp_path, loads, capsys, monkeypatch
+):
+    """A model whose configs cannot be read without loading (a hub id offline) is not refused
+    early: analyze checks the steps on the loaded pipeline (tests/test_analyze.py)."""
+
+    def offline(*args):
+        raise OSError("we have no connection to the Hub")
+
+    monkeypatch.setattr(kscu.memory, "meta_pipeline", offline)
+    code, _, err = analyze(capsys, tmp_path / "an", "--num-steps", "100000")
+    assert code == 0 and len(loads) == 1, err

@@ -97,6 +97,31 @@ def check_cache_dir(
     return path
 
 
+def check_steps(model_id: str | None, family: Any, settings: AnalyzeSettings) -> None:
+    """Refuse more sampling steps than the model's scheduler has before the scorer and the model
+    load (minutes for SD or FLUX), not after.
+
+    The rule is the family's sampler's own, built as ``kscu erase --plan`` builds it: on the
+    model's configs, its networks on the meta device (``kscu.memory.meta_pipeline``), no weights
+    read. Configs that cannot be read here (a hub id offline) leave the verdict to ``analyze``,
+    which checks the same after loading: an early check must not refuse what loading allows.
+    """
+    from kscu.memory import meta_pipeline
+    from kscu.models import default_model
+
+    model = default_model() if model_id is None else str(model_id)
+    path = Path(model).expanduser()
+    try:
+        pipe_like = meta_pipeline(str(path) if path.exists() else model, family)
+        family.sampler(
+            pipe_like, settings.num_steps, settings.resolution, guidance=settings.guidance
+        )
+    except KscuError:  # the steps, or a pipeline without its networks: loading says the same
+        raise
+    except Exception:  # noqa: BLE001 - not knowable without loading: analyze checks it then
+        return
+
+
 @torch.no_grad()
 def decode_latents(pipe: Any, latents: torch.Tensor, sampler: Any = None) -> torch.Tensor:
     """Images (N,3,H,W) in [0, 1] on the CPU, decoded a few at a time by the family's sampler."""
@@ -398,6 +423,7 @@ __all__ = [
     "analyze",
     "auto_start_step",
     "check_cache_dir",
+    "check_steps",
     "default_cache_dir",
     "is_world_model",
     "measure",

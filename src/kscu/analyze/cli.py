@@ -2,7 +2,8 @@
 
 An earlier analysis in DIR (either file) is refused before any model loads, or with
 ``--overwrite`` replaced file by file, each only once the new one is complete; the folder's other
-files are never touched (an analysis may sit beside an erase's run).
+files are never touched (an analysis may sit beside an erase's run), and neither is a file of
+either name that analyze did not write, ``--overwrite`` or not.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import dataclasses
 from pathlib import Path
 
 from kscu.errors import KscuError
-from kscu.fileio import check_writable, write_json
+from kscu.fileio import check_replaceable, check_writable, read_json_object, write_json
 
 JSON_NAME, PNG_NAME = "analyze.json", "analyze.png"
+# Top-level keys of every analyze.json; an erase's kscu.json keeps its analysis one level down
+# (under start_step_analysis), an evaluation result has none of them.
+JSON_KEYS = ("curve", "recommended_start_step", "per_concept")
+FIX = "move it away or give a new --output folder"
+UNMARKED = " (it carries no kscu marker; plots from earlier kscu versions have none either)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,26 +79,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the analysis already in --output (other files there stay)",
+        help="replace the analysis kscu analyze wrote in --output (other files there stay, "
+        "and so do files of its names that it did not write)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier analysis unless ``overwrite``; cheap, so it runs first."""
+    """Refuse, before any model loads, to replace a file of analyze's names unless
+    ``overwrite``, and even then unless analyze wrote it (the JSON's keys, the PNG's marker):
+    a user's own analyze.json or plot in ``output`` is never replaced."""
+    from kscu.analyze.plot import is_plot
+
     check_writable(output)
-    held = [name for name in (JSON_NAME, PNG_NAME) if (output / name).exists()]
-    if held and not overwrite:
-        raise KscuError(
-            f"--output {output} already holds an analysis ({', '.join(held)}); give a new "
-            "folder, or pass --overwrite to replace it (each file only once the new one is "
-            "complete; other files stay)"
-        )
+    files = (
+        (JSON_NAME, "commitment analysis", is_analysis, ""),
+        (PNG_NAME, "commitment plot", is_plot, UNMARKED),
+    )
+    # a file analyze did not write is named first, whichever it is: asking for --overwrite over
+    # an earlier analyze.json would only lead to the refusal of a foreign analyze.png beside it
+    for allowed in (True, overwrite):
+        for name, what, ours, unrecognised in files:
+            path = output / name
+            check_replaceable(
+                path, str(path), what, ours, allowed, fix=FIX, unrecognised=unrecognised
+            )
+
+
+def is_analysis(path: Path) -> bool:
+    """Whether ``path`` is an ``analyze.json`` that analyze wrote (a JSON object with its keys)."""
+    try:
+        data = read_json_object(path, "")
+    except KscuError:
+        return False
+    return all(key in data for key in JSON_KEYS)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kscu.analyze.analysis import analyze, check_cache_dir
+    from kscu.analyze.analysis import analyze, check_cache_dir, check_steps
     from kscu.analyze.plot import plot_curve
     from kscu.analyze.scorers import make_scorer
     from kscu.config import MODE_DEFAULTS, parse_concepts
@@ -106,8 +131,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite)  # before any model loads
     # a missing or foreign model folder fails before the scorer loads; its family's steps are
     # the ones --stride must fit when --num-steps is not given
-    settings = settings.for_family(model_family(args.model))
+    family = model_family(args.model)
+    settings = settings.for_family(family)
     settings.validate()
+    check_steps(args.model, family, settings)  # more steps than the scheduler has
     if not args.no_cache:
         # written only after the measurement: refused before it
         check_cache_dir(fix="set KSCU_CACHE to a writable folder, or pass --no-cache")

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from kscu.fileio import atomic_target
 
+# A text chunk every plot carries: how ``kscu analyze --overwrite`` tells a plot it drew from
+# anyone else's analyze.png (a PNG keeps text chunks through copies, unlike a file's dates).
+MARKER_KEY, MARKER = "kscu", "analyze"
+
 
 def plot_curve(
     path: str | Path,
@@ -51,4 +55,16 @@ def plot_curve(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="center left")
     with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={MARKER_KEY: MARKER})
+
+
+def is_plot(path: Path) -> bool:
+    """Whether ``path`` is a PNG ``plot_curve`` drew: one carrying its marker. Any other file,
+    a PNG drawn before kscu marked its plots included, is not (``--overwrite`` keeps it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the chunks before the pixels, not the pixels
+            return im.format == "PNG" and im.info.get(MARKER_KEY) == MARKER
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image kscu can open
+        return False

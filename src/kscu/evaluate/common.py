@@ -13,9 +13,7 @@ import csv
 import functools
 import importlib.metadata
 import json
-import os
 import platform
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,12 @@ from PIL import Image
 
 from kscu.distributed import Workers  # noqa: F401  (re-exported for the evaluators)
 from kscu.errors import KscuError
-from kscu.fileio import check_writable, read_json_object, write_text
+from kscu.fileio import (  # check_replaceable: also imported from here by report and fid
+    check_replaceable,
+    check_writable,
+    read_json_object,
+    write_text,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -180,25 +183,6 @@ def check_batch_size(batch_size: int) -> None:
     DataLoader with a traceback, or (everything cached) slip through unnoticed."""
     if batch_size < 1:
         raise KscuError(f"--batch-size must be a positive integer (got {batch_size}); e.g. 16")
-
-
-def check_replaceable(
-    path: Path, name: str, what: str, ours: Callable[[Path], bool], overwrite: bool
-) -> None:
-    """Refuse to replace an existing file unless ``overwrite``, and even then unless ``ours``
-    says it is an earlier ``what`` (so a typo in a path never destroys an erase run's record,
-    a generate.json, or anyone's notes). ``name`` says which path it is (``--output FILE``)."""
-    if not os.path.lexists(path):
-        return
-    if not ours(path):
-        raise KscuError(
-            f"{name} already exists and is not a kscu {what}; give another path (kscu does "
-            "not replace a file it did not write, even with --overwrite)"
-        )
-    if not overwrite:
-        raise KscuError(
-            f"{name} already holds a {what}; give another path, or pass --overwrite to replace it"
-        )
 
 
 def is_result(path: Path, metric: str) -> bool:
