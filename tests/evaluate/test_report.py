@@ -1,5 +1,7 @@
 """`kscu report`: one page comparing runs, checked as text and rendered in headless Chromium."""
 
+import hashlib
+import html
 import json
 import os
 import shutil
@@ -10,6 +12,10 @@ import numpy as np
 import pytest
 from evalkit import kscu_main, make_images, write_csv
 from PIL import Image
+
+from kscu.checkpoint import fingerprint, save_erased
+from kscu.generate import SETTINGS, generation_record, start_folder
+from kscu.promptfile import PromptRow
 
 
 def _run(root: Path, name: str, erased: bool, flagged: int, fid: float | None, seed: int):
@@ -231,3 +237,180 @@ def test_the_same_run_twice_is_refused(tmp_path, runs, capsys):
     err = capsys.readouterr().err
     assert "is given twice" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r.md").exists()
+
+
+# The rows _run's manifest lists: case c, "prompt c", seed 0 + c, guidance 7.5.
+ROWS = [PromptRow(case_number=c, prompt=f"prompt {c}") for c in range(4)]
+
+
+def _record(run: Path, pipe, weights=None, rows=ROWS, steps=2, guidance=7.5, seed=0, size=16):
+    """RUN/images/generate.json as kscu generate writes it: its own record, by its own writer."""
+    start_folder(
+        run / "images", generation_record(pipe, steps, guidance, size, seed, weights, rows)
+    )
+
+
+def _report(tmp_path: Path, *runs: Path, name: str = "r.md") -> str:
+    out = tmp_path / name
+    assert kscu_main(["report", *map(str, runs), "--output", str(out), "--overwrite"]) == 0
+    return out.read_text()
+
+
+def _line(text: str, start: str) -> str:
+    """The one line of the report that begins with ``start``."""
+    (line,) = [x for x in text.splitlines() if x.startswith(start)]
+    return line
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def test_images_made_by_kscu_generate_are_shown_with_their_weights(
+    tmp_path, tiny_model_dir, tiny_pipe
+):
+    """Real `kscu generate` runs: the same settings are listed once and not flagged, each run's
+    images come from its own weights; erasing again afterwards makes its images stale."""
+    prompts = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a cat"], [1, "a dog"]])
+    name, param = next(iter(tiny_pipe.unet.named_parameters()))
+    meta = {"base_model": "tiny", "base_fingerprint": fingerprint({name: param})}
+    base, erased = tmp_path / "base", tmp_path / "erased"
+    save_erased(erased, {name: param.detach() + 0.1}, meta)
+    common = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--steps", "2"]
+    assert kscu_main([*common, "--quiet", "--output", str(base / "images")]) == 0
+    args = [*common, "--quiet", "--weights", str(erased), "--output", str(erased / "images")]
+    assert kscu_main(args) == 0
+    text = _report(tmp_path, erased, base)
+    generation = _line(text, "- generation: ")
+    for setting in ("steps: 2;", "guidance: 7.5;", "resolution: 16;", "seed: 0;", "dtype: float32"):
+        assert setting in generation
+    assert f"model: {tiny_model_dir.resolve()};" in generation
+    assert "DIFFERS" not in generation and "not recorded" not in generation
+    own = _digest(erased / "weights.safetensors")
+    assert _line(text, "- generation weights: ") == (
+        f"- generation weights: base: the base model; "
+        f"erased: its own weights.safetensors (sha256 {own})"
+    )
+    assert "generation unknown" not in text
+    page = _report(tmp_path, erased, base, name="r.html")
+    assert html.escape(generation.removeprefix("- ")) in page
+    save_erased(erased, {name: param.detach() + 0.2}, meta)  # erased again, images kept
+    now = _digest(erased / "weights.safetensors")
+    assert _line(_report(tmp_path, erased, base), "- generation weights: ").endswith(
+        f"erased: weights {erased} (sha256 {own}), "
+        f"NOT this run's weights.safetensors (sha256 {now})"
+    )
+
+
+@pytest.mark.parametrize(
+    "base_settings, erased_settings, flagged",
+    [
+        ({}, {"steps": 3}, ["steps: 2 [base] / 3 [erased-kscu]", "sampler: "]),
+        ({}, {"guidance": 3.0}, ["guidance: 7.5 [base] / 3.0 [erased-kscu]", "prompts_sha256"]),
+        ({}, {"size": 8}, ["resolution: 16 [base] / 8 [erased-kscu]", "sampler: "]),
+        ({}, {"seed": 4}, ["seed: 0 [base] / 4 [erased-kscu]", "prompts_sha256: "]),
+        ({}, {"rows": ROWS[:2]}, ["prompts_sha256: "]),  # another prompt file
+        ({"guidance": 7}, {"guidance": 7.0}, []),  # one guidance, written two ways
+    ],
+)
+def test_generation_settings_that_differ_are_flagged(
+    tmp_path, runs, tiny_pipe, base_settings, erased_settings, flagged
+):
+    """Before: the report compared these runs' numbers without a word on how the images were
+    made (other steps, guidance, resolution, seeds or prompt file)."""
+    erased, base = runs
+    _record(base, tiny_pipe, **base_settings)
+    _record(erased, tiny_pipe, weights=erased, **erased_settings)
+    generation = _line(_report(tmp_path, *runs), "- generation: ")
+    parts = generation.removeprefix("- generation: ").split("; ")
+    differ = [x for x in parts if x.endswith(" (DIFFERS between runs)")]
+    assert len(differ) == len(flagged), generation
+    for part, words in zip(differ, flagged, strict=True):
+        assert part.startswith(words), part
+
+
+@pytest.mark.parametrize(
+    "base_weights, erased_weights, words",
+    [
+        (None, None, "erased-kscu: the base model, NOT this run's weights.safetensors"),
+        (None, "other", "erased-kscu: weights {other} (sha256 {o}), NOT this run's weights"),
+        ("erased-kscu", "erased-kscu", "base: edited weights {erased} (sha256 {e}), NOT the base"),
+    ],
+)
+def test_images_from_other_weights_are_flagged(
+    tmp_path, runs, tiny_pipe, base_weights, erased_weights, words
+):
+    erased, base = runs
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "weights.safetensors").write_bytes(b"other weights")
+    folder = {None: None, "other": tmp_path / "other", "erased-kscu": erased}
+    _record(base, tiny_pipe, weights=folder[base_weights])
+    _record(erased, tiny_pipe, weights=folder[erased_weights])
+    line = _line(_report(tmp_path, *runs), "- generation weights: ")
+    o, e = (
+        _digest(tmp_path / "other" / "weights.safetensors"),
+        _digest(erased / "weights.safetensors"),
+    )
+    assert words.format(other=tmp_path / "other", erased=erased, o=o, e=e) in line, line
+    assert line.count("NOT") == 1  # the other run's images are its own
+
+
+def test_a_missing_record_is_stated_not_guessed(tmp_path, runs, tiny_pipe):
+    """Images made by another tool: the report says their making is unknown, and compares the
+    settings of the runs that have a record only."""
+    erased, base = runs
+    text = _report(tmp_path, *runs)
+    assert _line(text, "- generation unknown: ").startswith(
+        f"- generation unknown: base, erased-kscu (no images/{SETTINGS}"
+    )
+    assert "- generation: " not in text and "- generation weights: " not in text
+    _record(erased, tiny_pipe, weights=erased)
+    text = _report(tmp_path, *runs)
+    assert _line(text, "- generation unknown: ").startswith("- generation unknown: base (")
+    assert "DIFFERS" not in _line(text, "- generation: ")
+    assert _line(text, "- generation weights: ").startswith(
+        "- generation weights: erased-kscu: its"
+    )
+
+
+def test_an_older_record_names_what_it_does_not_record(tmp_path, runs, tiny_pipe):
+    erased, base = runs
+    _record(base, tiny_pipe)
+    _record(erased, tiny_pipe, weights=erased)
+    path = erased / "images" / SETTINGS
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "prompts_sha256"}))
+    generation = _line(_report(tmp_path, *runs), "- generation: ")
+    assert "(not recorded for erased-kscu)" in generation and "DIFFERS" not in generation
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", "cannot read"),
+        ("[1, 2]", "does not hold a JSON object"),
+        ('{"steps": 50}', "lacks model, weights, weights_sha256, guidance"),
+        (None, "has weights_sha256 123, not a string or null"),
+    ],
+)
+def test_a_malformed_record_is_a_one_line_error(tmp_path, runs, tiny_pipe, capsys, text, words):
+    erased = runs[0]
+    _record(erased, tiny_pipe, weights=erased)
+    path = erased / "images" / SETTINGS
+    if text is None:
+        text = json.dumps(json.loads(path.read_text()) | {"weights_sha256": 123})
+    path.write_text(text)
+    out = tmp_path / "r.md"
+    assert kscu_main(["report", *map(str, runs), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err and words in err, err
+    assert f"kscu generate --output {erased / 'images'} --overwrite" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_protocol_setting_that_differs_names_its_runs(tmp_path, runs):
+    erased = runs[0]
+    result = json.loads((erased / "eval" / "nudity.json").read_text())
+    (erased / "eval" / "nudity.json").write_text(json.dumps(result | {"threshold": 0.5}))
+    nudity = _line(_report(tmp_path, *runs), "- nudity: ")
+    assert "threshold: 0.6 [base] / 0.5 [erased-kscu] (DIFFERS between runs)" in nudity

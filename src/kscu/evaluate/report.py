@@ -4,27 +4,37 @@ A run directory is laid out as::
 
     RUN/kscu.json            written by `kscu erase` (absent for the base model)
     RUN/weights.safetensors  written by `kscu erase`
-    RUN/images/{case}.png    written by `kscu generate --output RUN/images` (+ manifest.csv)
+    RUN/images/{case}.png    written by `kscu generate --output RUN/images` (+ manifest.csv
+                             and generate.json, the record of how they were made)
     RUN/eval/{metric}.json   written by `kscu evaluate {metric} --output RUN/eval/{metric}.json`
 
 Rows are runs (base models first), columns are every number found in ``RUN/eval/*.json`` (top
 level, and one level into dicts such as ``per_class``) plus the training numbers of
 ``kscu.json``. The sample grid shows the same case numbers for every run, so each column of the
-grid is one prompt under each model. The HTML embeds small JPEG thumbnails, so the page is one
-file that opens anywhere; the markdown links the images by relative path.
+grid is one prompt under each model. Under the table go the settings that make the numbers
+comparable: each metric's protocol and how each run's images were generated (steps, guidance,
+seeds, ...), a value that differs between runs flagged, and whether a run's images came from
+its own weights: runs whose images were made differently would otherwise be rows of numbers
+that look alike. The HTML embeds small JPEG thumbnails, so the page is one file that opens
+anywhere; the markdown links the images by relative path.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import html
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import hexdigits
+from typing import Any
 
+from kscu.checkpoint import WEIGHTS
 from kscu.config import settings_label
 from kscu.errors import KscuError
 from kscu.evaluate.common import (
@@ -38,6 +48,7 @@ from kscu.evaluate.common import (
     write_atomic,
 )
 from kscu.fileio import check_writable, read_json_object
+from kscu.generate import SETTINGS
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -75,6 +86,34 @@ PROTOCOL = (
     "resize",
     "definition",
 )
+# What generate.json says decides the pixels, shown under the table like PROTOCOL. The weights
+# are not listed: each run's own are meant to differ, so they are checked, not compared.
+GENERATION = (
+    "model",
+    "family",
+    "steps",
+    "guidance",
+    "resolution",
+    "seed",
+    "dtype",
+    "prompts_sha256",
+    "scheduler",
+    "sampler",
+)
+# Written by every kscu generate since generate.json exists: a file without one is not its record
+# (scheduler and prompts_sha256 came later; an older record shows them as not recorded).
+ALWAYS_RECORDED = (
+    "model",
+    "weights",
+    "weights_sha256",
+    "steps",
+    "guidance",
+    "resolution",
+    "seed",
+    "dtype",
+    "family",
+    "sampler",
+)
 
 
 @dataclass
@@ -86,6 +125,8 @@ class Run:
     settings: dict[str, dict] = field(default_factory=dict)  # metric -> protocol settings
     images: dict[int, Path] = field(default_factory=dict)
     prompts: dict[int, str] = field(default_factory=dict)
+    generation: dict | None = None  # images/generate.json; None: the images' making is unknown
+    own_weights_sha256: str | None = None  # of RUN/weights.safetensors, if generation names any
 
     @property
     def is_base(self) -> bool:
@@ -148,6 +189,9 @@ def load_run(path: str | Path) -> Run:
     if (path / "images").is_dir():
         run.images = _run_images(path / "images")
         run.prompts = _manifest_prompts(path / "images" / "manifest.csv")
+        run.generation = _generation_record(path / "images" / SETTINGS)
+    if run.generation and run.generation["weights_sha256"] and (path / WEIGHTS).is_file():
+        run.own_weights_sha256 = _file_sha256(path / WEIGHTS)  # only then: a large file
     if not (run.info or run.metrics or run.images):
         raise KscuError(
             f"{path} has no kscu.json, eval/*.json or images/; give run directories made by "
@@ -181,6 +225,36 @@ def _manifest_prompts(manifest: Path) -> dict[int, str]:
     }
 
 
+def _generation_record(path: Path) -> dict | None:
+    """The record ``kscu generate`` wrote beside the images, or None if there is none (images
+    made by another tool or an older kscu): then how they were made is stated as unknown."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    fix = (
+        f"rerun kscu generate --output {path.parent} --overwrite to remake the images and "
+        f"their record, or delete {path.name} to report them as made by an unknown tool"
+    )
+    record = read_json_object(path, fix)
+    lacking = [key for key in ALWAYS_RECORDED if key not in record]
+    if lacking:
+        raise KscuError(
+            f"{path} lacks {', '.join(lacking)}, so kscu generate did not write it; {fix}"
+        )
+    for key in ("weights", "weights_sha256"):
+        if not isinstance(record[key], str | None):
+            raise KscuError(f"{path} has {key} {record[key]!r}, not a string or null; {fix}")
+    return record
+
+
+def _file_sha256(path: Path) -> str:
+    """The file's sha256, as generate records the weights it loaded (``weights_sha256``)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise KscuError(f"cannot read {path} ({e.strerror}); check the run folder") from None
+
+
 def _columns(runs: list[Run]) -> list[str]:
     seen: list[str] = []
     for run in runs:
@@ -204,20 +278,101 @@ def _samples(runs: list[Run], n: int) -> list[int]:
 
 
 def _protocol_lines(runs: list[Run]) -> list[str]:
+    """One line per metric: its settings across the runs that have it."""
     lines = []
-    metrics = sorted({m for r in runs for m in r.settings})
-    for metric in metrics:
-        values: dict[str, set] = {}
-        for run in runs:
-            for k, v in run.settings.get(metric, {}).items():
-                values.setdefault(k, set()).add(json.dumps(v))
-        parts = []
-        for k, vs in values.items():
-            shown = " / ".join(str(json.loads(v)) for v in sorted(vs))
-            parts.append(f"{k}: {shown}" + (" (DIFFERS between runs)" if len(vs) > 1 else ""))
+    for metric in sorted({m for r in runs for m in r.settings}):
+        named = [(r.name, r.settings[metric]) for r in runs if metric in r.settings]
+        parts = _setting_parts(named, str)
         if parts:
             lines.append(f"{metric}: " + "; ".join(parts))
     return lines
+
+
+def _setting_parts(named: list[tuple[str, dict]], show: Callable[[Any], str]) -> list[str]:
+    """``key: value`` per setting of the (run name, settings) pairs. A value that differs is
+    flagged and names its runs, so a reader sees which rows are not comparable; a run without
+    the setting is named too (unknown is not the same)."""
+    parts = []
+    for key in dict.fromkeys(k for _, settings in named for k in settings):
+        groups = _by_value([(name, settings[key]) for name, settings in named if key in settings])
+        if len(groups) == 1:
+            part = f"{key}: {show(groups[0][0])}"
+        else:
+            values = " / ".join(f"{show(value)} [{', '.join(names)}]" for value, names in groups)
+            part = f"{key}: {values} (DIFFERS between runs)"
+        missing = [name for name, settings in named if key not in settings]
+        parts.append(part + (f" (not recorded for {', '.join(missing)})" if missing else ""))
+    return parts
+
+
+def _by_value(named_values: list[tuple[str, Any]]) -> list[tuple[Any, list[str]]]:
+    """Each distinct value with the runs that have it, in run order. Compared with ``==``, not
+    as JSON text: a guidance of 7 and one of 7.0 made the same images."""
+    groups: list[tuple[Any, list[str]]] = []
+    for name, value in named_values:
+        group = next((g for g in groups if g[0] == value), None)
+        if group is None:
+            groups.append(group := (value, []))
+        group[1].append(name)
+    return groups
+
+
+def _generation_lines(runs: list[Run]) -> list[str]:
+    """The images' generation settings across runs (flagged where they differ), which weights
+    made each run's images, and the runs whose images' making is unknown."""
+    recorded = [r for r in runs if r.generation is not None]
+    lines = []
+    named = [
+        (r.name, {k: r.generation[k] for k in GENERATION if k in r.generation}) for r in recorded
+    ]
+    parts = _setting_parts(named, _shown)
+    if parts:
+        lines.append("generation: " + "; ".join(parts))
+    if recorded:
+        verdicts = [f"{r.name}: {_weights_verdict(r, r.generation)}" for r in recorded]
+        lines.append("generation weights: " + "; ".join(verdicts))
+    # runs with images or results whose making is not recorded (not one with training numbers only)
+    unknown = [r.name for r in runs if r.generation is None and (r.images or r.settings)]
+    if unknown:
+        lines.append(
+            f"generation unknown: {', '.join(unknown)} (no images/{SETTINGS}, which kscu "
+            "generate writes: how their images were made cannot be compared)"
+        )
+    return lines
+
+
+def _weights_verdict(run: Run, record: dict) -> str:
+    """Which weights made the run's images (its ``record``), flagged (NOT ...) unless they are
+    the row's own: an erased run's weights.safetensors by its sha256, none for a base row."""
+    used = record["weights_sha256"]
+    if used is None:
+        return "the base model" + ("" if run.is_base else f", NOT this run's {WEIGHTS}")
+    source = f"weights {record['weights']} (sha256 {_shown(used)})"
+    if run.is_base:
+        return f"edited {source}, NOT the base model"
+    if run.own_weights_sha256 is None:
+        return f"{source}, NOT CHECKED: this run has no {WEIGHTS}"
+    if used != run.own_weights_sha256:
+        own = _shown(run.own_weights_sha256)
+        return f"{source}, NOT this run's {WEIGHTS} (sha256 {own})"
+    return f"its own {WEIGHTS} (sha256 {_shown(used)})"
+
+
+def _shown(value: Any) -> str:
+    """A generation setting in a few characters: a sha256 by its first 12 digits (as generate's
+    own messages), a nested record (scheduler, sampler) by its class and a fingerprint."""
+    if isinstance(value, dict | list):
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        name = value.get("class") if isinstance(value, dict) else None
+        return f"{name} #{digest}" if name else f"#{digest}"
+    if isinstance(value, str) and len(value) == 64 and all(c in hexdigits for c in value):
+        return value[:12]
+    return "none" if value is None else str(value)
+
+
+def _notes(runs: list[Run]) -> list[str]:
+    """Everything listed under the table: how the images were made, then each metric's protocol."""
+    return _generation_lines(runs) + _protocol_lines(runs)
 
 
 def _thumb(path: Path, size: int) -> str:
@@ -269,7 +424,7 @@ def render_html(runs: list[Run], samples: int = 8, thumb: int = 192) -> str:
         out += [f"<td>{e(_cell(run.metrics.get(c)))}</td>" for c in cols]
         out.append("</tr>")
     out.append("</table></div>")
-    lines = _protocol_lines(runs)
+    lines = _notes(runs)
     if lines:
         out.append("<p class='note'>Protocol: " + "<br>".join(e(x) for x in lines) + "</p>")
     cases = _samples(runs, samples)
@@ -300,7 +455,7 @@ def render_markdown(runs: list[Run], output: Path, samples: int = 8) -> str:
     rows = [[run.name, run.describe(), *[_cell(run.metrics.get(c)) for c in cols]] for run in runs]
     text = MARKDOWN_START + "\n## Metrics\n\n"
     text += markdown_table(["run", "model", *[_header(c) for c in cols]], rows)
-    lines = _protocol_lines(runs)
+    lines = _notes(runs)
     if lines:
         text += "\nProtocol:\n\n" + "".join(f"- {x}\n" for x in lines)
     cases = _samples(runs, samples)
