@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.fileio import atomic_target, check_writable, read_json_object, write_json
+from kscu.fileio import atomic_target, check_writable, file_sha256, read_json_object, write_json
 
 WEIGHTS = "weights.safetensors"
 METADATA = "kscu.json"
@@ -123,6 +123,15 @@ def read_metadata(directory: str | Path) -> dict:
     if not path.is_file():
         raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
     return read_json_object(path, "the checkpoint is damaged")
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """The sha256 of an erase's ``weights.safetensors``: what generate.json and attack.json
+    record as the weights their images came from, and report compares with the run's own."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
+    return file_sha256(path)
 
 
 def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:

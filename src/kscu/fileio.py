@@ -9,6 +9,7 @@ sharing a results folder).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -99,6 +100,16 @@ def check_replaceable(
         )
     if not overwrite:
         raise KscuError(f"{name} already holds a {what}; {fix}, or pass --overwrite to replace it")
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, read a MiB at a time: checkpoints are gigabytes, and what identifies a
+    run's weights (generate.json, attack.json, report) or an image (evaluate's cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kscu
-from kscu.checkpoint import WEIGHTS
+from kscu.checkpoint import weights_sha256
 from kscu.config import check_seed
 from kscu.errors import KscuError
 from kscu.families import family_of
@@ -194,7 +194,7 @@ def generation_record(
     record = {
         "model": _model_id(getattr(pipe, "name_or_path", None)),
         "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None else _sha256(Path(weights) / WEIGHTS),
+        "weights_sha256": None if weights is None else weights_sha256(weights),
         "steps": steps,
         "guidance": guidance,
         "resolution": resolution,
@@ -220,16 +220,6 @@ def _model_id(name: str | None) -> str | None:
         return BUNDLED_MODEL
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else str(name)
-
-
-def _sha256(path: Path) -> str:
-    if not path.is_file():
-        raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_resume(output: str | Path, record: dict[str, Any], overwrite: bool = False) -> None:

@@ -190,7 +190,7 @@ def run_record(
     """What decides the results: compared on a rerun into the same folder, and stated in
     attack.json. The precision and the device type decide an image's last bits, so a resume
     in another one would mix results; ``force`` changes no image (not compared)."""
-    from kscu.attack.run import weights_digest
+    from kscu.checkpoint import weights_sha256
     from kscu.models import is_bundled_model
     from kscu.runner import BUNDLED_MODEL
 
@@ -204,7 +204,7 @@ def run_record(
         "concept": args.concept,
         "model": model,
         "weights": str(args.weights),
-        "weights_sha256": weights_digest(args.weights),
+        "weights_sha256": weights_sha256(args.weights),
         "family": family,
         "steps": steps,
         "dtype": args.dtype,

@@ -20,7 +20,6 @@ on which prompts share its batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -80,16 +79,6 @@ def attack_targets(
 
     texts = bench_prompts(concept, settings.samples, settings.seed)["target_prompts"]
     return [Target(i, i, p, settings.seed + i, guidance) for i, p in enumerate(texts)]
-
-
-def weights_digest(weights: str | Path) -> str:
-    from kscu.checkpoint import WEIGHTS
-
-    path = Path(weights) / WEIGHTS
-    if not path.is_file():
-        raise KscuError(f"{path} is missing; give a folder written by `kscu erase`")
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_with_original(pipe: Any, weights: str | Path, force: bool = False):

@@ -26,17 +26,9 @@ from typing import Any
 import numpy as np
 
 from kscu.distributed import Workers
-from kscu.fileio import atomic_target, write_text
+from kscu.fileio import atomic_target, file_sha256, write_text
 
 FORMAT = 1  # of the cache files: a change makes old files miss
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_folder(images: str | Path) -> Path:

@@ -47,7 +47,7 @@ from kscu.evaluate.common import (
     read_csv,
     write_atomic,
 )
-from kscu.fileio import check_writable, read_json_object
+from kscu.fileio import check_writable, file_sha256, read_json_object
 from kscu.generate import SETTINGS
 
 # Keys of result files that are settings or bookkeeping, not results.
@@ -191,7 +191,7 @@ def load_run(path: str | Path) -> Run:
         run.prompts = _manifest_prompts(path / "images" / "manifest.csv")
         run.generation = _generation_record(path / "images" / SETTINGS)
     if run.generation and run.generation["weights_sha256"] and (path / WEIGHTS).is_file():
-        run.own_weights_sha256 = _file_sha256(path / WEIGHTS)  # only then: a large file
+        run.own_weights_sha256 = _own_weights_sha256(path / WEIGHTS)  # only then: a large file
     if not (run.info or run.metrics or run.images):
         raise KscuError(
             f"{path} has no kscu.json, eval/*.json or images/; give run directories made by "
@@ -246,11 +246,10 @@ def _generation_record(path: Path) -> dict | None:
     return record
 
 
-def _file_sha256(path: Path) -> str:
-    """The file's sha256, as generate records the weights it loaded (``weights_sha256``)."""
+def _own_weights_sha256(path: Path) -> str:
+    """The run's weights' sha256, as generate records those it loaded (``weights_sha256``)."""
     try:
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError as e:
         raise KscuError(f"cannot read {path} ({e.strerror}); check the run folder") from None
 
