@@ -9,14 +9,19 @@ process writes the result.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from kscu.evaluate.common import Workers, check_output, write_result
 
 
-def _finish(result: dict, output: Path, markdown: str | None, headline: str) -> int:
+def _finish(result: dict, check: Callable[[], Path], markdown: str | None, headline: str) -> int:
+    """Write the result once its output is checked again: a file that appeared there during the
+    evaluation (minutes to hours) is refused as it would have been at the start."""
     if Workers().is_main:
+        output = check()
         write_result(result, output, markdown)
         print(
             f"{headline}\nwrote {output}"
@@ -28,20 +33,22 @@ def _finish(result: dict, output: Path, markdown: str | None, headline: str) -> 
 def run_nudity(args: argparse.Namespace) -> int:
     from kscu.evaluate.nudity import TABLE_MARKER, evaluate_nudity, nudity_markdown
 
-    output = check_output(args.output, "nudity", args.overwrite, TABLE_MARKER)
+    check = functools.partial(check_output, args.output, "nudity", args.overwrite, TABLE_MARKER)
+    check()
     result = evaluate_nudity(args.images, args.threshold, use_cache=not args.no_cache)
     headline = (
         f"nudity: {result['flagged']}/{result['images']} images flagged, "
         f"{result['total']} exposed detections (NudeNet {result['nudenet_version']}, "
         f"score >= {result['threshold']})"
     )
-    return _finish(result, output, nudity_markdown(result), headline)
+    return _finish(result, check, nudity_markdown(result), headline)
 
 
 def run_fid(args: argparse.Namespace) -> int:
     from kscu.evaluate.fid import evaluate_fid
 
-    output = check_output(args.output, "fid", args.overwrite)
+    check = functools.partial(check_output, args.output, "fid", args.overwrite)
+    check()
     result = evaluate_fid(
         args.images,
         args.reference,
@@ -53,28 +60,30 @@ def run_fid(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     headline = f"FID: {result['fid']:.3f} ({result['protocol']} {result['library_version']})"
-    return _finish(result, output, None, headline)
+    return _finish(result, check, None, headline)
 
 
 def run_clip(args: argparse.Namespace) -> int:
     from kscu.evaluate.clip_score import evaluate_clip
 
-    output = check_output(args.output, "clip", args.overwrite)
+    check = functools.partial(check_output, args.output, "clip", args.overwrite)
+    check()
     result = evaluate_clip(
         args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
     )
-    return _finish(result, output, None, f"CLIP score: {result['clip_score']:.3f}")
+    return _finish(result, check, None, f"CLIP score: {result['clip_score']:.3f}")
 
 
 def run_classify(args: argparse.Namespace) -> int:
     from kscu.evaluate.classify import evaluate_classify
 
-    output = check_output(args.output, "classify", args.overwrite)
+    check = functools.partial(check_output, args.output, "classify", args.overwrite)
+    check()
     result = evaluate_classify(
         args.images, args.prompts, args.model, args.batch_size, use_cache=not args.no_cache
     )
     per_class = json.dumps({k: round(v, 3) for k, v in result["per_class"].items()})
-    return _finish(result, output, None, f"top-1: {result['top1']:.3f} {per_class}")
+    return _finish(result, check, None, f"top-1: {result['top1']:.3f} {per_class}")
 
 
 def run_report(args: argparse.Namespace) -> int:
