@@ -297,3 +297,195 @@ def test_custom_weights_are_named_and_flagged_by_report(tmp_path, lib, random_we
     shown = next(part for part in line.split("; ") if part.startswith("inception_weights:"))
     assert "random.safetensors" in shown and "other.safetensors" in shown
     assert shown.endswith("(DIFFERS between runs)")
+
+
+def _stats_run(tmp_path, weights, stats) -> list[str]:
+    """``evaluate fid`` of folder a (2 images of 16 px) against the statistics file ``stats``,
+    64-d features, writing from_stats.json."""
+    make_images(tmp_path / "a", 2, size=(16, 16))
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(stats)]
+    argv += ["--inception-weights", str(weights), "--dims", "64"]
+    return [*argv, "--output", str(tmp_path / "from_stats.json")]
+
+
+def _one_line(capsys) -> str:
+    """What a failed command printed: one line."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _warnings(capsys) -> list[str]:
+    """The warning lines a command printed (among pytorch-fid's progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+
+
+def test_saved_stats_are_checked_against_the_weights_in_use(
+    tmp_path, lib, random_weights, capsys, monkeypatch
+):
+    """Before: statistics made with one network were compared with features of another."""
+    from safetensors.torch import load_file, save_file
+
+    make_images(tmp_path / "a", 2, size=(16, 16))
+    make_images(tmp_path / "b", 2, size=(16, 16), seed=3)
+    stats = tmp_path / "ref.npz"
+    saving = ("--dims", "64", "--save-reference-stats", str(stats))
+    made = _fid(tmp_path, tmp_path / "a", tmp_path / "b", random_weights, *saving)
+    assert made["reference_provenance"] == "computed"
+    capsys.readouterr()
+    assert kscu_main(_stats_run(tmp_path, random_weights, stats)) == 0
+    same = json.loads((tmp_path / "from_stats.json").read_text())
+    assert same["fid"] == pytest.approx(made["fid"], rel=1e-6)  # the numbers are unchanged
+    assert same["reference_provenance"] == "checked" and same["reference_unchecked_settings"] == []
+    assert same["reference_images"] == 2 and _warnings(capsys) == []
+
+    other = tmp_path / "other.safetensors"  # the same tensors, another file: not provably equal
+    save_file(load_file(str(random_weights)), str(other), metadata={"copy": "1"})
+    (tmp_path / "from_stats.json").unlink()
+    _no_network(monkeypatch)
+    assert kscu_main(_stats_run(tmp_path, other, stats)) == 2
+    err = _one_line(capsys)
+    assert f"--reference {stats} was made with other FID settings" in err
+    assert 'Inception weights "random.safetensors (sha256' in err
+    assert 'there, "other.safetensors (sha256' in err and "--inception-weights" in err
+    assert "--save-reference-stats" in err and not (tmp_path / "from_stats.json").exists()
+
+
+ALL_SETTINGS = ["protocol", "dims", "resize", "inception_weights"]  # what stats must record
+
+
+def _info(weights, **changes) -> dict:
+    """The record --save-reference-stats writes for 64-d features of ``weights``, changed."""
+    import hashlib
+
+    label = fid.weights_label(weights, hashlib.sha256(weights.read_bytes()).hexdigest())
+    made = {"protocol": "pytorch-fid", "library_version": "0.3.0", "resize": fid.RESIZE}
+    return {**made, "dims": 64, "inception_weights": label, "images": 2, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"protocol": "clean-fid"}, 'feature extractor "clean-fid" there, "pytorch-fid" now'),
+        ({"dims": 2048}, "feature dims 2048 there, 64 now"),
+        ({"resize": "PIL bicubic to 299x299"}, 'resize "PIL bicubic to 299x299" there, "bilinear'),
+        (
+            {"inception_weights": fid.weights_label(None, fid.WEIGHTS_FILE)},
+            f"Inception weights \"{fid.WEIGHTS_FILE} (pytorch-fid's release",
+        ),
+    ],
+    ids=["extractor", "dims", "resize", "weights"],
+)
+def test_stats_made_otherwise_are_refused_before_any_feature(
+    tmp_path, lib, random_weights, capsys, monkeypatch, changes, said
+):
+    stats = tmp_path / "ref.npz"
+    fid.save_stats(stats, np.zeros(64), np.eye(64), _info(random_weights, **changes))
+    _no_network(monkeypatch)
+    assert kscu_main(_stats_run(tmp_path, random_weights, stats)) == 2
+    err = _one_line(capsys)
+    assert f"--reference {stats} was made with other FID settings ({said}" in err
+    assert "recompute the statistics" in err and not (tmp_path / "from_stats.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("info", "unchecked", "said"),
+    [
+        (None, ALL_SETTINGS, "has no kscu record of how it was made"),
+        ("not json", ALL_SETTINGS, "has no kscu record of how it was made"),
+        ("old kscu", ["inception_weights"], "does not record its Inception weights"),
+    ],
+    ids=["pytorch-fid", "foreign-info", "older-kscu"],
+)
+def test_stats_of_unknown_provenance_are_used_and_flagged(
+    tmp_path, lib, random_weights, capsys, info, unchecked, said
+):
+    """pytorch-fid's own statistics (mu, sigma only) are legitimate: used, never assumed to
+    match. Before: no warning, and "reference_images": 0."""
+    stats = tmp_path / "ref.npz"
+    arrays = {"mu": np.zeros(64), "sigma": np.eye(64)}
+    if info == "not json":
+        arrays["info"] = "made by someone else"
+    elif info == "old kscu":  # kscu before the weights were recorded
+        old = _info(random_weights)
+        del old["inception_weights"]
+        arrays["info"] = json.dumps(old)
+    np.savez(stats, **arrays)
+    assert kscu_main(_stats_run(tmp_path, random_weights, stats)) == 0
+    [warning] = _warnings(capsys)
+    assert warning.startswith(f"warning: --reference {stats} {said}")
+    assert warning.endswith("the result records reference_provenance unknown")
+    result = json.loads((tmp_path / "from_stats.json").read_text())
+    assert result["reference_provenance"] == "unknown"
+    assert result["reference_unchecked_settings"] == unchecked
+    assert result["reference_images"] == (2 if info == "old kscu" else None)
+    assert np.isfinite(result["fid"])
+
+
+def test_release_file_given_by_path_matches_the_hub_cache_release():
+    """torch hub's own check: the release file's sha256 begins with the digits in its name."""
+    release = fid.weights_key(fid.weights_label(None, fid.WEIGHTS_FILE))
+    given = fid.weights_key(fid.weights_label(fid.WEIGHTS_FILE, "6726825d" + "0" * 56))
+    other = fid.weights_key(fid.weights_label(fid.WEIGHTS_FILE, "0" * 64))
+    assert release == given == fid.WEIGHTS_FILE and other == "0" * 64
+    assert fid.weights_key("someone's label") == "someone's label"
+
+
+def _write_npy(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(64))
+
+
+def _write_truncated(path):
+    np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        (_write_npy, "holds a single .npy array"),
+        (lambda p: p.write_bytes(b""), "is not a readable .npz"),
+        (_write_truncated, "is not a readable .npz"),
+        (lambda p: p.write_text("mu,sigma\n"), "is not an .npz archive"),
+        (
+            lambda p: np.savez(p, mu=np.array([None] * 64, object), sigma=np.eye(64)),
+            "cannot read its mu (Object arrays cannot be loaded when allow_pickle=False)",
+        ),
+        (lambda p: np.savez(p, mu=np.zeros(64) + 1j, sigma=np.eye(64)), "not real numbers"),
+        (
+            lambda p: np.savez(p, mu=np.full(64, np.nan), sigma=np.eye(64)),
+            "holds 64 non-finite values (NaN or inf) in mu",
+        ),
+        (
+            lambda p: np.savez(p, mu=np.zeros(64), sigma=np.diag([np.inf] * 64)),
+            "holds 64 non-finite values (NaN or inf) in sigma",
+        ),
+        (lambda p: np.savez(p, mu=np.zeros(64), sigma=np.eye(64)[:63]), "sigma of shape (63, 64)"),
+        (lambda p: np.savez(p, mu=np.zeros(64)), "with mu and sigma (no sigma)"),
+    ],
+    ids=[
+        "npy",
+        "empty",
+        "truncated",
+        "text",
+        "object",
+        "complex",
+        "nan",
+        "inf",
+        "shape",
+        "no-sigma",
+    ],
+)
+def test_malformed_stats_are_one_line_errors(
+    tmp_path, lib, random_weights, capsys, monkeypatch, write, said
+):
+    """Before: tracebacks (.npy, empty, truncated), and complex, NaN or inf statistics were
+    used; text, object arrays, shape and a missing sigma were one-line errors already."""
+    stats = tmp_path / "ref.npz"
+    write(stats)
+    _no_network(monkeypatch)
+    assert kscu_main(_stats_run(tmp_path, random_weights, stats)) == 2
+    err = _one_line(capsys)
+    assert f"--reference {stats} " in err and said in err
+    assert not (tmp_path / "from_stats.json").exists()

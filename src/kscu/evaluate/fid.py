@@ -19,12 +19,24 @@ a rerun computes only new images; the result counts each side apart (``computed_
 ``cached_images`` for ``--images``, ``reference_computed_images`` / ``reference_cached_images``
 for a reference folder). ``--reference`` may also be an ``.npz`` of statistics (``mu``,
 ``sigma``: pytorch-fid's format), which ``--save-reference-stats FILE.npz`` writes.
+
+Reference statistics: a FID compares the features of two sets, so both must come from the same
+network and protocol. The statistics kscu writes record how they were made (``info``); loading
+them refuses, before any image is scored, a file made with other Inception weights, another
+feature extractor or ``--dims``, or another resize. A file without that record (pytorch-fid's
+own ``--save-stats``, published COCO statistics) is accepted, but never assumed to match: the
+result says ``"reference_provenance": "unknown"`` and which settings went unchecked, and one
+warning line says so. The file is read with ``allow_pickle=False`` and checked (``mu`` and
+``sigma`` present, real, finite, of the feature size) so a bad one is a one-line error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import re
+import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -43,12 +55,25 @@ from kscu.evaluate.common import (
     load_rgb,
     versions,
 )
-from kscu.fileio import atomic_target, check_writable
+from kscu.fileio import atomic_target, check_writable, file_sha256
 from kscu.protocol import FID_DIMS
 
 PROTOCOL = "pytorch-fid"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 RESIZE = "bilinear to 299x299 inside pytorch-fid's InceptionV3 (F.interpolate, align_corners=False)"
+# torch hub's naming convention: the file name carries the start of the file's sha256, which is
+# what torch hub (and so pytorch-fid) checks a download against
+RELEASE_SHA256_PREFIX = re.search(r"-([0-9a-f]{8,})\.", WEIGHTS_FILE).group(1)
+# The settings of ``made`` that fix the features, checked when reference statistics are loaded
+# (library_version is not: pytorch-fid's releases share the network and its preprocessing).
+CHECKED_SETTINGS = {
+    "protocol": "feature extractor",
+    "dims": "feature dims",
+    "resize": "resize",
+    "inception_weights": "Inception weights",
+}
+# What a file that is not a readable .npz raises from np.load or from reading one of its arrays
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def library():
@@ -67,6 +92,11 @@ def library():
     return inception, fid_score
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def weights_loader(inception_weights: str | Path | None):
     """A stand-in for pytorch-fid's ``load_state_dict_from_url`` that never unpickles code."""
     import torch
@@ -79,9 +109,8 @@ def weights_loader(inception_weights: str | Path | None):
                 return load_file(str(path))
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file, or one that holds more than tensors
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise KscuError(
-                f"cannot read Inception weights {path} ({first}); delete it and give "
+                f"cannot read Inception weights {path} ({first_line(e)}); delete it and give "
                 f"{WEIGHTS_FILE} (tensors only)"
             ) from None
 
@@ -120,9 +149,8 @@ def load_inception(inception_weights: str | Path | None = None, dims: int = FID_
         try:
             model = inception.InceptionV3([block])
         except RuntimeError as e:  # load_state_dict: missing/unexpected/mis-shaped tensors
-            first = str(e).strip().splitlines()[0]
             raise KscuError(
-                f"{inception_weights} is not pytorch-fid's FID Inception ({first}); "
+                f"{inception_weights} is not pytorch-fid's FID Inception ({first_line(e)}); "
                 f"give {WEIGHTS_FILE}"
             ) from None
     return model.eval().requires_grad_(False)
@@ -135,7 +163,7 @@ def weights_identity(inception_weights: str | Path | None) -> str:
     path = Path(inception_weights)
     if not path.is_file():
         raise KscuError(f"--inception-weights {path} does not exist; give {WEIGHTS_FILE}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def weights_label(inception_weights: str | Path | None, identity: str) -> str:
@@ -145,6 +173,33 @@ def weights_label(inception_weights: str | Path | None, identity: str) -> str:
     if inception_weights is None:
         return f"{WEIGHTS_FILE} (pytorch-fid's release, from the torch hub cache)"
     return f"{Path(inception_weights).name} (sha256 {identity})"
+
+
+def weights_key(label: str) -> str:
+    """Which weights a ``weights_label`` names, for comparing two of them: the release, or a
+    file's sha256; a label kscu did not write stands for itself (it matches only its equal).
+
+    A given file whose sha256 begins with the digits in the release's name counts as the
+    release: that is the check torch hub applies to pytorch-fid's own download, and it lets the
+    same file passed by ``--inception-weights`` match statistics made from the hub cache.
+    """
+    if label == weights_label(None, WEIGHTS_FILE):
+        return WEIGHTS_FILE
+    found = re.search(r"\(sha256 ([0-9a-f]{64})\)$", label)
+    if found is None:
+        return label
+    return WEIGHTS_FILE if found.group(1).startswith(RELEASE_SHA256_PREFIX) else found.group(1)
+
+
+def settings(inception_weights: str | Path | None, identity: str, dims: int) -> dict:
+    """How this run's features are made, as the result and saved statistics record it."""
+    return {
+        "protocol": PROTOCOL,
+        "library_version": versions("pytorch-fid")["pytorch-fid"],
+        "resize": RESIZE,
+        "dims": dims,
+        "inception_weights": weights_label(inception_weights, identity),
+    }
 
 
 def image_sizes(files: list[Path], what: str, workers: Workers) -> tuple[int, int]:
@@ -179,16 +234,21 @@ class Features:
     """pytorch-fid features of image sets; the network is built only if an image needs it."""
 
     def __init__(
-        self, inception_weights: str | Path | None, batch_size: int, dims: int, workers: Workers
+        self,
+        inception_weights: str | Path | None,
+        identity: str,
+        batch_size: int,
+        dims: int,
+        workers: Workers,
     ) -> None:
         self.weights = inception_weights
         self.batch_size = batch_size
         self.dims = dims
         self.workers = workers
-        self.protocol = {
+        self.protocol = {  # the cache's key: features from other settings are not reused
             "library": PROTOCOL,
             "dims": dims,
-            "weights": weights_identity(inception_weights),
+            "weights": identity,
             **versions("pytorch-fid", "torchvision"),
         }
         self.model = None
@@ -239,23 +299,115 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise KscuError(f"FID is undefined for these sets ({e}); use more images") from None
 
 
-def load_stats(path: Path, dims: int = FID_DIMS) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(mu, sigma, what else the file says) from an ``.npz`` of reference statistics."""
+def stats_error(path: Path, problem: str) -> KscuError:
+    """The one-line error for a statistics file that cannot be used, with what to give instead."""
+    return KscuError(
+        f"--reference {path} {problem}; give an image folder, or an .npz of float mu and sigma "
+        "(--save-reference-stats, or pytorch-fid's --save-stats)"
+    )
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """``mu``, ``sigma`` and ``info`` (those present) of an ``.npz``, never unpickling anything."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-            info = json.loads(str(data["info"])) if "info" in data.files else {}
-    except (OSError, ValueError, KeyError) as e:
-        raise KscuError(
-            f"--reference {path} is not an .npz of FID statistics with mu and sigma ({e}); "
-            "give an image folder or a file written by --save-reference-stats"
-        ) from None
-    if mu.shape != (dims,) or sigma.shape != (dims, dims):
-        raise KscuError(
-            f"--reference {path} holds statistics of shape {mu.shape}/{sigma.shape}, "
-            f"not of {dims}-d features; give statistics made with --dims {dims}"
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:  # neither zip nor .npy: numpy would have to unpickle it
+        raise stats_error(path, "is not an .npz archive (kscu never unpickles a file)") from None
+    except UNREADABLE as e:  # empty, truncated, unreadable
+        raise stats_error(path, f"is not a readable .npz ({first_line(e)})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise stats_error(path, "holds a single .npy array, not an .npz with mu and sigma")
+    arrays = {}
+    with loaded as data:
+        for key in ("mu", "sigma", "info"):
+            if key not in data.files:
+                continue
+            try:
+                arrays[key] = data[key]
+            except UNREADABLE as e:  # an object array (only unpickling reads it), a damaged one
+                raise stats_error(path, f"cannot read its {key} ({first_line(e)})") from None
+    missing = [key for key in ("mu", "sigma") if key not in arrays]
+    if missing:
+        raise stats_error(
+            path,
+            f"is not an .npz of FID statistics with mu and sigma (no {' or '.join(missing)})",
         )
-    return mu, sigma, info
+    return arrays
+
+
+def checked_array(path: Path, key: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``array`` as float64 if it holds finite real numbers of ``shape``, else a one-line error
+    (a complex array would lose its imaginary part silently, a NaN would make the FID NaN)."""
+    if array.dtype.kind not in "iuf":
+        raise stats_error(path, f"holds {key} of dtype {array.dtype}, not real numbers")
+    if array.shape != shape:
+        dims = shape[0]
+        raise KscuError(
+            f"--reference {path} holds {key} of shape {array.shape}, not of {dims}-d features "
+            f"{shape}; give statistics made with --dims {dims}"
+        )
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise stats_error(path, f"holds {bad} non-finite values (NaN or inf) in {key}")
+    return np.asarray(array, np.float64)
+
+
+def stats_info(raw: np.ndarray | None) -> dict | None:
+    """kscu's record of how statistics were made (a JSON object), or None if there is none."""
+    if raw is None or raw.shape != () or raw.dtype.kind != "U":
+        return None
+    try:
+        info = json.loads(str(raw))
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def load_stats(path: Path, dims: int = FID_DIMS) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """(mu, sigma, kscu's info or None) from an ``.npz`` of reference statistics."""
+    arrays = read_npz(path)
+    mu = checked_array(path, "mu", arrays["mu"], (dims,))
+    sigma = checked_array(path, "sigma", arrays["sigma"], (dims, dims))
+    return mu, sigma, stats_info(arrays.get("info"))
+
+
+def unchecked_settings(path: Path, info: dict | None, made: dict) -> list[str]:
+    """The settings ``info`` does not record (so could not be compared), after refusing
+    statistics whose recorded settings differ from this run's (``made``): their FID would
+    compare features of two networks or protocols."""
+    info = info or {}
+    differ = []
+    for key, name in CHECKED_SETTINGS.items():
+        if key not in info:
+            continue
+        theirs, now = info[key], made[key]
+        if key == "inception_weights":
+            same = isinstance(theirs, str) and weights_key(theirs) == weights_key(now)
+        else:
+            same = theirs == now
+        if not same:
+            differ.append(f"{name} {json.dumps(theirs)} there, {json.dumps(now)} now")
+    if differ:
+        raise KscuError(
+            f"--reference {path} was made with other FID settings ({'; '.join(differ)}), so "
+            "its FID would compare features of two protocols; recompute the statistics from "
+            "the reference images with these settings (--save-reference-stats), or run with "
+            "the ones they were made with (the matching --inception-weights, --dims)"
+        )
+    return [key for key in CHECKED_SETTINGS if key not in info]
+
+
+def warn_unchecked(path: Path, unchecked: list[str]) -> None:
+    """One stderr line: these statistics are used, but how they were made is partly unknown."""
+    if len(unchecked) == len(CHECKED_SETTINGS):
+        what = "has no kscu record of how it was made (e.g. pytorch-fid's --save-stats wrote it)"
+    else:
+        what = f"does not record its {', '.join(CHECKED_SETTINGS[k] for k in unchecked)}"
+    print(
+        f"warning: --reference {path} {what}, so it cannot be checked against this run's "
+        "settings; the result records reference_provenance unknown",
+        file=sys.stderr,
+    )
 
 
 def is_reference_stats(path: Path) -> bool:
@@ -288,6 +440,14 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, info: dict) 
         np.savez(f, mu=mu, sigma=sigma, info=json.dumps(info))
 
 
+def provenance(stats_file: bool, unchecked: list[str]) -> str:
+    """Where the reference's features come from, as the result says: ``computed`` now from
+    its images, statistics whose record matches this run (``checked``), or ``unknown``."""
+    if not stats_file:
+        return "computed"
+    return "unknown" if unchecked else "checked"
+
+
 def evaluate_fid(
     images: str | Path,
     reference: str | Path,
@@ -313,8 +473,13 @@ def evaluate_fid(
     stats_file = reference.suffix.lower() == ".npz"
     if stats_file and not reference.is_file():
         raise KscuError(f"--reference {reference} does not exist; give a folder or an .npz")
+    identity = weights_identity(inception_weights)
+    made = settings(inception_weights, identity, dims)
+    weights = made["inception_weights"]
+    unchecked: list[str] = []
     if stats_file:
         ref_mu, ref_sigma, ref_info = load_stats(reference, dims)
+        unchecked = unchecked_settings(reference, ref_info, made)
     if save_reference_stats is not None:
         if stats_file:
             raise KscuError("--save-reference-stats needs --reference to be an image folder")
@@ -324,17 +489,11 @@ def evaluate_fid(
     if len(files) < 2 or (not stats_file and len(ref_files) < 2):
         raise KscuError("FID needs at least 2 images in each folder (thousands for a real number)")
     workers = Workers()
+    if unchecked and workers.is_main:
+        warn_unchecked(reference, unchecked)
     size = image_sizes(files, f"--images {images}", workers)
     ref_size = None if stats_file else image_sizes(ref_files, f"--reference {reference}", workers)
-    features = Features(inception_weights, batch_size, dims, workers)
-    weights = weights_label(inception_weights, features.protocol["weights"])
-    made = {
-        "protocol": PROTOCOL,
-        "library_version": features.protocol["pytorch-fid"],
-        "resize": RESIZE,
-        "dims": dims,
-        "inception_weights": weights,
-    }
+    features = Features(inception_weights, identity, batch_size, dims, workers)
     feats, computed = features.of(images, files, use_cache)
     mu, sigma = statistics(feats)
     ref_computed = 0
@@ -349,7 +508,7 @@ def evaluate_fid(
         "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
         **made,
         "images": len(files),
-        "reference_images": ref_info.get("images", len(ref_files)),
+        "reference_images": (ref_info or {}).get("images") if stats_file else len(ref_files),
         "image_size": list(size),
         "reference_size": list(ref_size) if ref_size else None,
         "feature_extractor": f"pytorch-fid InceptionV3, {dims}-d features, {weights}",
@@ -357,6 +516,8 @@ def evaluate_fid(
         "images_dir": str(Path(images).resolve()),
         "reference": str(reference.resolve()),
         "reference_stats_info": ref_info if stats_file else None,
+        "reference_provenance": provenance(stats_file, unchecked),
+        "reference_unchecked_settings": unchecked,
         **cache_counts(computed, len(files)),
         **{f"reference_{k}": v for k, v in cache_counts(ref_computed, len(ref_files)).items()},
         "versions": versions("pytorch-fid", "torchvision", "scipy", "pillow", "numpy"),
