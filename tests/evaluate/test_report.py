@@ -414,3 +414,15 @@ def test_a_protocol_setting_that_differs_names_its_runs(tmp_path, runs):
     (erased / "eval" / "nudity.json").write_text(json.dumps(result | {"threshold": 0.5}))
     nudity = _line(_report(tmp_path, *runs), "- nudity: ")
     assert "threshold: 0.6 [base] / 0.5 [erased-kscu] (DIFFERS between runs)" in nudity
+
+
+def test_fid_against_statistics_of_unknown_making_is_flagged(tmp_path, runs):
+    """kscu evaluate fid records where the reference's features came from; a row scored against
+    statistics nobody can check must not look like one scored against checked ones."""
+    for run, provenance in zip(runs, ("checked", "unknown"), strict=True):
+        result = {"metric": "fid", "fid": 30.0, "images": 4, "reference_provenance": provenance}
+        (run / "eval" / "fid.json").write_text(json.dumps(result))
+    fid = _line(_report(tmp_path, *runs), "- fid: ")
+    assert (
+        "reference_provenance: unknown [base] / checked [erased-kscu] (DIFFERS between runs)" in fid
+    )

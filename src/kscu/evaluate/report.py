@@ -85,6 +85,7 @@ PROTOCOL = (
     "inception_weights",
     "resize",
     "definition",
+    "reference_provenance",  # fid: statistics whose making is unknown are flagged beside checked
 )
 # What generate.json says decides the pixels, shown under the table like PROTOCOL. The weights
 # are not listed: each run's own are meant to differ, so they are checked, not compared.
