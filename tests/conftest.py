@@ -22,6 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 
+# kscu's repair of PyPI's torchvision beside a CPU torch applies to imports made after kscu's:
+# tests/tiny.py imports diffusers first, so a test file that imports no kscu module (the
+# accelerate ones) failed when run alone. Importing kscu loads no library.
+import kscu  # noqa: E402, F401
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import build_tiny_pipeline, save_tiny_clip  # noqa: E402
