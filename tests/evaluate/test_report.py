@@ -426,3 +426,16 @@ def test_fid_against_statistics_of_unknown_making_is_flagged(tmp_path, runs):
     assert (
         "reference_provenance: unknown [base] / checked [erased-kscu] (DIFFERS between runs)" in fid
     )
+
+
+def test_a_result_that_scored_another_runs_images_is_stated(tmp_path, runs):
+    """Before: a result computed on (or copied from) another folder sat in the row unmarked."""
+    erased, base = runs
+    for run, scored in ((erased, base / "images"), (base, base / "images")):
+        result = {"metric": "clip", "clip_score": 30.0, "images_dir": str(scored.resolve())}
+        (run / "eval" / "clip.json").write_text(json.dumps(result))
+    line = _line(_report(tmp_path, *runs), "- scored elsewhere: ")
+    assert line == (
+        f"- scored elsewhere: erased-kscu's eval/clip scored {(base / 'images').resolve()}, "
+        f"not its images/ ({(erased / 'images').resolve()})"
+    )

@@ -128,6 +128,7 @@ class Run:
     prompts: dict[int, str] = field(default_factory=dict)
     generation: dict | None = None  # images/generate.json; None: the images' making is unknown
     own_weights_sha256: str | None = None  # of RUN/weights.safetensors, if generation names any
+    scored: dict[str, str] = field(default_factory=dict)  # metric -> the images_dir it records
 
     @property
     def is_base(self) -> bool:
@@ -187,6 +188,8 @@ def load_run(path: str | Path) -> Run:
         metric = str(data.get("metric", result_file.stem))
         run.metrics.update(_numbers(metric, data))
         run.settings[metric] = {k: data[k] for k in PROTOCOL if k in data}
+        if isinstance(data.get("images_dir"), str):
+            run.scored[metric] = data["images_dir"]
     if (path / "images").is_dir():
         run.images = _run_images(path / "images")
         run.prompts = _manifest_prompts(path / "images" / "manifest.csv")
@@ -370,9 +373,26 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _scored_lines(runs: list[Run]) -> list[str]:
+    """Results that record scoring another folder than the run's ``images/`` (a result copied
+    from another run, or ``--images`` mistyped), stated as facts: a run folder moved after its
+    evaluation shows here too, and only its owner can tell the two apart."""
+    lines = []
+    for run in runs:
+        own = (run.path / "images").resolve()
+        for metric, scored in sorted(run.scored.items()):
+            if Path(scored) != own:
+                lines.append(
+                    f"scored elsewhere: {run.name}'s eval/{metric} scored {scored}, not its "
+                    f"images/ ({own})"
+                )
+    return lines
+
+
 def _notes(runs: list[Run]) -> list[str]:
-    """Everything listed under the table: how the images were made, then each metric's protocol."""
-    return _generation_lines(runs) + _protocol_lines(runs)
+    """Everything listed under the table: how the images were made, which images each result
+    scored where that is not the run's own, then each metric's protocol."""
+    return _generation_lines(runs) + _scored_lines(runs) + _protocol_lines(runs)
 
 
 def _thumb(path: Path, size: int) -> str:
