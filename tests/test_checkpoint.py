@@ -207,3 +207,19 @@ def test_check_output_refuses_the_current_folder(tmp_path, monkeypatch, output):
     with pytest.raises(KscuError, match="is the current folder or holds it"):
         check_output(output)
     check_output("runs/x")  # below it: fine
+
+
+def test_load_erased_into_a_compiled_denoiser(erased):
+    """Before: refused, "tensors this unet lacks (e.g. _orig_mod. ...)": torch.compile's names."""
+    base, edited, run = erased
+    base.unet = torch.compile(base.unet, backend="eager")
+    load_erased(base, run)
+    assert torch.equal(unet_out(base), unet_out(edited))
+
+
+def test_load_erased_refuses_a_denoiser_holding_lora_adapters(erased):
+    """Before: the same refusal as another architecture's, or (fused) a silent partial load."""
+    base, _, run = erased
+    base.unet.peft_config = {"style": "LoraConfig(r=4)"}  # as diffusers' peft integration sets
+    with pytest.raises(KscuError, match=r"the unet holds LoRA adapters \(style\); fuse them"):
+        load_erased(base, run)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kscu.errors import KscuError
 from kscu.families import family_of
+from kscu.families.base import check_editable
 from kscu.fileio import atomic_target, check_writable, file_sha256, read_json_object, write_json
 
 WEIGHTS = "weights.safetensors"
@@ -160,7 +161,9 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
             f"{directory} was erased from a {made_for} model, but this pipeline is {family.name}; "
             f"load a {made_for} base model"
         )
-    params = dict(family.denoiser(pipe).named_parameters())
+    net = family.denoiser(pipe)
+    check_editable(net, family.denoiser_attr)  # LoRA, offloaded to meta, fused projections
+    params = dict(net.named_parameters())
     what = f"this {family.denoiser_attr}"
     unknown = sorted(set(tensors) - set(params))
     if unknown:

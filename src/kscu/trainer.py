@@ -35,8 +35,8 @@ from kscu.allocator import heap_free_bytes, host_memory, huge_page_bytes
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
-from kscu.families import family_of
-from kscu.families.base import Cond, cond_cat, cond_pick, offload_modules
+from kscu.families import family_of, get_family
+from kscu.families.base import Cond, check_editable, cond_cat, cond_pick, offload_modules
 from kscu.models import TORCH_DTYPES, cpu_convolution
 from kscu.objective import kscu_loss
 from kscu.optim import AdamSteps
@@ -88,6 +88,8 @@ class _Restore:
         self.put(self.exact)
 
 
+@torch.inference_mode(False)  # a notebook's no_grad or inference_mode around the call must
+@torch.enable_grad()  # not turn the edited forward's graph off (a torch traceback at backward)
 def erase(
     pipe: Any,
     config: EraseConfig,
@@ -100,23 +102,23 @@ def erase(
     ``callback(i, (concept, s), x_s, loss)`` sees every iteration (tests use it). On any error
     the pipeline is left as it was; the global torch RNG is never touched.
     """
-    family = family_of(pipe)
+    # a family named in the config serves a pipeline class kscu does not know (as --family does)
+    family = get_family(config.family) if config.family else family_of(pipe)
     cfg = resolve(config, family=family)
     started = time.perf_counter()
     net = family.denoiser(pipe)
+    check_editable(net, family.denoiser_attr)
     compute_dtype = TORCH_DTYPES[cfg.dtype]
     params = dict(net.named_parameters())
     names = trainable_names(net, cfg.scope, family)
-    if compute_dtype == torch.float32 and any(p.dtype != torch.float32 for p in params.values()):
-        raise KscuError(
-            f"the {family.denoiser_attr} holds {net.dtype} weights but the compute dtype is "
-            f"float32; load it in float32 or set dtype to {str(net.dtype).removeprefix('torch.')}"
-        )
+    _check_dtypes(params, compute_dtype, family.denoiser_attr)
     base_fp = fingerprint({n: params[n] for n in names})
     original = {n: _frozen(params[n], compute_dtype) for n in names}
     lossy = any(params[n].dtype != compute_dtype for n in names)  # the frozen copy is rounded
     exact = {n: params[n].detach().to("cpu", copy=True) for n in names} if lossy else original
     restore = _Restore(net, params, names, exact)
+    for n in names:  # a gradient left from the caller's own training would be added into the
+        params[n].grad = None  # first Adam steps (optimizer-in-backward accumulates into it)
     bar, offloaded, adam = None, {}, None
     try:
         net.eval()
@@ -250,6 +252,20 @@ def erase(
     record["iteration_seconds"] = [round(b - a, 4) for a, b in itertools.pairwise(ticks)]
     seconds = time.perf_counter() - started
     return EraseResult(cfg, tensors, table, losses, seconds, base_fp, record)
+
+
+def _check_dtypes(params: dict, compute: torch.dtype, attr: str) -> None:
+    """Float32 weights serve any compute dtype (exact masters, autocast for the arithmetic); half
+    weights only their own: float32 compute would round nothing back, and under autocast of the
+    other half dtype torch's normalisation layers refuse the mix (a traceback mid-forward)."""
+    held = {p.dtype for p in params.values() if p.is_floating_point()} - {torch.float32}
+    other = sorted(str(d).removeprefix("torch.") for d in held if d != compute)
+    if other:
+        name = str(compute).removeprefix("torch.")
+        raise KscuError(
+            f"the {attr} holds {other[0]} weights but the compute dtype is {name}; load it in "
+            f"float32 (exact for any compute dtype) or set dtype to {other[0]}"
+        )
 
 
 def _frozen(param: torch.nn.Parameter, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ FAMILIES: dict[str, Any] = {"sd": SDFamily(), "sdxl": SDXLFamily(), "flux": Flux
 
 
 def get_family(name: str) -> Any:
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:
         raise KscuError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
@@ -37,10 +37,16 @@ def family_for_class(class_name: str, where: str = "the model") -> Any:
 
 
 def family_of(pipe: Any) -> Any:
-    """The family of a loaded pipeline (its recorded family if kscu loaded it)."""
+    """The family of a loaded pipeline: its recorded family if kscu loaded it, else that of the
+    first class in its ancestry kscu knows (a user's subclass of StableDiffusionPipeline holds
+    the same networks)."""
     name = getattr(pipe, "_kscu_family", None)
     if name is not None:
         return get_family(name)
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.pipeline_classes:
+                return family
     return family_for_class(type(pipe).__name__, "the pipeline")
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from kscu.errors import KscuError
 from kscu.tracing import TracedDenoiser, traceable
 
 Cond = dict[str, torch.Tensor]
@@ -57,6 +58,42 @@ def offload_modules(pipe: Any, denoiser: nn.Module, names: tuple[str, ...]) -> d
             moved[name] = module.device
             module.to("cpu")
     return moved
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The network itself under ``torch.compile``'s wrapper (``pipe.unet = torch.compile(...)``):
+    its parameters carry the wrapper's ``_orig_mod.`` prefix, which no checkpoint of the plain
+    network has, and they are the same tensors."""
+    return getattr(module, "_orig_mod", module)
+
+
+def check_editable(net: nn.Module, attr: str) -> None:
+    """Refuse a denoiser held in a state whose weights an erase (or ``load_erased``) cannot edit
+    as the base model's: each would fail deep in torch or, worse, edit something else silently.
+
+    - LoRA adapters (diffusers/peft ``load_lora_weights``, ``add_adapter``): their layers match
+      the scopes, so the adapter would be trained and its keys saved, which no base model has;
+    - parameters on the meta device (``enable_sequential_cpu_offload``): accelerate keeps the
+      values elsewhere, so a copy into them does nothing;
+    - fused attention projections (``fuse_qkv_projections``): the fused layer would be trained
+      and unfusing brings back the unedited ones.
+    """
+    if getattr(net, "peft_config", None):
+        adapters = ", ".join(map(str, net.peft_config))
+        raise KscuError(
+            f"the {attr} holds LoRA adapters ({adapters}); fuse them into the weights and unload "
+            "them first (pipe.fuse_lora(); pipe.unload_lora_weights())"
+        )
+    if any(p.is_meta for p in net.parameters()):
+        raise KscuError(
+            f"the {attr}'s weights are on the meta device (enable_sequential_cpu_offload?); "
+            "erase or load_erased before enabling offload, on a pipeline that holds its weights"
+        )
+    if any(getattr(m, "fused_projections", False) for m in net.modules()):
+        raise KscuError(
+            f"the {attr}'s attention projections are fused (fuse_qkv_projections); call "
+            "pipe.unfuse_qkv_projections() first"
+        )
 
 
 def call_module(module: nn.Module, params: dict[str, torch.Tensor] | None, **kwargs) -> Any:

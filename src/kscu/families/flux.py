@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, cond_rows
+from kscu.families.base import Cond, RawFn, Sampler, cond_rows, unwrapped
 from kscu.families.sd import _token_ids
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -79,7 +79,7 @@ class FluxFamily:
         return {}
 
     def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.transformer
+        return unwrapped(pipe.transformer)
 
     def native_resolution(self, pipe: Any) -> int:
         """The pipeline's default image size (FluxPipeline: 128 latent pixels x the VAE's 8)."""

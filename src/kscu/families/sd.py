@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, cond_cat, cond_rows
+from kscu.families.base import Cond, RawFn, Sampler, cond_cat, cond_rows, unwrapped
 from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
 
 log = logging.getLogger("kscu")
@@ -59,7 +59,7 @@ class SDFamily:
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def denoiser(self, pipe: Any) -> nn.Module:
-        return getattr(pipe, self.denoiser_attr)
+        return unwrapped(getattr(pipe, self.denoiser_attr))
 
     def denoiser_class(self):
         from diffusers import UNet2DConditionModel
