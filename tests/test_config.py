@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from kscu.config import DEFAULTS, MODE_DEFAULTS, EraseConfig, parse_concepts, resolve
@@ -127,3 +129,82 @@ def test_loss_space_defaults_to_epsilon_and_is_checked():
     assert resolve(EraseConfig(concepts=["c"])).loss_space == "epsilon"
     with pytest.raises(KscuError, match="loss space"):
         resolve(EraseConfig(concepts=["c"], loss_space="v"))
+
+
+# Found by review: values from the Python API were not type-checked. iterations=10.5 passed and
+# then looped forever in kscu.schedule; the others failed as raw TypeError / AttributeError /
+# IndexError, some only in the trainer.
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"iterations": 10.5}, r"EraseConfig iterations=10.5 is not a whole number; give an int"),
+        ({"iterations": 10.0}, r"iterations=10.0 is not a whole number; give the int 10"),
+        ({"iterations": "10"}, r"iterations='10' is not a whole number"),
+        ({"iterations": True}, r"iterations=True is not a whole number"),
+        ({"concepts": None}, r"concepts=None is not a list of strings; give e\.g\. concepts="),
+        ({"concepts": [1]}, r"concepts=\[1\] is not a list of strings"),
+        ({"concepts": ["a", None]}, r"concepts=\['a', None\] is not a list of strings"),
+        ({"lr": "1e-5"}, r"lr='1e-5' is not a number; give an int or a float"),
+        ({"lr": True}, r"lr=True is not a number"),
+        ({"seed": None}, r"seed=None is not a whole number; give an int \(default 0\)"),
+        ({"seed": 1.0}, r"seed=1.0 is not a whole number; give the int 1"),
+        ({"start_step": 2.0}, r"start_step=2.0 is not a whole number or 'auto'; give the int 2"),
+        ({"start_step": "14"}, r"start_step='14' is not a whole number or 'auto'"),
+        ({"end_step": 40.0}, r"end_step=40.0 is not a whole number"),
+        ({"resolution": 16.0}, r"resolution=16.0 is not a whole number; give the int 16"),
+        ({"num_steps": "50"}, r"num_steps='50' is not a whole number"),
+        ({"loops": 8.5}, r"loops=8.5 is not a whole number"),
+        ({"augment_variants": 2.0}, r"augment_variants=2.0 is not a whole number"),
+        ({"mode": ["class"]}, r"mode=\['class'\] is not a string; give a str \(default 'class'\)"),
+        ({"family": ["sd"]}, r"family=\['sd'\] is not a string"),
+        ({"device": 0}, r"device=0 is not a string"),
+        ({"lean_adam": 1}, r"lean_adam=1 is not True or False; give a bool \(default False\)"),
+        ({"augment": "yes"}, r"augment='yes' is not True or False"),
+        ({"preset": None}, r"preset=None is not a dict; give a dict \(default \{\}\)"),
+        ({"augment_variants": 0}, r"augment_variants must be >= 1 \(got 0\)"),
+        ({"augment_variants": -3}, r"augment_variants must be >= 1 \(got -3\)"),
+        ({"embedding_noise_std": float("nan")}, r"embedding_noise_std must be a finite number"),
+        ({"embedding_noise_std": -1e-5}, r"embedding_noise_std must be a finite number >= 0"),
+    ],
+)
+def test_python_api_values_of_the_wrong_type_are_one_line(kwargs, words):
+    with pytest.raises(KscuError, match=words) as caught:
+        resolve(EraseConfig(**{"concepts": ["circle"], **kwargs}))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(EraseConfig)])
+def test_every_field_is_type_checked(name):
+    """No field's type may go unchecked, including fields added later: an ``object()`` is the
+    wrong type for every one of them."""
+    with pytest.raises(KscuError, match=rf"\b{name}=<object object at"):
+        resolve(EraseConfig(**{"concepts": ["x"], name: object()}))
+
+
+def test_values_of_the_right_type_are_still_taken():
+    cfg = resolve(
+        EraseConfig(
+            concepts=("a", "b"),  # parse_concepts takes a tuple or "a,b" as well as a list
+            lr=1,  # an int is a real number
+            negative_guidance=2,
+            iterations=12,
+            seed=-5,
+            resolution=64,
+            augment_variants=1,
+            embedding_noise_std=0,
+            reuse_freed_memory=False,
+            augment=False,
+            family="sd",
+            preset={},
+        )
+    )
+    assert (cfg.concepts, cfg.lr, cfg.iterations, cfg.augment_variants) == (["a", "b"], 1, 12, 1)
+    assert resolve(EraseConfig(concepts="a, b")).concepts == ["a", "b"]
+    with pytest.raises(KscuError, match="--start-step auto needs the model"):
+        resolve(EraseConfig(concepts=["x"], start_step="auto"))  # "auto" is no type error
+
+
+def test_a_preset_float_for_a_whole_number_is_refused():
+    """Before: accepted (only int-or-float was asked of it), then looped like iterations=10.5."""
+    with pytest.raises(KscuError, match=r"sets iterations=9.5, not a int; fix kscu_preset.json"):
+        resolve(EraseConfig(concepts=["x"]), {"iterations": 9.5})

@@ -123,7 +123,17 @@ def settings_label(config: dict[str, Any]) -> str:
 
 
 def parse_concepts(text: str | list[str]) -> list[str]:
-    """Split "A,B,C" into concepts; an empty or blank concept is an error, not a silent skip."""
+    """Split "A,B,C" into concepts; an empty or blank concept is an error, not a silent skip.
+
+    A list (or tuple) from the Python API must hold strings: ``None`` or ``[1]`` failed as a
+    TypeError or AttributeError here, without naming the setting.
+    """
+    listed = isinstance(text, list | tuple) and all(isinstance(c, str) for c in text)
+    if not isinstance(text, str) and not listed:
+        raise KscuError(
+            f"concepts={text!r} is not a list of strings; give e.g. concepts=['church'] "
+            "(or one comma-separated string)"
+        )
     items = text.split(",") if isinstance(text, str) else list(text)
     concepts = [c.strip() for c in items]
     if not concepts or any(not c for c in concepts):
@@ -146,6 +156,7 @@ def resolve(
     A model family's own table (e.g. FLUX's 28 steps and lr 1e-4) overrides the mode and global
     rows it names, so the defaults of every family are resolved the same way and recorded.
     """
+    _check_types(config)  # the steps below compare and hash these values
     if family is None:
         from kscu.families import get_family
 
@@ -228,18 +239,120 @@ def _preset_for_mode(preset: dict[str, Any], mode: str) -> dict[str, Any]:
         )
     for key, value in flat.items():  # the type of the default (None: a number or a string)
         kind = type(DEFAULTS.get(key, MODE_DEFAULTS["class"].get(key)))
-        ok = isinstance(value, (int, float) if kind in (int, float) else kind)
-        if kind is not type(None) and (not ok or isinstance(value, bool) != (kind is bool)):
+        is_kind = _is_whole if kind is int else _is_real if kind is float else None
+        ok = is_kind(value) if is_kind else isinstance(value, kind)
+        if kind is not type(None) and not ok:
             raise KscuError(
                 f"model preset sets {key}={value!r}, not a {kind.__name__}; fix kscu_preset.json"
             )
     return flat
 
 
+def _is_whole(value: Any) -> bool:
+    """A count or an index: an ``int``, not a ``bool`` (Python's True is 1, no user means it) and
+    not a float, not even 10.0: ``kscu.schedule`` counts up to ``iterations`` and never reaches
+    10.5 (the run looped until memory ran out), and ``range`` refuses floats."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A rate or a weight: an ``int`` or a ``float``, not a ``bool``; finiteness and ranges stay
+    with each field's own rule in ``_validate``."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# The type of every EraseConfig field. The CLI's argparse converts its flags, but the Python API,
+# the metadata JSON and from_dict hand values over as they are. ``concepts`` is checked by
+# parse_concepts (it also takes "A,B"), ``start_step`` may also be "auto" (see _check_types).
+_FIELD_TYPES: tuple[tuple[tuple[str, ...], Any, str, str], ...] = (
+    (
+        (
+            "iterations",
+            "end_step",
+            "loops",
+            "num_steps",
+            "augment_variants",
+            "max_sequence_length",
+            "resolution",
+            "seed",
+        ),
+        _is_whole,
+        "a whole number",
+        "an int",
+    ),
+    (
+        (
+            "lr",
+            "negative_guidance",
+            "lambda1_alpha",
+            "lambda2",
+            "trajectory_guidance",
+            "augment_fraction",
+            "embedding_noise_std",
+        ),
+        _is_real,
+        "a number",
+        "an int or a float",
+    ),
+    (
+        ("mode", "method", "scope", "loss_space", "dtype", "device", "family"),
+        lambda v: isinstance(v, str),
+        "a string",
+        "a str",
+    ),
+    (
+        (
+            "reuse_trajectory",
+            "optimizer_in_backward",
+            "gradient_checkpointing",
+            "lean_adam",
+            "offload_adam",
+            "fast_cpu_conv",
+            "reuse_freed_memory",
+            "trace_denoiser",
+            "augment",
+        ),
+        lambda v: isinstance(v, bool),
+        "True or False",
+        "a bool",
+    ),
+    (("preset",), lambda v: isinstance(v, dict), "a dict", "a dict"),
+)
+
+
+def _check_types(c: EraseConfig) -> None:
+    """Refuse a value of the wrong type in one line naming the field, before any comparison:
+    ``iterations=10.5`` passed every range check and then looped forever, ``lr="1e-5"`` or
+    ``seed=None`` failed as a TypeError deep in resolve or the trainer."""
+    fields = {  # each field's default (preset's from its factory: {})
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(EraseConfig)
+    }
+
+    def refuse(name: str, value: Any, noun: str, fix: str) -> None:
+        if isinstance(value, float) and value.is_integer() and noun.startswith("a whole"):
+            fix = f"the int {int(value)}"
+        default = fields[name]
+        fix += " (or None for the default)" if default is None else f" (default {default!r})"
+        raise KscuError(f"EraseConfig {name}={value!r} is not {noun}; give {fix}")
+
+    parse_concepts(c.concepts)
+    for names, is_kind, noun, fix in _FIELD_TYPES:
+        for name in names:
+            value = getattr(c, name)
+            if not is_kind(value) and not (value is None and fields[name] is None):
+                refuse(name, value, noun, fix)
+    start = c.start_step
+    if not (start is None or _is_whole(start) or (isinstance(start, str) and start == "auto")):
+        refuse("start_step", start, "a whole number or 'auto'", "an int or 'auto'")
+
+
 def _validate(c: EraseConfig, family: Any) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise KscuError(message)
+
+    _check_types(c)  # again, resolved: a preset's or a family table's values are checked too
 
     scopes = ("full", *family.scope_rules)
     need(
@@ -313,6 +426,15 @@ def _validate(c: EraseConfig, family: Any) -> None:
         f"--max-sequence-length must be in [1, {limit}] (got {c.max_sequence_length})",
     )
     need(0 <= c.augment_fraction <= 1, "augment_fraction must be in [0, 1]")
+    need(  # the trainer encodes this many prompt variants and picks one per augmented iteration
+        c.augment_variants >= 1,
+        f"augment_variants must be >= 1 (got {c.augment_variants}); give at least 1 variant",
+    )
+    need(  # the standard deviation of the noise on the text embedding: NaN poisons the loss
+        c.embedding_noise_std >= 0 and math.isfinite(c.embedding_noise_std),
+        f"embedding_noise_std must be a finite number >= 0 (got {c.embedding_noise_std}); "
+        f"the default is {DEFAULTS['embedding_noise_std']}",
+    )
     need(
         c.resolution is None or (c.resolution > 0 and c.resolution % 8 == 0),
         f"--resolution must be a positive multiple of 8 (got {c.resolution})",
