@@ -229,3 +229,107 @@ def test_a_pipeline_folder_that_does_not_match_its_class_is_one_line(
         err = capsys.readouterr().err
         assert code == 2 and re.search(words, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+# A pipeline passed without a model: the pipeline says which model it is, not the default.
+FAST_CFG = dict(concepts=["church"], iterations=4, num_steps=6, start_step=2)
+
+
+def run_meta(folder):
+    return json.loads((folder / "kscu.json").read_text())
+
+
+@pytest.fixture
+def preset_model(tiny_model_dir, tmp_path):
+    """The tiny pipeline saved with a preset of its own, as a lab's tuned model folder."""
+    import shutil
+
+    model = tmp_path / "own-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "kscu_preset.json").write_text(json.dumps({"modes": {"class": {"lr": 3e-4}}}))
+    return model
+
+
+def test_a_pipeline_built_in_code_gets_no_world_preset_and_is_named_truthfully(
+    tiny_pipe, _tiny_template, tmp_path
+):
+    """Before: the bundled world's preset (lr 2e-5), base_model "kscu-tiny-world" and the
+    world's memory plan were applied to the user's own pipeline."""
+    import copy
+
+    result, _ = erase_to_folder(EraseConfig(**FAST_CFG), None, tmp_path / "run", False, tiny_pipe)
+    assert result.config.preset == {}
+    assert result.config.lr == kscu.config.resolve(EraseConfig(**FAST_CFG)).lr == 1e-5
+    meta = run_meta(tmp_path / "run")
+    assert meta["base_model"] == kscu.runner.UNNAMED_PIPELINE and meta["preset"] == {}
+    assert set(meta["memory_plan"]) == {"error"}
+    assert "unnamed pipeline" in meta["memory_plan"]["error"]
+    # the name is only a label: a copy of the same base takes the erase (fingerprints agree)
+    meta = kscu.checkpoint.load_erased(copy.deepcopy(_tiny_template), tmp_path / "run")
+    assert meta["base_model"] == kscu.runner.UNNAMED_PIPELINE
+
+
+def test_a_pipeline_loaded_from_a_folder_is_that_model(preset_model, tmp_path):
+    from kscu.models import load_pipeline
+
+    pipe = load_pipeline(str(preset_model))
+    result, _ = erase_to_folder(EraseConfig(**FAST_CFG), None, tmp_path / "run", False, pipe)
+    assert result.config.lr == 3e-4 and result.config.preset == {"lr": 3e-4}
+    meta = run_meta(tmp_path / "run")
+    assert meta["base_model"] == str(preset_model)
+    assert "error" not in meta["memory_plan"], meta["memory_plan"]
+
+
+def test_an_explicit_model_is_kept_whatever_the_pipeline(preset_model, tiny_pipe, tmp_path):
+    """Unchanged: ``model`` names the model, also beside a pipeline built in code."""
+    result, _ = erase_to_folder(
+        EraseConfig(**FAST_CFG), str(preset_model), tmp_path / "run", False, tiny_pipe
+    )
+    assert result.config.lr == 3e-4
+    assert run_meta(tmp_path / "run")["base_model"] == str(preset_model)
+
+
+def test_the_bundled_world_pipeline_is_still_the_world(tmp_path):
+    """``kscu bench`` passes the loaded world with model None: its preset and name stay."""
+    from kscu.models import default_model, load_pipeline, read_preset
+
+    world = load_pipeline(None)
+    cfg = EraseConfig(**{**FAST_CFG, "concepts": ["circle"]})
+    result, _ = erase_to_folder(cfg, None, tmp_path / "run", False, world)
+    assert result.config.lr == read_preset(None)["modes"]["class"]["lr"] != 1e-5
+    meta = run_meta(tmp_path / "run")
+    assert meta["base_model"] == kscu.runner.BUNDLED_MODEL
+    assert "error" not in meta["memory_plan"], meta["memory_plan"]
+    # the same folder by another spelling is still the world
+    other = kscu.runner.identify_model(None, world)
+    assert other == kscu.runner.identify_model(None, None)
+    spelled = type("Named", (), {"name_or_path": default_model() + "/../model/."})()
+    assert kscu.runner.identify_model(None, spelled) == other
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_auto_start_step_on_a_users_pipeline_is_not_scored_by_the_world(
+    loaded, tiny_pipe, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Before: the world's classifier judged the user's model and refused "church" as not a
+    concept of the tiny world. Only the scorer's choice is checked (CLIP would be loaded)."""
+    import kscu.analyze.scorers as scorers
+    from kscu.models import load_pipeline
+
+    class Chosen(Exception):
+        pass
+
+    def chosen(kind):
+        def stop(*args, **kwargs):
+            raise Chosen(kind)
+
+        return stop
+
+    monkeypatch.setattr(scorers, "WorldScorer", chosen("world"))
+    monkeypatch.setattr(scorers, "ClipScorer", chosen("clip"))
+    monkeypatch.setenv("KSCU_CACHE", str(tmp_path / "cache"))
+    pipe = load_pipeline(str(tiny_model_dir)) if loaded else tiny_pipe
+    cfg = EraseConfig(**{**FAST_CFG, "start_step": "auto"})
+    with pytest.raises(Chosen) as why:
+        erase_to_folder(cfg, None, tmp_path / "run", False, pipe)
+    assert str(why.value) == "clip"

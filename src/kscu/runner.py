@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,90 @@ from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_folder
 from kscu.memory import peak_memory
-from kscu.models import load_pipeline, model_family, read_preset, resolve_device
+from kscu.models import (
+    is_bundled_model,
+    load_pipeline,
+    model_family,
+    read_preset,
+    resolve_device,
+)
 from kscu.trainer import EraseResult, erase
 
 BUNDLED_MODEL = "kscu-tiny-world"  # base_model name recorded for the default model
+# base_model recorded for a pipeline passed without a model that names no folder or hub id:
+# a name is needed (kscu.checkpoint writes it into the weights' header as a string), and a
+# model's name would be a lie; load_erased checks the fingerprint, never this name
+UNNAMED_PIPELINE = "unnamed pipeline (built in code)"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The model a run erases, as the preset, the record, the memory plan and the auto start
+    step must all see it: one answer, from ``identify_model``, so they cannot disagree.
+
+    ``model`` is what kscu's model functions take (a folder or hub id; None: the bundled world);
+    ``name`` is the ``base_model`` recorded; ``built_in_code`` marks a pipeline with no name,
+    which has no folder to read a preset or a plan from.
+    """
+
+    model: str | None
+    name: str
+    built_in_code: bool = False
+
+    def preset(self) -> dict[str, Any]:
+        """The model's own ``kscu_preset.json``; none for a pipeline built in code (the world's
+        would be applied silently to a model it was never measured on)."""
+        return {} if self.built_in_code else read_preset(self.model)
+
+    def plan(self, cfg: EraseConfig) -> dict[str, Any]:
+        """``memory_plan`` for this model; a pipeline built in code has no config files."""
+        if self.built_in_code:
+            return {"error": f"no plan for an {UNNAMED_PIPELINE}: a plan reads the model's files"}
+        return memory_plan(self.model, cfg)
+
+    @property
+    def scorer_model(self) -> str | None:
+        """The id ``auto_start_step`` chooses its scorer by: None (the world's classifier) only
+        for the bundled world; the label for a pipeline built in code, which names no world
+        folder, so it gets the generic CLIP scorer like any other model."""
+        return self.name if self.built_in_code else self.model
+
+
+def _pipeline_name(pipe: Any) -> str | None:
+    """The folder or hub id diffusers loaded ``pipe`` from (``from_pretrained`` records it in
+    ``config._name_or_path``); None for a pipeline assembled in code."""
+    name = getattr(pipe, "name_or_path", None)
+    if not name:
+        config = getattr(pipe, "config", None)
+        name = config.get("_name_or_path") if isinstance(config, Mapping) else None
+    return str(name) if name else None
+
+
+def identify_model(model: str | None, pipe: Any = None) -> BaseModel:
+    """Which model a run erases: the one rule (see ``BaseModel``).
+
+    An explicit ``model`` is taken as given. With only a ``pipe``, the pipeline decides: loaded
+    from the bundled world's folder it is the world (``kscu bench`` passes it so); loaded from
+    another folder or hub id it is that model; built in code it is an unnamed pipeline. Without
+    either, the default model, the bundled world.
+    """
+    if model is not None:
+        return BaseModel(model, str(model))
+    if pipe is None:
+        return BaseModel(None, BUNDLED_MODEL)
+    name = _pipeline_name(pipe)
+    if name is None:
+        return BaseModel(None, UNNAMED_PIPELINE, built_in_code=True)
+    if is_bundled_model(name):
+        return BaseModel(None, BUNDLED_MODEL)
+    return BaseModel(name, name)
 
 
 def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseConfig:
     """Resolve ``config`` against the model's preset; fails fast, before any weights load.
 
-    The family comes from ``pipe`` when one is given, else from the model's folder or hub id.
+    The family comes from ``pipe`` when one is given, else from the model's folder or hub id;
+    the preset from the model ``identify_model`` finds (a ``pipe`` without ``model``: its own).
 
     ``start_step="auto"`` is checked as step 0 here (every other flag fully);
     ``erase_to_folder`` replaces it with the measured step once the model is loaded.
@@ -46,7 +121,7 @@ def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseCo
     except KscuError:
         resolve(config)  # a bad flag is reported before a missing model
         raise
-    return resolve(config, read_preset(model), family=family)
+    return resolve(config, identify_model(model, pipe).preset(), family=family)
 
 
 def memory_plan(model: str | None, cfg: EraseConfig) -> dict[str, Any]:
@@ -102,25 +177,27 @@ def erase_to_folder(
     """Erase and write ``output/weights.safetensors`` + ``output/kscu.json``.
 
     With ``preview_prompts``, also ``output/preview.png``: the same seeds before and after.
-    Returns the result and the (now edited) pipeline. Pass ``pipe`` to reuse a loaded one.
+    Returns the result and the (now edited) pipeline. Pass ``pipe`` to reuse a loaded one; with
+    ``model`` None the pipeline then says which model it is (``identify_model``): its preset, its
+    name in ``kscu.json``, its memory plan and, for ``start_step="auto"``, its scorer.
     The files are written into a hidden sibling folder renamed to ``output`` at the end, so
     ``output`` holds a complete run or nothing new; an existing run there is replaced only with
     ``overwrite`` (see ``kscu.checkpoint.check_output``).
     """
+    base = identify_model(model, pipe)  # before loading: a pipeline we load is named by model
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
     device = resolve_device(cfg.device)
     if pipe is None:
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
-    base = model if model is not None else BUNDLED_MODEL
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit
         from kscu.analyze import auto_start_step
 
         analysis = auto_start_step(
             pipe,
-            model,
+            base.scorer_model,
             cfg.concepts,
             cfg.mode,
             num_steps=cfg.num_steps,
@@ -135,10 +212,10 @@ def erase_to_folder(
         if preview_prompts
         else None
     )
-    plan = memory_plan(model, cfg)
+    plan = base.plan(cfg)
     with peak_memory(device) as peak:
         result = erase(pipe, cfg, progress=progress)
-    record = run_record(result, str(base), device)
+    record = run_record(result, base.name, device)
     # the measured peak as a number of bytes (None where it cannot be read), labelled apart
     record["peak_memory_bytes"] = peak["bytes"]
     record["peak_memory_kind"] = peak["kind"]
