@@ -1,5 +1,6 @@
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,3 +224,17 @@ def test_load_erased_refuses_a_denoiser_holding_lora_adapters(erased):
     base.unet.peft_config = {"style": "LoraConfig(r=4)"}  # as diffusers' peft integration sets
     with pytest.raises(KscuError, match=r"the unet holds LoRA adapters \(style\); fuse them"):
         load_erased(base, run)
+
+
+def test_a_run_from_a_base_held_in_bf16_loads_into_the_same_base_in_float32(tiny_pipe, tmp_path):
+    """Before: refused as another base model (its fingerprint held bf16 values, compared to
+    the float32 ones to the bit); the README promises any pipeline of the same base model."""
+    base32 = copy.deepcopy(tiny_pipe)
+    tiny_pipe.unet.to(torch.bfloat16)
+    cfg = EraseConfig(concepts=["church"], lr=1e-3, iterations=4, num_steps=8, start_step=2)
+    erase_to_folder(replace(cfg, dtype="bfloat16"), "tiny", tmp_path / "run", False, tiny_pipe)
+    load_erased(base32, tmp_path / "run")
+    assert base32.unet.conv_in.weight.dtype == torch.float32
+    other = copy.deepcopy(base32)  # already edited: still refused, and the message says why
+    with pytest.raises(KscuError, match="as held now .another model, or one already edited"):
+        load_erased(other, tmp_path / "run")

@@ -47,12 +47,25 @@ def _fingerprint_matches(expected: dict[str, list[float]], params: dict[str, Any
     if any(name not in params for name in expected):
         return False
     current = fingerprint({name: params[name] for name in expected})
+    held = _held_dtype(expected)
     for name, values in expected.items():
-        dtype = params[name].dtype
+        dtype = params[name].dtype if held == torch.float32 else held
         want = torch.tensor(values, dtype=torch.float32).to(dtype)
         if not torch.equal(torch.tensor(current[name], dtype=torch.float32).to(dtype), want):
             return False
     return True
+
+
+def _held_dtype(expected: dict[str, list[float]]) -> torch.dtype:
+    """The precision the base was held in when its fingerprint was taken: a half dtype when every
+    recorded value is one of its values (an erase of a pipeline held in bf16 through the Python
+    API), else float32; for the 128 values of a float32 base that happens by chance with odds
+    near 2^-2000. A run made from a bf16-held base is so compared at bf16 with a float32 copy."""
+    values = torch.tensor([v for vs in expected.values() for v in vs], dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.equal(values.to(dtype).float(), values):
+            return dtype
+    return torch.float32
 
 
 def check_output(
@@ -188,7 +201,9 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
         current = getattr(pipe, "name_or_path", None) or "this pipeline"
         raise KscuError(
             f"{directory} was erased from base model {meta.get('base_model')!r}, whose weights "
-            f"differ from {current!r}; load that base model, or pass --force / force=True"
+            f"differ from those of {current!r} as held now (another model, or one already "
+            "edited by an erase or an earlier load_erased); load that base model fresh, or pass "
+            "--force / force=True"
         )
     with torch.no_grad():
         for k, v in tensors.items():
