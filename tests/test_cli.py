@@ -459,11 +459,15 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
     import time
 
     out = tmp_path / "run"
+    args = ["erase", "--concept", "circle", "--iterations", "20", "--output", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kscu", "erase", "--concept", "circle", "--output", str(out)],
+        [sys.executable, "-m", "kscu", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as in a terminal: a shell's background job (CI run with &) inherits SIGINT ignored,
+        # and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(1.0)  # inside main by now (kscu.cli imports in 0.1 s), still importing torch
     proc.send_signal(signal.SIGINT)

@@ -333,3 +333,20 @@ def test_auto_start_step_on_a_users_pipeline_is_not_scored_by_the_world(
     with pytest.raises(Chosen) as why:
         erase_to_folder(cfg, None, tmp_path / "run", False, pipe)
     assert str(why.value) == "clip"
+
+
+def test_a_pipeline_of_a_class_kscu_does_not_know_is_erased_with_a_named_family(
+    tiny_pipe, tmp_path
+):
+    """Before: erase_to_folder asked the pipeline's class even when the config named the family
+    (EraseConfig(family="sd")): "the pipeline is a Unrelated, which kscu does not support"."""
+
+    class Unrelated:  # holds SD's parts, as a diffusers variant pipeline would
+        pass
+
+    pipe = Unrelated()
+    pipe.__dict__.update(tiny_pipe.components, vae_scale_factor=tiny_pipe.vae_scale_factor)
+    cfg = EraseConfig(concepts=["church"], iterations=4, num_steps=6, start_step=2, family="sd")
+    result, _ = erase_to_folder(cfg, None, tmp_path / "run", progress=False, pipe=pipe)
+    record = json.loads((tmp_path / "run" / "kscu.json").read_text())
+    assert len(result.losses) == 4 and record["device"] == "cpu"

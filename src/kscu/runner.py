@@ -117,7 +117,8 @@ def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseCo
             raise KscuError("--start-step auto is for --method kscu (ESD draws every step)")
         config = dataclasses.replace(config, start_step=0)  # any valid step, for the checks
     try:
-        family = family_of(pipe) if pipe is not None else model_family(model, config.family)
+        named = config.family
+        family = family_of(pipe, named) if pipe is not None else model_family(model, named)
     except KscuError:
         resolve(config)  # a bad flag is reported before a missing model
         raise
@@ -187,8 +188,10 @@ def erase_to_folder(
     base = identify_model(model, pipe)  # before loading: a pipeline we load is named by model
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
-    device = resolve_device(cfg.device)
-    if pipe is None:
+    if pipe is not None:  # it runs where it is: recorded, and its peak measured, there
+        device = family_of(pipe, cfg.family).denoiser(pipe).device
+    else:
+        device = resolve_device(cfg.device)
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     analysis = None

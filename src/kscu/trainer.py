@@ -35,7 +35,7 @@ from kscu.allocator import heap_free_bytes, host_memory, huge_page_bytes
 from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
-from kscu.families import family_of, get_family
+from kscu.families import family_of
 from kscu.families.base import Cond, check_editable, cond_cat, cond_pick, offload_modules
 from kscu.models import TORCH_DTYPES, cpu_convolution
 from kscu.objective import kscu_loss
@@ -102,8 +102,7 @@ def erase(
     ``callback(i, (concept, s), x_s, loss)`` sees every iteration (tests use it). On any error
     the pipeline is left as it was; the global torch RNG is never touched.
     """
-    # a family named in the config serves a pipeline class kscu does not know (as --family does)
-    family = get_family(config.family) if config.family else family_of(pipe)
+    family = family_of(pipe, config.family)  # named: a pipeline class kscu does not know
     cfg = resolve(config, family=family)
     started = time.perf_counter()
     net = family.denoiser(pipe)

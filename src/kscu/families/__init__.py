@@ -36,10 +36,13 @@ def family_for_class(class_name: str, where: str = "the model") -> Any:
     )
 
 
-def family_of(pipe: Any) -> Any:
-    """The family of a loaded pipeline: its recorded family if kscu loaded it, else that of the
-    first class in its ancestry kscu knows (a user's subclass of StableDiffusionPipeline holds
-    the same networks)."""
+def family_of(pipe: Any, named: str | None = None) -> Any:
+    """The family of a loaded pipeline: ``named`` if given (``EraseConfig.family``, for a class
+    kscu does not know), its recorded family if kscu loaded it, else that of the first class in
+    its ancestry kscu knows (a user's subclass of StableDiffusionPipeline holds the same
+    networks)."""
+    if named:
+        return get_family(named)
     name = getattr(pipe, "_kscu_family", None)
     if name is not None:
         return get_family(name)
