@@ -11,7 +11,6 @@ contrast threshold (``min_contrast``) serves both.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -133,15 +132,11 @@ class ClipScorer:
 
 def is_world_model(model: str | None) -> bool:
     """True for the bundled tiny world (``None`` means the default model, which is the world)."""
-    if model is None:
-        return True
+    from kscu.models import is_bundled_model
+
     try:
-        from kscu.world import default_model_path
-    except ImportError:
-        return False
-    try:
-        return Path(model).expanduser().resolve() == Path(default_model_path()).resolve()
-    except OSError:
+        return is_bundled_model(model)
+    except OSError:  # a path that cannot be resolved names no bundled world
         return False
 
 
