@@ -490,12 +490,19 @@ def _fused(pipe):
     pipe.fuse_qkv_projections()
 
 
+def _model_offloaded(pipe):  # what enable_model_cpu_offload() leaves on a GPU machine
+    from accelerate.hooks import CpuOffload, add_hook_to_module
+
+    add_hook_to_module(pipe.unet, CpuOffload(execution_device="cuda:0"))
+
+
 @pytest.mark.parametrize(
     "hold, words",
     [
         (_with_lora, "the unet holds LoRA adapters (default); fuse them into the weights"),
         (_offloaded, "the unet's weights are on the meta device (enable_sequential_cpu_offload?)"),
         (_fused, "the unet's attention projections are fused (fuse_qkv_projections); call"),
+        (_model_offloaded, "the unet sits on cpu and runs on cuda:0 (enable_model_cpu_offload)"),
     ],
 )
 def test_a_denoiser_held_in_a_state_an_erase_cannot_edit_is_one_line(tiny_pipe, hold, words):
