@@ -238,3 +238,15 @@ def test_a_run_from_a_base_held_in_bf16_loads_into_the_same_base_in_float32(tiny
     other = copy.deepcopy(base32)  # already edited: still refused, and the message says why
     with pytest.raises(KscuError, match="as held now .another model, or one already edited"):
         load_erased(other, tmp_path / "run")
+
+
+def test_load_erased_into_a_model_offloaded_denoiser(erased):
+    """Model offload keeps the weights where they sit between calls: copying values in works
+    (an erase, which makes its state there, is refused: tests/test_trainer.py)."""
+    from accelerate.hooks import CpuOffload, add_hook_to_module
+
+    base, edited, run = erased
+    add_hook_to_module(base.unet, CpuOffload(execution_device="cuda:0"))  # a GPU machine's
+    load_erased(base, run)
+    mine, theirs = dict(base.unet.named_parameters()), dict(edited.unet.named_parameters())
+    assert all(torch.equal(mine[n], theirs[n]) for n in theirs)  # no forward: no GPU here

@@ -36,7 +36,14 @@ from kscu.checkpoint import fingerprint
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.families.base import Cond, check_editable, cond_cat, cond_pick, offload_modules
+from kscu.families.base import (
+    Cond,
+    check_editable,
+    check_runs_where_it_sits,
+    cond_cat,
+    cond_pick,
+    offload_modules,
+)
 from kscu.models import TORCH_DTYPES, cpu_convolution
 from kscu.objective import kscu_loss
 from kscu.optim import AdamSteps
@@ -107,6 +114,7 @@ def erase(
     started = time.perf_counter()
     net = family.denoiser(pipe)
     check_editable(net, family.denoiser_attr)
+    check_runs_where_it_sits(net, family.denoiser_attr)
     compute_dtype = TORCH_DTYPES[cfg.dtype]
     params = dict(net.named_parameters())
     names = trainable_names(net, cfg.scope, family)

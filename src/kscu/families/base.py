@@ -76,10 +76,7 @@ def check_editable(net: nn.Module, attr: str) -> None:
     - parameters on the meta device (``enable_sequential_cpu_offload``): accelerate keeps the
       values elsewhere, so a copy into them does nothing;
     - fused attention projections (``fuse_qkv_projections``): the fused layer would be trained
-      and unfusing brings back the unedited ones;
-    - model offload to another device (``enable_model_cpu_offload`` on a GPU): accelerate's hook
-      moves the network there at each call, away from the masters and Adam state made where it
-      sits between calls (on a CPU-only machine the hook runs it where it is, which works).
+      and unfusing brings back the unedited ones.
     """
     if getattr(net, "peft_config", None):
         adapters = ", ".join(map(str, net.peft_config))
@@ -92,17 +89,24 @@ def check_editable(net: nn.Module, attr: str) -> None:
             f"the {attr}'s weights are on the meta device (enable_sequential_cpu_offload?); "
             "erase or load_erased before enabling offload, on a pipeline that holds its weights"
         )
+    if any(getattr(m, "fused_projections", False) for m in net.modules()):
+        raise KscuError(
+            f"the {attr}'s attention projections are fused (fuse_qkv_projections); call "
+            "pipe.unfuse_qkv_projections() first"
+        )
+
+
+def check_runs_where_it_sits(net: nn.Module, attr: str) -> None:
+    """An erase makes its masters and Adam state where the denoiser sits; model offload
+    (``enable_model_cpu_offload`` on a GPU) moves it elsewhere at each call, so refuse that (on a
+    CPU-only machine the hook runs it where it is, which works; ``load_erased`` only copies
+    values in, which works either way)."""
     runs_on = getattr(getattr(net, "_hf_hook", None), "execution_device", None)
     if runs_on is not None and torch.device(runs_on).type != net.device.type:
         raise KscuError(
             f"the {attr} sits on {net.device.type} and runs on {torch.device(runs_on)} "
             "(enable_model_cpu_offload); call pipe.remove_all_hooks() and pipe.to(device) "
             "first, or erase before enabling offload"
-        )
-    if any(getattr(m, "fused_projections", False) for m in net.modules()):
-        raise KscuError(
-            f"the {attr}'s attention projections are fused (fuse_qkv_projections); call "
-            "pipe.unfuse_qkv_projections() first"
         )
 
 
