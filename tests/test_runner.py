@@ -350,3 +350,23 @@ def test_a_pipeline_of_a_class_kscu_does_not_know_is_erased_with_a_named_family(
     result, _ = erase_to_folder(cfg, None, tmp_path / "run", progress=False, pipe=pipe)
     record = json.loads((tmp_path / "run" / "kscu.json").read_text())
     assert len(result.losses) == 4 and record["device"] == "cpu"
+
+
+def test_the_pipeline_returned_under_bf16_generates_and_the_weights_stay_exact(
+    tiny_model_dir, tmp_path
+):
+    """README's Python API: ``pipe("...")`` right after ``erase_to_folder(... dtype="bfloat16")``.
+    Before: "mat1 and mat2 must have the same dtype" (a float32 denoiser beside bf16 encoders)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kscu.config import EraseConfig
+
+    cfg = EraseConfig(concepts=["cat"], dtype="bfloat16", iterations=3, num_steps=6, start_step=2)
+    result, pipe = erase_to_folder(cfg, str(tiny_model_dir), tmp_path / "run", progress=False)
+    assert pipe.unet.dtype == torch.bfloat16
+    image = pipe("a cat", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape[-1] == 3
+    saved = load_file(str(tmp_path / "run" / "weights.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert all(torch.equal(saved[n], t) for n, t in result.tensors.items())

@@ -25,6 +25,7 @@ from kscu.families import family_of
 from kscu.fileio import atomic_folder
 from kscu.memory import peak_memory
 from kscu.models import (
+    TORCH_DTYPES,
     is_bundled_model,
     load_pipeline,
     model_family,
@@ -178,7 +179,8 @@ def erase_to_folder(
     """Erase and write ``output/weights.safetensors`` + ``output/kscu.json``.
 
     With ``preview_prompts``, also ``output/preview.png``: the same seeds before and after.
-    Returns the result and the (now edited) pipeline. Pass ``pipe`` to reuse a loaded one; with
+    Returns the result and the (now edited) pipeline, in ``config.dtype`` if loaded here (the saved
+    weights are the exact float32 ones). Pass ``pipe`` to reuse a loaded one; with
     ``model`` None the pipeline then says which model it is (``identify_model``): its preset, its
     name in ``kscu.json``, its memory plan and, for ``start_step="auto"``, its scorer.
     The files are written into a hidden sibling folder renamed to ``output`` at the end, so
@@ -188,7 +190,8 @@ def erase_to_folder(
     base = identify_model(model, pipe)  # before loading: a pipeline we load is named by model
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
-    if pipe is not None:  # it runs where it is: recorded, and its peak measured, there
+    loaded = pipe is None
+    if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device
     else:
         device = resolve_device(cfg.device)
@@ -235,4 +238,15 @@ def erase_to_folder(
             title = f"{cfg.method} ({cfg.mode} mode): erased {', '.join(cfg.concepts)}"
             grid = preview.compose(preview_prompts, before, after, title)
             preview.save_png(grid, folder / "preview.png")
+    if loaded:  # the denoiser was loaded in float32 for exact masters; the rest is in cfg.dtype
+        _to_compute_dtype(pipe, cfg)
     return result, pipe
+
+
+def _to_compute_dtype(pipe: Any, cfg: EraseConfig) -> None:
+    """The pipeline ``erase_to_folder`` loaded, as ``load_pipeline`` would give it in
+    ``cfg.dtype``: under bf16 its float32 denoiser beside bf16 encoders made ``pipe(prompt)``
+    fail on mixed dtypes. The saved weights and ``result.tensors`` stay the exact float32 ones."""
+    net = family_of(pipe, cfg.family).denoiser(pipe)
+    if net.dtype != TORCH_DTYPES[cfg.dtype]:
+        net.to(TORCH_DTYPES[cfg.dtype])
