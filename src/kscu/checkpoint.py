@@ -3,6 +3,8 @@
 Only the edited tensors are stored (keys are the UNet's parameter names), so a checkpoint is a
 patch on a base model. A patch applied to the wrong base gives a silently broken model, so
 loading checks names, shapes and a fingerprint of the base weights the erase started from.
+That fingerprint covers only the run's own tensors, so the denoiser also records the runs loaded
+into it (``LOADED``): a second run of another scope would otherwise stack on the first unseen.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ WEIGHTS = "weights.safetensors"
 METADATA = "kscu.json"
 _FINGERPRINT_TENSORS = 8
 _FINGERPRINT_VALUES = 16
+LOADED = "_kscu_loaded"  # on the denoiser: [{"run": folder, "values": fingerprint}], see below
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
@@ -54,6 +57,28 @@ def _fingerprint_matches(expected: dict[str, list[float]], params: dict[str, Any
         if not torch.equal(torch.tensor(current[name], dtype=torch.float32).to(dtype), want):
             return False
     return True
+
+
+def loaded_runs(net: torch.nn.Module) -> list[dict[str, Any]]:
+    """The runs ``load_erased`` put into ``net`` whose values it still holds, oldest first.
+
+    A record whose tensors no longer hold the run's values (the base restored with
+    ``load_state_dict``, as the bench does between runs, or overwritten since) is left out:
+    what counts is what the weights hold, not what was once loaded.
+    """
+    params = dict(net.named_parameters())
+    return [r for r in getattr(net, LOADED, []) if _fingerprint_matches(r["values"], params)]
+
+
+def record_run(net: torch.nn.Module, run: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Note on ``net`` that it now holds ``tensors`` (a run's edit, named ``run`` in messages).
+
+    ``load_erased`` calls it after copying; an erase in place could too, so that a run loaded
+    onto its result is refused as well. Kept on the module, so a deepcopy of the pipeline keeps it.
+    """
+    values = fingerprint(tensors)
+    kept = [r for r in loaded_runs(net) if r["values"] != values]
+    setattr(net, LOADED, [*kept, {"run": run, "values": values}])
 
 
 def _held_dtype(expected: dict[str, list[float]]) -> torch.dtype:
@@ -153,7 +178,9 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
 
     Refuses a checkpoint of another model family, keys or shapes that do not match the
     denoiser (always), and a checkpoint made from another base model (unless ``force``: e.g. a
-    deliberate transfer to a fine-tune).
+    deliberate transfer to a fine-tune). The base check sees only this run's own tensors, so a
+    denoiser already holding another run (of another scope: ``loaded_runs``) is refused too
+    unless ``force``: both edits would apply, a model neither run made.
     """
     directory = _run_folder(directory)
     weights = directory / WEIGHTS
@@ -191,6 +218,7 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
             f"(e.g. {bad[0]}: {tuple(tensors[bad[0]].shape)} vs {tuple(params[bad[0]].shape)}); "
             "it was made for another architecture"
         )
+    held = loaded_runs(net)
     expected = meta.get("base_fingerprint")
     if not expected and not force:  # nothing to check the base model against
         raise KscuError(
@@ -199,13 +227,26 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
         )
     if expected and not force and not _fingerprint_matches(expected, params):
         current = getattr(pipe, "name_or_path", None) or "this pipeline"
+        holds = f": it holds {_names(held)}" if held else ""
         raise KscuError(
             f"{directory} was erased from base model {meta.get('base_model')!r}, whose weights "
             f"differ from those of {current!r} as held now (another model, or one already "
-            "edited by an erase or an earlier load_erased); load that base model fresh, or pass "
-            "--force / force=True"
+            f"edited by an erase or an earlier load_erased{holds}); load that base model fresh, "
+            "or pass --force / force=True"
+        )
+    if held and not force:  # the base check passed: this run's tensors are not the held ones
+        raise KscuError(
+            f"this {family.denoiser_attr} already holds {_names(held)} (loaded before), and "
+            f"{directory} replaces only its own tensors, so both edits would apply; load the "
+            "base model fresh before loading another run, or pass --force / force=True to "
+            "stack them"
         )
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v.to(params[k].dtype))
+    record_run(net, str(directory), tensors)
     return meta
+
+
+def _names(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(r["run"] for r in runs)
