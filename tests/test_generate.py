@@ -1,6 +1,8 @@
 """`kscu generate` resumes only what was made the same way: generate.json is checked first."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +10,7 @@ from kscu.checkpoint import fingerprint, save_erased
 from kscu.cli import main
 from kscu.errors import KscuError
 from kscu.generate import SETTINGS, generate_images, prompts_sha256
-from kscu.promptfile import PromptRow
+from kscu.promptfile import PromptRow, load_prompts
 
 
 def generate(capsys, model, output, *extra, prompts=None):
@@ -183,8 +185,6 @@ def test_a_damaged_record_is_a_clear_error(folder, tiny_model_dir, capsys):
 
 
 def test_weights_fingerprint_is_the_file_hash(tiny_pipe, tmp_path):
-    import hashlib
-
     name, param = next(iter(tiny_pipe.unet.named_parameters()))
     save_erased(tmp_path / "w", {name: param.detach()}, {"base_model": "tiny"})
     out = tmp_path / "img"
@@ -380,3 +380,55 @@ def test_force_without_weights_is_refused(tiny_model_dir, tmp_path, capsys):
     """Before: accepted and ignored (there is nothing to load onto another base model)."""
     code, _, err = generate(capsys, tiny_model_dir, tmp_path / "img", "--force")
     assert code == 2 and "give --weights" in err and not (tmp_path / "img").exists()
+
+
+def test_the_weights_are_recorded_by_their_absolute_path(
+    tiny_model_dir, tiny_pipe, tmp_path, monkeypatch, capsys
+):
+    """Before: only ``weights`` as typed ("w"), which names nothing once the user is elsewhere.
+    The absolute path is recorded beside it, and not compared: a moved folder still resumes."""
+    name, param = next(iter(tiny_pipe.unet.named_parameters()))
+    meta = {"base_model": "tiny", "base_fingerprint": fingerprint({name: param})}
+    save_erased(tmp_path / "w", {name: param.detach() + 0.1}, meta)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = generate(capsys, tiny_model_dir, "img", "--steps", "2", "--weights", "w")
+    assert code == 0, err
+    record = json.loads((tmp_path / "img" / SETTINGS).read_text())
+    assert record["weights"] == "w"  # as given, as before
+    assert record["weights_resolved"] == str((tmp_path / "w").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "img" / "0.png").unlink()
+    args = ["--steps", "2", "--weights", tmp_path / "w"]
+    code, out, err = generate(capsys, tiny_model_dir, tmp_path / "img", *args)
+    assert code == 0 and "wrote 1 new" in out, err
+
+
+def test_the_prompt_source_is_recorded(tiny_pipe, tmp_path, monkeypatch):
+    """Before: only the rows' fingerprint; which file (or Hub dataset) they came from was lost.
+    A CSV is recorded by its absolute path and the sha256 of its bytes."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.csv").write_text("case_number,prompt\n0,a church\n")
+    rows = load_prompts("p.csv")
+    generate_images(tiny_pipe, rows, "img", steps=2, progress=False, prompts="p.csv")
+    record = json.loads((tmp_path / "img" / SETTINGS).read_text())
+    assert record["prompts"] == str((tmp_path / "p.csv").resolve())
+    digest = hashlib.sha256(b"case_number,prompt\n0,a church\n").hexdigest()
+    assert record["prompts_file_sha256"] == digest
+    # the same rows from a moved or renamed file resume: the file is recorded, not compared
+    Path("p.csv").rename("moved.csv")
+    Path("img/0.png").unlink()
+    made = generate_images(tiny_pipe, rows, "img", steps=2, progress=False, prompts="moved.csv")
+    assert [p.name for p in made] == ["0.png"]
+
+
+@pytest.mark.parametrize(
+    "source, recorded",
+    [("AIML-TUDA/i2p", ("AIML-TUDA/i2p", None)), (None, (None, None))],
+)
+def test_a_hub_dataset_or_direct_rows_are_recorded_as_such(tiny_pipe, tmp_path, source, recorded):
+    rows = [PromptRow(case_number=0, prompt="p")]
+    out = tmp_path / "img"
+    generate_images(tiny_pipe, rows, out, steps=2, progress=False, prompts=source)
+    record = json.loads((out / SETTINGS).read_text())
+    assert (record["prompts"], record["prompts_file_sha256"]) == recorded

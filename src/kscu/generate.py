@@ -28,7 +28,7 @@ from kscu.checkpoint import weights_sha256
 from kscu.config import check_seed
 from kscu.errors import KscuError
 from kscu.families import family_of
-from kscu.fileio import atomic_target, read_json_object, write_text
+from kscu.fileio import atomic_target, file_sha256, read_json_object, write_text
 from kscu.models import is_bundled_model, native_resolution
 from kscu.promptfile import PromptRow
 from kscu.sampling import sample_images, to_pil
@@ -36,9 +36,10 @@ from kscu.tracing import TracedDenoiser
 
 MANIFEST = "manifest.csv"
 SETTINGS = "generate.json"
-# Recorded, not compared: moving the weights folder or upgrading kscu leaves the images valid
-# (a sampler that changes shows up in "sampler" and "scheduler").
-_NOT_COMPARED = ("weights", "kscu_version")
+# Recorded, not compared: moving the weights folder or the prompt file, or upgrading kscu, leaves
+# the images valid (the weights' bytes are "weights_sha256", the rows "prompts_sha256", and a
+# sampler that changes shows up in "sampler" and "scheduler").
+_NOT_COMPARED = ("weights", "weights_resolved", "prompts", "prompts_file_sha256", "kscu_version")
 # Recorded since a later kscu: compared only where the folder's own record has them
 _ADDED_LATER = ("scheduler", "prompts_sha256")
 # What a fingerprint that differs stands for, so the refusal says what to look at
@@ -85,6 +86,7 @@ def generate_images(
     weights: str | Path | None = None,
     overwrite: bool = False,
     wait_for_everyone: Callable[[], None] | None = None,
+    prompts: str | Path | None = None,
 ) -> list[Path]:
     """Make the missing images of this process's share of ``rows``; returns the files written.
 
@@ -92,8 +94,10 @@ def generate_images(
     flow-matching Euler with its guidance embedding); ``steps`` and ``guidance`` default to the
     family's protocol (SD 50 / 7.5, SDXL 50 / 5.0, FLUX.1-dev 28 / 3.5).
     ``weights`` (the ``kscu erase`` folder loaded into ``pipe``) is fingerprinted into
-    ``generate.json``. A folder made with other settings is refused unless ``overwrite``, which
-    deletes its images first. Several processes pass their accelerate ``wait_for_everyone``.
+    ``generate.json``. ``prompts`` is where ``rows`` were read from (``load_prompts``' CSV or
+    Hub dataset id; None: given directly), recorded so the images can be traced to their file.
+    A folder made with other settings is refused unless ``overwrite``, which deletes its images
+    first. Several processes pass their accelerate ``wait_for_everyone``.
     """
     output = Path(output)
     family = family_of(pipe)
@@ -101,7 +105,7 @@ def generate_images(
     guidance = family.eval_guidance if guidance is None else guidance
     check_inputs(rows, seed, guidance, resolution)  # before the folder, its record or any image
     size = native_resolution(pipe) if resolution is None else resolution
-    record = generation_record(pipe, steps, guidance, size, seed, weights, rows=rows)
+    record = generation_record(pipe, steps, guidance, size, seed, weights, rows, prompts)
     output.mkdir(parents=True, exist_ok=True)  # once the record (the sampler's steps) is sound
     check_resume(output, record, overwrite)  # every process, before any image
     if process_index == 0:
@@ -186,14 +190,17 @@ def generation_record(
     seed: int,
     weights: str | Path | None = None,
     rows: list[PromptRow] | None = None,
+    prompts: str | Path | None = None,
 ) -> dict[str, Any]:
     """What decides a folder's pixels: the model, weights, the family's sampler as used and,
-    given ``rows``, the fingerprint of every row (``prompts_sha256``)."""
+    given ``rows``, the fingerprint of every row (``prompts_sha256``); and, recorded but not
+    compared, where the weights and rows came from (``weights_resolved``, ``prompts``)."""
     family = family_of(pipe)
     sampler = family.sampler(pipe, steps, resolution, guidance=guidance)
     record = {
-        "model": _model_id(getattr(pipe, "name_or_path", None)),
-        "weights": None if weights is None else str(weights),
+        "model": model_id(getattr(pipe, "name_or_path", None)),
+        "weights": None if weights is None else str(weights),  # as given
+        "weights_resolved": None if weights is None else _absolute(weights),
         "weights_sha256": None if weights is None else weights_sha256(weights),
         "steps": steps,
         "guidance": guidance,
@@ -207,11 +214,31 @@ def generation_record(
     }
     if rows is not None:
         record["prompts_sha256"] = prompts_sha256(rows, seed, guidance)
-    return record
+    return record | prompt_source(prompts)
 
 
-def _model_id(name: str | None) -> str | None:
-    """The hub id, or the absolute folder (a relative path must not look like another model)."""
+def prompt_source(prompts: str | Path | None) -> dict[str, str | None]:
+    """Where the rows came from, as ``load_prompts`` decides it: a CSV by its absolute path and
+    the sha256 of its bytes (a relative path means nothing once the user is elsewhere, and a
+    file edited later must not pass for the one used), else the Hub dataset id. None: the rows
+    were given directly (one ``--prompt``, or built in code); the manifest lists them."""
+    if prompts is None:
+        return {"prompts": None, "prompts_file_sha256": None}
+    path = Path(prompts).expanduser()
+    if path.is_file():
+        return {"prompts": _absolute(path), "prompts_file_sha256": file_sha256(path)}
+    return {"prompts": str(prompts), "prompts_file_sha256": None}
+
+
+def _absolute(path: str | Path) -> str:
+    """``path`` as an absolute path, so the record means the same from any working folder."""
+    return str(Path(path).expanduser().resolve())
+
+
+def model_id(name: str | None) -> str | None:
+    """The hub id, or the absolute folder (a relative path must not look like another model);
+    the bundled world by its recorded name wherever it was loaded from. Also how ``report``
+    compares the model an erase recorded with the one its images were made on."""
     if not name:
         return None
     if is_bundled_model(name):

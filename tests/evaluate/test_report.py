@@ -270,10 +270,12 @@ def test_images_made_by_kscu_generate_are_shown_with_their_weights(
     tmp_path, tiny_model_dir, tiny_pipe
 ):
     """Real `kscu generate` runs: the same settings are listed once and not flagged, each run's
-    images come from its own weights; erasing again afterwards makes its images stale."""
+    images come from its own weights and base model; erasing again afterwards makes its images
+    stale."""
     prompts = write_csv(tmp_path / "p.csv", ["case_number", "prompt"], [[0, "a cat"], [1, "a dog"]])
     name, param = next(iter(tiny_pipe.unet.named_parameters()))
-    meta = {"base_model": "tiny", "base_fingerprint": fingerprint({name: param})}
+    # as `kscu erase --model tiny_model_dir` records it
+    meta = {"base_model": str(tiny_model_dir), "base_fingerprint": fingerprint({name: param})}
     base, erased = tmp_path / "base", tmp_path / "erased"
     save_erased(erased, {name: param.detach() + 0.1}, meta)
     common = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--steps", "2"]
@@ -292,6 +294,11 @@ def test_images_made_by_kscu_generate_are_shown_with_their_weights(
         f"erased: its own weights.safetensors (sha256 {own})"
     )
     assert "generation unknown" not in text
+    model = tiny_model_dir.resolve()
+    assert _line(text, "- base model: ") == f"- base model: {model}"
+    assert _line(text, "- generation base model: ") == (
+        f"- generation base model: erased: its erase's own ({model})"
+    )
     page = _report(tmp_path, erased, base, name="r.html")
     assert html.escape(generation.removeprefix("- ")) in page
     save_erased(erased, {name: param.detach() + 0.2}, meta)  # erased again, images kept
@@ -439,3 +446,121 @@ def test_a_result_that_scored_another_runs_images_is_stated(tmp_path, runs):
         f"- scored elsewhere: erased-kscu's eval/clip scored {(base / 'images').resolve()}, "
         f"not its images/ ({(erased / 'images').resolve()})"
     )
+
+
+def _erased_from(run: Path, base_model: str) -> None:
+    """Rewrite the base model the run's kscu.json records (what `kscu erase --model` wrote)."""
+    info = json.loads((run / "kscu.json").read_text())
+    (run / "kscu.json").write_text(json.dumps(info | {"base_model": base_model}))
+
+
+def _named(pipe, name: str | None):
+    """``pipe`` as if loaded from ``name`` (diffusers records it as ``_name_or_path``)."""
+    if name is not None:
+        pipe.register_to_config(_name_or_path=name)
+    return pipe
+
+
+SD14, SD2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2"
+
+
+@pytest.mark.parametrize(
+    "erased_from, made_on, verdict",
+    [
+        ("kscu-tiny-world", "{world}", "its erase's own (kscu-tiny-world)"),
+        ("{world}", "{world}", "its erase's own (kscu-tiny-world)"),  # --model the world's folder
+        ("kscu-tiny-world", SD14, f"{SD14}, NOT its erase's base model (kscu-tiny-world)"),
+        (SD14, SD14, f"its erase's own ({SD14})"),
+        (SD14, SD2, f"{SD2}, NOT its erase's base model ({SD14})"),
+        ("models/sd14", "{tmp}/models/sd14", "its erase's own ({tmp}/models/sd14)"),
+        (
+            "models/sd14",
+            "{tmp}/models/sd2",
+            "{tmp}/models/sd2, NOT its erase's base model ({tmp}/models/sd14)",
+        ),
+        (
+            "sd14",
+            "{tmp}/models/sd14",
+            "{tmp}/models/sd14, NOT CHECKED: its erase's base model "
+            "sd14 is a relative path not found from here",
+        ),
+        (
+            "unnamed pipeline (built in code)",
+            SD14,
+            f"{SD14}, NOT CHECKED: its kscu.json names no base model",
+        ),
+        ("tiny/sd", None, "NOT CHECKED: generate.json names no model (its erase's: tiny/sd)"),
+    ],
+)
+def test_images_generated_on_another_base_model_are_flagged(
+    tmp_path, runs, tiny_pipe, monkeypatch, erased_from, made_on, verdict
+):
+    """Before: an erase of one model scored on images of another (generate --force, or images
+    copied from another run) was a row like any other."""
+    from kscu.models import default_model
+
+    tmp = tmp_path.resolve()
+    for folder in ("sd14", "sd2"):
+        (tmp / "models" / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp)  # where the relative names were given
+
+    def fill(text):
+        return None if text is None else text.format(world=default_model(), tmp=tmp)
+
+    erased, base = runs
+    _erased_from(erased, fill(erased_from))
+    _record(erased, _named(tiny_pipe, fill(made_on)), weights=erased)
+    line = _line(_report(tmp_path, *runs), "- generation base model: ")
+    assert line == f"- generation base model: erased-kscu: {fill(verdict)}"
+
+
+def test_runs_of_different_base_models_are_flagged(tmp_path, tiny_pipe):
+    """Before: an erase of SD v1.4 and one of SD v2 sat in one table with no word that their
+    numbers do not compare. A base row stands for the model its images were generated on."""
+    base = _run(tmp_path, "base", False, 3, None, 2)
+    a = _run(tmp_path, "erased-a", True, 1, None, 1)
+    b = _run(tmp_path, "erased-b", True, 1, None, 3)
+    _record(base, _named(tiny_pipe, SD14))
+    _erased_from(a, SD14)
+    _erased_from(b, SD2)
+    line = _line(_report(tmp_path, a, b, base), "- base model: ")
+    assert (
+        line == f"- base model: {SD14} [base, erased-a] / {SD2} [erased-b] (DIFFERS between runs)"
+    )
+    _erased_from(b, SD14)
+    assert _line(_report(tmp_path, a, b, base), "- base model: ") == f"- base model: {SD14}"
+    (base / "images" / SETTINGS).unlink()  # the base row's model is then unknown, not guessed
+    line = _line(_report(tmp_path, a, b, base), "- base model: ")
+    assert line == f"- base model: {SD14} (not recorded for base)"
+
+
+@pytest.mark.parametrize(
+    "a_from, b_from",
+    [
+        ("models/sd", "{tmp}/models/sd"),  # a relative folder and the same one written in full
+        ("kscu-tiny-world", "{world}"),  # the world by name and by its folder
+    ],
+)
+def test_one_base_model_written_two_ways_is_not_flagged(tmp_path, monkeypatch, a_from, b_from):
+    from kscu.models import default_model
+
+    tmp = tmp_path.resolve()
+    (tmp / "models" / "sd").mkdir(parents=True)
+    monkeypatch.chdir(tmp)
+    a = _run(tmp_path, "erased-a", True, 1, None, 1)
+    b = _run(tmp_path, "erased-b", True, 1, None, 3)
+    _erased_from(a, a_from.format(tmp=tmp, world=default_model()))
+    _erased_from(b, b_from.format(tmp=tmp, world=default_model()))
+    line = _line(_report(tmp_path, a, b), "- base model: ")
+    assert "DIFFERS" not in line and line.count(" [") == 0, line
+
+
+def test_weights_given_as_a_relative_path_are_shown_in_full(tmp_path, runs, tiny_pipe, monkeypatch):
+    """Before: "weights other", which names nothing once the report is read elsewhere."""
+    erased, _ = runs
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "weights.safetensors").write_bytes(b"other weights")
+    monkeypatch.chdir(tmp_path)
+    _record(erased, tiny_pipe, weights=Path("other"))
+    line = _line(_report(tmp_path, *runs), "- generation weights: ")
+    assert f"erased-kscu: weights {(tmp_path / 'other').resolve()} (sha256 " in line, line

@@ -13,10 +13,11 @@ level, and one level into dicts such as ``per_class``) plus the training numbers
 ``kscu.json``. The sample grid shows the same case numbers for every run, so each column of the
 grid is one prompt under each model. Under the table go the settings that make the numbers
 comparable: each metric's protocol and how each run's images were generated (steps, guidance,
-seeds, ...), a value that differs between runs flagged, and whether a run's images came from
-its own weights: runs whose images were made differently would otherwise be rows of numbers
-that look alike. The HTML embeds small JPEG thumbnails, so the page is one file that opens
-anywhere; the markdown links the images by relative path.
+seeds, ...), a value that differs between runs flagged, whether a run's images came from
+its own weights and from the base model its erase started from, and whether the runs share one
+base model: runs whose images were made differently, or erases of different models, would
+otherwise be rows of numbers that look alike. The HTML embeds small JPEG thumbnails, so the
+page is one file that opens anywhere; the markdown links the images by relative path.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from kscu.evaluate.common import (
     write_atomic,
 )
 from kscu.fileio import check_writable, file_sha256, read_json_object
-from kscu.generate import SETTINGS
+from kscu.generate import SETTINGS, model_id
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -244,7 +245,7 @@ def _generation_record(path: Path) -> dict | None:
         raise KscuError(
             f"{path} lacks {', '.join(lacking)}, so kscu generate did not write it; {fix}"
         )
-    for key in ("weights", "weights_sha256"):
+    for key in ("model", "weights", "weights_sha256"):  # names report compares as text
         if not isinstance(record[key], str | None):
             raise KscuError(f"{path} has {key} {record[key]!r}, not a string or null; {fix}")
     return record
@@ -297,15 +298,24 @@ def _setting_parts(named: list[tuple[str, dict]], show: Callable[[Any], str]) ->
     the setting is named too (unknown is not the same)."""
     parts = []
     for key in dict.fromkeys(k for _, settings in named for k in settings):
-        groups = _by_value([(name, settings[key]) for name, settings in named if key in settings])
-        if len(groups) == 1:
-            part = f"{key}: {show(groups[0][0])}"
-        else:
-            values = " / ".join(f"{show(value)} [{', '.join(names)}]" for value, names in groups)
-            part = f"{key}: {values} (DIFFERS between runs)"
+        values = [(name, settings[key]) for name, settings in named if key in settings]
         missing = [name for name, settings in named if key not in settings]
-        parts.append(part + (f" (not recorded for {', '.join(missing)})" if missing else ""))
+        parts.append(f"{key}: {_values_text(values, missing, show)}")
     return parts
+
+
+def _values_text(
+    named_values: list[tuple[str, Any]], missing: list[str], show: Callable[[Any], str]
+) -> str:
+    """One setting across runs: its value, or each value with its runs and ``(DIFFERS between
+    runs)``; then the runs that do not record it (unknown is not the same)."""
+    groups = _by_value(named_values)
+    if len(groups) == 1:
+        text = show(groups[0][0])
+    else:
+        values = " / ".join(f"{show(value)} [{', '.join(names)}]" for value, names in groups)
+        text = f"{values} (DIFFERS between runs)"
+    return text + (f" (not recorded for {', '.join(missing)})" if missing else "")
 
 
 def _by_value(named_values: list[tuple[str, Any]]) -> list[tuple[Any, list[str]]]:
@@ -334,6 +344,10 @@ def _generation_lines(runs: list[Run]) -> list[str]:
     if recorded:
         verdicts = [f"{r.name}: {_weights_verdict(r, r.generation)}" for r in recorded]
         lines.append("generation weights: " + "; ".join(verdicts))
+    erased = [r for r in recorded if not r.is_base]
+    if erased:
+        verdicts = [f"{r.name}: {_base_model_verdict(r, r.generation)}" for r in erased]
+        lines.append("generation base model: " + "; ".join(verdicts))
     # runs with images or results whose making is not recorded (not one with training numbers only)
     unknown = [r.name for r in runs if r.generation is None and (r.images or r.settings)]
     if unknown:
@@ -350,7 +364,8 @@ def _weights_verdict(run: Run, record: dict) -> str:
     used = record["weights_sha256"]
     if used is None:
         return "the base model" + ("" if run.is_base else f", NOT this run's {WEIGHTS}")
-    source = f"weights {record['weights']} (sha256 {_shown(used)})"
+    where = record.get("weights_resolved") or record["weights"]  # absolute since a later kscu
+    source = f"weights {where} (sha256 {_shown(used)})"
     if run.is_base:
         return f"edited {source}, NOT the base model"
     if run.own_weights_sha256 is None:
@@ -359,6 +374,67 @@ def _weights_verdict(run: Run, record: dict) -> str:
         own = _shown(run.own_weights_sha256)
         return f"{source}, NOT this run's {WEIGHTS} (sha256 {own})"
     return f"its own {WEIGHTS} (sha256 {_shown(used)})"
+
+
+def _base_model_verdict(run: Run, record: dict) -> str:
+    """Whether an erased run's images (its ``record``) were generated on the model its erase
+    started from, flagged (NOT ...) where they were not: its weights were edits of another
+    model, so its numbers say nothing about that erase. NOT CHECKED where a side names none."""
+    made_on, erased_from = model_id(record["model"]), _erased_from(run)
+    if made_on is None:
+        return f"NOT CHECKED: {SETTINGS} names no model (its erase's: {erased_from or 'none'})"
+    if erased_from is None:
+        return f"{made_on}, NOT CHECKED: its kscu.json names no base model"
+    if made_on == erased_from:
+        return f"its erase's own ({made_on})"
+    if _maybe_moved(erased_from, made_on):
+        return (
+            f"{made_on}, NOT CHECKED: its erase's base model {erased_from} is a relative path "
+            "not found from here"
+        )
+    return f"{made_on}, NOT its erase's base model ({erased_from})"
+
+
+def _erased_from(run: Run) -> str | None:
+    """The base model the run's erase recorded, as generate records models (``model_id``:
+    an absolute folder, a hub id as written, the bundled world by name); None if it names none
+    (an older record, or a pipeline built in code, whose label is no model)."""
+    from kscu.runner import UNNAMED_PIPELINE
+
+    name = run.info.get("base_model")
+    if not isinstance(name, str) or name in ("", UNNAMED_PIPELINE):
+        return None
+    return model_id(name)
+
+
+def _maybe_moved(relative: str, absolute: str) -> bool:
+    """True if ``relative`` (a name not found from the report's folder) may be ``absolute``
+    written from another working folder: it is not absolute and ends ``absolute``'s path."""
+    parts, full = Path(relative).parts, Path(absolute).parts
+    return (
+        not Path(relative).is_absolute()
+        and Path(absolute).is_absolute()
+        and ".." not in parts
+        and full[len(full) - len(parts) :] == parts
+    )
+
+
+def _base_model_lines(runs: list[Run]) -> list[str]:
+    """Each run's base model, flagged where they differ: an erase's as its kscu.json records
+    it, a base row's as its images' generate.json does. Erases of different models (SD v1.4
+    beside SD v2) are not comparable rows, whatever the numbers say."""
+    models = [(run.name, _base_model_of(run)) for run in runs]
+    named = [(name, model) for name, model in models if model is not None]
+    missing = [name for name, model in models if model is None]
+    return [f"base model: {_values_text(named, missing, str)}"] if named else []
+
+
+def _base_model_of(run: Run) -> str | None:
+    """The model a row stands for: an erase's recorded base model, or for a base row the model
+    its images were generated on (None where unknown)."""
+    if not run.is_base:
+        return _erased_from(run)
+    return model_id(run.generation["model"]) if run.generation else None
 
 
 def _shown(value: Any) -> str:
@@ -390,9 +466,15 @@ def _scored_lines(runs: list[Run]) -> list[str]:
 
 
 def _notes(runs: list[Run]) -> list[str]:
-    """Everything listed under the table: how the images were made, which images each result
-    scored where that is not the run's own, then each metric's protocol."""
-    return _generation_lines(runs) + _scored_lines(runs) + _protocol_lines(runs)
+    """Everything listed under the table: the runs' base models, how the images were made,
+    which images each result scored where that is not the run's own, then each metric's
+    protocol."""
+    return (
+        _base_model_lines(runs)
+        + _generation_lines(runs)
+        + _scored_lines(runs)
+        + _protocol_lines(runs)
+    )
 
 
 def _thumb(path: Path, size: int) -> str:
