@@ -166,13 +166,14 @@ import json, sys, time, torch
 sys.path.insert(0, {bench!r})
 from plain_erase import plain_erase
 from kscu.config import EraseConfig, resolve
-from kscu.memory import peak_memory
+from kscu.memory import cpu_start, peak_memory
 from kscu.models import load_pipeline
+since = cpu_start()  # as kscu erase counts it: from before the load, the weights in the growth
 pipe = load_pipeline({model!r})
 cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False,
                           dtype={dtype!r}))
 ticks = []
-with peak_memory(torch.device("cpu")) as peak:
+with peak_memory(torch.device("cpu"), since) as peak:
     started = time.perf_counter()
     plain_erase(pipe, cfg, callback=lambda *_: ticks.append(time.perf_counter()))
     seconds = time.perf_counter() - started

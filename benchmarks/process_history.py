@@ -1,20 +1,23 @@
 """How a CPU erase's measured peak depends on what its process ran before, against ``--plan``.
 
-On a CPU, ``kscu.json``'s ``peak_memory_bytes`` is the growth of the process's peak resident set
-over the erase, and the plan counts what the erase holds, weights included. Three things that
-are not the erase's tensors move the growth, and the first two only once per process:
+On a CPU, ``kscu.json``'s ``peak_memory_bytes`` is the growth of the process's peak resident set,
+counted from before the model loaded (``kscu erase``) or, for a pipeline passed in loaded, from
+the erase's start (``peak_memory_start`` says which; ``peak_memory_planned_bytes`` is the plan for
+that span: without the weights in the second case). What is not the erase's tensors can move
+the growth:
 
 - library code run for the first time (file-backed pages; ``peak_memory_file_backed_bytes``)
-  and what torch sets up on first use (oneDNN's generated kernels, caches), paid by the first
-  forward and backward in the process, unless a preview (forward only) paid part of it before;
+  and what torch sets up on first use (the tracer's state, oneDNN's, caches): since stop 37 paid
+  before the first measurement in a process (``kscu.memory.pay_first_use``), outside the span;
 - weights read for the first time: safetensors' weights are mapped from the file, so pages the
-  load did not touch join the resident set when the erase first reads them;
+  load did not touch join the resident set when the erase first reads them (inside the span
+  either way when it starts before the load);
 - glibc's heap: the replay records are many small blocks, which a later erase puts in the holes
   the earlier one's records left in pages that are still resident.
 
-Each case is a fresh process that loads the bundled world once and erases ``--erases`` times in a
-row on the same pipeline (``erase_to_folder``, as ``kscu erase`` runs it), with or without the
-"before" preview and the replayed calls:
+Each case is a fresh process that loads the bundled world and erases ``--erases`` times in a
+row (``erase_to_folder``, as ``kscu erase`` runs it), on the same pipeline or on one loaded again
+for each erase, with or without the "before" preview and the replayed calls:
 
     python benchmarks/process_history.py --iterations 20 --json process-history.json
 """
@@ -32,10 +35,11 @@ import torch
 from machine import machine
 
 MIB = 2**20
-CASES = {  # name: (preview before each erase, replayed denoiser calls)
-    "no preview": (False, True),
-    "preview before each erase (README command 1)": (True, True),
-    "no preview, eager calls (--no-trace-denoiser)": (False, False),
+CASES = {  # name: (preview before each erase, replayed denoiser calls, loaded for each erase)
+    "no preview": (False, True, False),
+    "preview before each erase (README command 1)": (True, True, False),
+    "no preview, eager calls (--no-trace-denoiser)": (False, False, False),
+    "no preview, the world loaded again for each erase": (False, True, True),
 }
 
 
@@ -45,7 +49,7 @@ def child(case: str, erases: int, iterations: int) -> list[dict]:
     from kscu.preview import world_prompts
     from kscu.runner import erase_to_folder
 
-    preview, traced = CASES[case]
+    preview, traced, reload = CASES[case]
     cfg = EraseConfig(
         concepts=["circle"], mode="class", iterations=iterations, trace_denoiser=traced
     )
@@ -55,6 +59,7 @@ def child(case: str, erases: int, iterations: int) -> list[dict]:
         for k in range(erases):
             out = Path(tmp) / f"run{k}"
             _, pipe = erase_to_folder(cfg, None, out, False, pipe, preview_prompts=prompts)
+            pipe = None if reload else pipe
             meta = json.loads((out / "kscu.json").read_text())
             runs.append(
                 {
@@ -62,6 +67,9 @@ def child(case: str, erases: int, iterations: int) -> list[dict]:
                     "file_backed_bytes": meta["peak_memory_file_backed_bytes"],
                     "plan_bytes": meta["memory_plan"]["total_bytes"],
                     "plan_components": meta["memory_plan"]["bytes"],
+                    # the plan for the span measured: without the weights of a pipeline passed in
+                    "planned_bytes": meta["peak_memory_planned_bytes"],
+                    "start": meta["peak_memory_start"],
                 }
             )
     return runs
@@ -75,11 +83,11 @@ def measure(case: str, erases: int, iterations: int) -> dict:
     runs = json.loads(out.stdout.splitlines()[-1])
     print(f"{case}:")
     for k, run in enumerate(runs, 1):
-        run["plan_over_measured"] = round(run["plan_bytes"] / run["measured_bytes"], 3)
+        run["plan_over_measured"] = round(run["planned_bytes"] / run["measured_bytes"], 3)
         print(
             f"  erase {k}: measured {run['measured_bytes'] / MIB:5.1f} MiB (file-backed "
-            f"{run['file_backed_bytes'] / MIB:4.1f}), plan {run['plan_bytes'] / MIB:5.1f} MiB, "
-            f"plan / measured {run['plan_over_measured']:.3f}"
+            f"{run['file_backed_bytes'] / MIB:4.1f}), planned {run['planned_bytes'] / MIB:5.1f} "
+            f"MiB, plan / measured {run['plan_over_measured']:.3f}; {run['start']}"
         )
     return {"case": case, "erases": runs}
 

@@ -6,10 +6,18 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
+import kscu.memory
 from kscu.cli import main
 from kscu.config import EraseConfig, resolve
 from kscu.families import FAMILIES
-from kscu.memory import peak_memory, plan
+from kscu.memory import (
+    START_AFTER_LOAD,
+    START_BEFORE_LOAD,
+    cpu_start,
+    pay_first_use,
+    peak_memory,
+    plan,
+)
 
 
 def test_plan_counts_the_components(tiny_model_dir, monkeypatch):
@@ -104,7 +112,6 @@ def test_plan_counts_the_replay_records_by_operations(tiny_model_dir):
 
 def test_cli_plan_that_fails_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A plan that cannot be made (an unreadable config) is an error, not a traceback."""
-    import kscu.memory
 
     def unreadable(*args, **kwargs):
         raise OSError("vae/config.json: unreadable")
@@ -128,6 +135,9 @@ def test_run_records_plan_and_measured_peak(tiny_model_dir, tmp_path):
     assert isinstance(meta["peak_memory_bytes"], int) and meta["peak_memory_bytes"] >= 0
     assert meta["peak_memory_start_bytes"] > 0
     assert isinstance(meta["peak_memory_file_backed_bytes"], int)  # library code, in the peak
+    # counted from before the load: the plan's whole total is the figure for that span
+    assert meta["peak_memory_start"] == START_BEFORE_LOAD
+    assert meta["peak_memory_planned_bytes"] == meta["memory_plan"]["total_bytes"]
     steps = meta["iteration_seconds"]  # the benchmarks' per-iteration speed comes from here
     assert len(steps) == 2 and all(v > 0 for v in steps)
     assert sum(steps) <= meta["seconds"]
@@ -139,6 +149,54 @@ def test_cpu_peak_growth_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert peak["bytes"] >= 60 * 2**20, peak
+
+
+def test_cpu_growth_from_before_the_load_counts_what_was_loaded():
+    """``kscu erase`` reads the start before its model loads: the weights are in the growth, as
+    the plan counts them. Before: the start was read after the load, so a checkpoint the load
+    read into memory was missing from the measurement the plan is held against."""
+    since = cpu_start()
+    weights = torch.ones(64 * 2**20 // 4)  # "the load": 64 MiB, touched, alive through the span
+    with peak_memory(torch.device("cpu"), since) as peak:
+        pass
+    assert peak["bytes"] >= 60 * 2**20 and peak["start"] == START_BEFORE_LOAD, peak
+    with peak_memory(torch.device("cpu")) as after:  # a pipeline passed in loaded
+        pass
+    assert after["bytes"] < 16 * 2**20 and after["start"] == START_AFTER_LOAD, after
+    assert weights.numel()
+
+
+def test_the_first_use_payment_runs_once_and_changes_no_result(tiny_pipe, monkeypatch):
+    """The 2-iteration world erase that pays torch's first-use setup before a process's first
+    CPU measurement runs on its own pipeline: an erase after it gives the same weights, bit for
+    bit, as one before it; it runs once per process, and not at all without the world."""
+    import copy
+
+    import kscu.trainer
+    from kscu.trainer import erase
+
+    cfg = EraseConfig(concepts=["church"], iterations=3, num_steps=6, start_step=2, device="cpu")
+    before = erase(copy.deepcopy(tiny_pipe), cfg, progress=False).tensors
+    calls = []
+    real = kscu.trainer.erase
+    monkeypatch.setattr(kscu.memory, "_FIRST_USE", {"paid": False})
+    monkeypatch.setattr("kscu.trainer.erase", lambda *a, **k: calls.append(a) or real(*a, **k))
+    pay_first_use()
+    pay_first_use()
+    assert len(calls) == 1 and calls[0][0] is not tiny_pipe
+    after = erase(tiny_pipe, cfg, progress=False).tensors
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    from kscu.errors import KscuError
+
+    def no_world():
+        raise KscuError("no bundled default model in this install")
+
+    monkeypatch.setattr(kscu.memory, "_FIRST_USE", {"paid": False})
+    monkeypatch.setattr("kscu.models.default_model", no_world)
+    pay_first_use()  # skipped, no error
+    assert len(calls) == 1
 
 
 def test_cpu_peak_growth_counts_blocks_freed_before_the_start():

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import kscu.checkpoint
+import kscu.memory
 import kscu.runner
 from kscu.allocator import LABELS, glibc, huge_pages_on_request
 from kscu.cli import main
@@ -300,6 +301,10 @@ def test_the_bundled_world_pipeline_is_still_the_world(tmp_path):
     meta = run_meta(tmp_path / "run")
     assert meta["base_model"] == kscu.runner.BUNDLED_MODEL
     assert "error" not in meta["memory_plan"], meta["memory_plan"]
+    # loaded before the erase: its weights are in the measured start, so not in the planned span
+    plan = meta["memory_plan"]
+    assert meta["peak_memory_start"] == kscu.memory.START_AFTER_LOAD
+    assert meta["peak_memory_planned_bytes"] == plan["total_bytes"] - plan["bytes"]["weights"]
     # the same folder by another spelling is still the world
     other = kscu.runner.identify_model(None, world)
     assert other == kscu.runner.identify_model(None, None)

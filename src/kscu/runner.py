@@ -23,7 +23,7 @@ from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_folder
-from kscu.memory import peak_memory
+from kscu.memory import cpu_start, peak_memory, planned_bytes
 from kscu.models import (
     TORCH_DTYPES,
     is_bundled_model,
@@ -191,11 +191,14 @@ def erase_to_folder(
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
     loaded = pipe is None
+    since = None  # a pipeline passed in: the growth is counted from the erase's start
     if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device
     else:
         device = resolve_device(cfg.device)
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
+            # on a CPU the growth is counted from here: the weights loaded are in it (kscu.memory)
+            since = cpu_start() if device.type == "cpu" else None
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit
@@ -219,7 +222,7 @@ def erase_to_folder(
         else None
     )
     plan = base.plan(cfg)
-    with peak_memory(device) as peak:
+    with peak_memory(device, since) as peak:
         result = erase(pipe, cfg, progress=progress)
     record = run_record(result, base.name, device)
     # the measured peak as a number of bytes (None where it cannot be read), labelled apart
@@ -227,7 +230,9 @@ def erase_to_folder(
     record["peak_memory_kind"] = peak["kind"]
     record["peak_memory_start_bytes"] = peak.get("start_bytes")
     record["peak_memory_file_backed_bytes"] = peak.get("file_bytes")  # library code, in the peak
+    record["peak_memory_start"] = peak.get("start")  # what the growth is counted from
     record["memory_plan"] = plan
+    record["peak_memory_planned_bytes"] = planned_bytes(plan, peak.get("start"))  # the same span
     if analysis is not None:
         record["start_step_analysis"] = analysis
     # only the run found above: a folder made there meanwhile is not replaced, even so
