@@ -45,7 +45,7 @@ def _held(pipe) -> list[str]:
 
 def _stacking(held: str, run) -> str:
     return (
-        f"this unet already holds {held} (loaded before), and {run} replaces only its own "
+        f"this unet already holds {held}, and {run} replaces only its own "
         "tensors, so both edits would apply; load the base model fresh before loading another "
         "run, or pass --force / force=True to stack them"
     )
@@ -111,3 +111,17 @@ def test_restoring_the_base_weights_lets_another_run_load(runs, tiny_pipe):
     tiny_pipe.unet.load_state_dict(original)  # the record of run_a stays, its values do not
     load_erased(tiny_pipe, run_b)
     assert _same(tiny_pipe, after_b)
+
+
+def test_a_run_loaded_onto_an_erase_made_in_place_is_refused(runs, tiny_pipe):
+    """``erase(pipe)`` edits the pipeline in place; a run of another scope loaded onto the
+    result stacked silently (the base check sees only that run's tensors, which the erase left
+    alone). The erase now records what it made, as load_erased does."""
+    from kscu.trainer import erase
+
+    run_b, _ = runs["style"]
+    erase(tiny_pipe, EraseConfig(concepts=["church"], scope="noxattn", **SMALL), progress=False)
+    with pytest.raises(KscuError) as e:
+        load_erased(tiny_pipe, run_b)
+    assert str(e.value) == _stacking("an erase of 'church' made in place", run_b)
+    load_erased(tiny_pipe, run_b, force=True)  # on purpose: allowed

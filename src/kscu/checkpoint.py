@@ -236,7 +236,7 @@ def load_erased(pipe: Any, directory: str | Path, force: bool = False) -> dict:
         )
     if held and not force:  # the base check passed: this run's tensors are not the held ones
         raise KscuError(
-            f"this {family.denoiser_attr} already holds {_names(held)} (loaded before), and "
+            f"this {family.denoiser_attr} already holds {_names(held)}, and "
             f"{directory} replaces only its own tensors, so both edits would apply; load the "
             "base model fresh before loading another run, or pass --force / force=True to "
             "stack them"

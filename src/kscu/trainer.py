@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kscu.allocator import heap_free_bytes, host_memory, huge_page_bytes
-from kscu.checkpoint import fingerprint
+from kscu.checkpoint import fingerprint, record_run
 from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
@@ -247,6 +247,8 @@ def erase(
     # every trainable tensor at the peak); clone it to keep it past later edits of the pipeline.
     tensors = {n: params[n].detach().to("cpu", torch.float32) for n in names}
     restore.put({n: params[n] for n in names})
+    # a run loaded onto this result later would stack on it unseen (kscu.checkpoint.loaded_runs)
+    record_run(net, f"an erase of {', '.join(map(repr, cfg.concepts))} made in place", tensors)
     conv = "torch native (--fast-cpu-conv)" if native_conv else "torch default"
     record = {"family": family.name, **sampler.record(), "convolution": conv}
     record["host_allocator"] = allocator or "system default"
