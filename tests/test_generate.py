@@ -432,3 +432,16 @@ def test_a_hub_dataset_or_direct_rows_are_recorded_as_such(tiny_pipe, tmp_path, 
     generate_images(tiny_pipe, rows, out, steps=2, progress=False, prompts=source)
     record = json.loads((out / SETTINGS).read_text())
     assert (record["prompts"], record["prompts_file_sha256"]) == recorded
+
+
+def test_kscu_generate_records_its_prompt_file(tiny_model_dir, prompts, tmp_path, capsys):
+    """The CLI passes --prompts on (before: generate.json said "prompts": null for every CLI
+    run); --prompt's single row names no file."""
+    code, _, err = generate(capsys, tiny_model_dir, tmp_path / "a", "--steps", "2", prompts=prompts)
+    assert code == 0, err
+    record = json.loads((tmp_path / "a" / SETTINGS).read_text())
+    assert record["prompts"] == str(prompts.resolve())
+    assert record["prompts_file_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    code, _, err = generate(capsys, tiny_model_dir, tmp_path / "b", "--steps", "2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / SETTINGS).read_text())["prompts"] is None

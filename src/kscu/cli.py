@@ -326,6 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         process_index=state.process_index,
         num_processes=state.num_processes,
         weights=args.weights,
+        prompts=None if args.prompt is not None else args.prompts,  # recorded in generate.json
         overwrite=args.overwrite,
         wait_for_everyone=state.wait_for_everyone,
     )
