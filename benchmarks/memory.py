@@ -166,9 +166,9 @@ import json, sys, time, torch
 sys.path.insert(0, {bench!r})
 from plain_erase import plain_erase
 from kscu.config import EraseConfig, resolve
-from kscu.memory import cpu_start, peak_memory
+from kscu.memory import START_BEFORE_LOAD, cpu_start, peak_memory
 from kscu.models import load_pipeline
-since = cpu_start()  # as kscu erase counts it: from before the load, the weights in the growth
+since = cpu_start(START_BEFORE_LOAD)  # as kscu erase: from before the load
 pipe = load_pipeline({model!r})
 cfg = resolve(EraseConfig(concepts=["church"], iterations={it}, resolution={res}, augment=False,
                           dtype={dtype!r}))

@@ -155,7 +155,7 @@ def test_cpu_growth_from_before_the_load_counts_what_was_loaded():
     """``kscu erase`` reads the start before its model loads: the weights are in the growth, as
     the plan counts them. Before: the start was read after the load, so a checkpoint the load
     read into memory was missing from the measurement the plan is held against."""
-    since = cpu_start()
+    since = cpu_start(START_BEFORE_LOAD)
     weights = torch.ones(64 * 2**20 // 4)  # "the load": 64 MiB, touched, alive through the span
     with peak_memory(torch.device("cpu"), since) as peak:
         pass

@@ -375,3 +375,15 @@ def test_the_pipeline_returned_under_bf16_generates_and_the_weights_stay_exact(
     saved = load_file(str(tmp_path / "run" / "weights.safetensors"))
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert all(torch.equal(saved[n], t) for n, t in result.tensors.items())
+
+
+def test_a_relative_model_folder_is_recorded_as_an_absolute_path(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Before: ``base_model`` was "tiny-model0" as typed, which names nothing once the report
+    (or anyone) reads kscu.json from another folder. A hub id stays as given."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    relative = tiny_model_dir.name
+    erase_to_folder(EraseConfig(**FAST_CFG), relative, tmp_path / "run", False)
+    assert run_meta(tmp_path / "run")["base_model"] == str(tiny_model_dir.resolve())
+    assert kscu.runner.identify_model("owner/not-here").name == "owner/not-here"

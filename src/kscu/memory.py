@@ -394,18 +394,18 @@ def _uncounted(cfg: EraseConfig, device: torch.device, replayed: bool) -> str:
 
 @contextlib.contextmanager
 def peak_memory(
-    device: torch.device, since: dict[str, int] | None = None
+    device: torch.device, since: dict[str, Any] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Yields a dict filled at exit: ``{"bytes": peak, "kind": what was measured}``; on a CPU
     also ``"file_bytes"``, the growth of the file-backed resident set over the same span (the
     library code first run inside, read at the end): part of ``bytes``, none of it the erase's
-    tensors; and ``"start"``, where the growth is counted from.
+    tensors; and ``"start"``, what the growth is counted from.
 
-    On a CPU the growth is counted from ``since`` (``cpu_start()``, read before the model
-    loaded: the weights are then part of the growth, as the plan counts them and as CUDA's max
-    allocated counts them), else from the start of the span (a pipeline passed in loaded: its
-    weights are in the start). Either way the peak is the span's: blocks freed before it go back
-    to the system first and the peak resident set is reset.
+    On a CPU the growth is counted from ``since`` (``cpu_start``: ``kscu erase`` reads it before
+    its model loads, so the weights are in the growth, as the plan counts them and as CUDA's max
+    allocated counts them; for a pipeline passed in loaded, before anything the run does with
+    it, a preview included), else from here. The peak is the span's: blocks freed before it go
+    back to the system first and the peak resident set is reset here.
     """
     record: dict[str, Any] = {}
     if device.type == "cuda":
@@ -429,7 +429,7 @@ def peak_memory(
             bytes=peak - begin["rss"],
             kind="cpu_peak_rss_growth",
             start_bytes=begin["rss"],
-            start=START_AFTER_LOAD if since is None else START_BEFORE_LOAD,
+            start=begin["start"],
         )
         end_files = proc_bytes("status", "RssFile")
         if begin["files"] is not None and end_files is not None:
@@ -440,7 +440,7 @@ def peak_memory(
 
 START_CUDA = "absolute: every tensor allocated on the device, the weights included"
 START_BEFORE_LOAD = "growth from before the model loaded: the weights included"
-START_AFTER_LOAD = "growth from the erase's start: the weights of the pipeline passed in excluded"
+START_AFTER_LOAD = "growth from after the pipeline was loaded (passed in): its weights excluded"
 
 
 def planned_bytes(plan: dict[str, Any], start: str | None) -> int | None:
@@ -452,13 +452,14 @@ def planned_bytes(plan: dict[str, Any], start: str | None) -> int | None:
     return plan["total_bytes"] - weights
 
 
-def cpu_start() -> dict[str, int | None]:
-    """The resident set (all, and file-backed) a CPU measurement counts its growth from, read
-    once the process paid its first use of the libraries (``pay_first_use``) and freed heap
-    blocks went back to the system (``_return_free_heap``)."""
+def cpu_start(start: str = START_AFTER_LOAD) -> dict[str, Any]:
+    """The resident set (all, and file-backed) a CPU measurement counts its growth from, and
+    ``start``, what that is: read once the process paid its first use of the libraries
+    (``pay_first_use``) and freed heap blocks went back to the system (``_return_free_heap``)."""
     pay_first_use()
     _return_free_heap()
-    return {"rss": proc_bytes("status", "VmRSS"), "files": proc_bytes("status", "RssFile")}
+    rss, files = proc_bytes("status", "VmRSS"), proc_bytes("status", "RssFile")
+    return {"rss": rss, "files": files, "start": start}
 
 
 _FIRST_USE = {"paid": False}

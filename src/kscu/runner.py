@@ -23,7 +23,13 @@ from kscu.config import EraseConfig, resolve
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_folder
-from kscu.memory import cpu_start, peak_memory, planned_bytes
+from kscu.memory import (
+    START_AFTER_LOAD,
+    START_BEFORE_LOAD,
+    cpu_start,
+    peak_memory,
+    planned_bytes,
+)
 from kscu.models import (
     TORCH_DTYPES,
     is_bundled_model,
@@ -93,7 +99,7 @@ def identify_model(model: str | None, pipe: Any = None) -> BaseModel:
     either, the default model, the bundled world.
     """
     if model is not None:
-        return BaseModel(model, str(model))
+        return BaseModel(model, _recorded_name(str(model)))
     if pipe is None:
         return BaseModel(None, BUNDLED_MODEL)
     name = _pipeline_name(pipe)
@@ -101,7 +107,14 @@ def identify_model(model: str | None, pipe: Any = None) -> BaseModel:
         return BaseModel(None, UNNAMED_PIPELINE, built_in_code=True)
     if is_bundled_model(name):
         return BaseModel(None, BUNDLED_MODEL)
-    return BaseModel(name, name)
+    return BaseModel(name, _recorded_name(name))
+
+
+def _recorded_name(model: str) -> str:
+    """A local folder as an absolute path, a hub id as given: ``kscu.json`` is read later from
+    elsewhere (``kscu evaluate report``, a colleague), where a relative folder names nothing."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
 
 def prepare(config: EraseConfig, model: str | None, pipe: Any = None) -> EraseConfig:
@@ -191,14 +204,14 @@ def erase_to_folder(
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
     loaded = pipe is None
-    since = None  # a pipeline passed in: the growth is counted from the erase's start
+    since = None  # on a CPU, where the measured growth is counted from (kscu.memory)
     if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device
+        since = cpu_start(START_AFTER_LOAD) if device.type == "cpu" else None
     else:
         device = resolve_device(cfg.device)
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
-            # on a CPU the growth is counted from here: the weights loaded are in it (kscu.memory)
-            since = cpu_start() if device.type == "cpu" else None
+            since = cpu_start(START_BEFORE_LOAD) if device.type == "cpu" else None
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit
