@@ -391,6 +391,7 @@ def _score_runs(
     instead of erased again (its recorded seconds are kept); scores are always recomputed.
     ``erased``: every run folder holds its erase already (``_erase_in_parallel``); load them.
     """
+    from kscu.memory import pay_first_use
     from kscu.runner import erase_to_folder
 
     def scores(label: str) -> dict[str, float]:
@@ -408,6 +409,8 @@ def _score_runs(
         if record is None and erased:
             raise KscuError(f"the parallel erase of {label} left no matching run in {folder}")
         if record is None:
+            if pipe.unet.device.type == "cpu":  # once per process, not in the first run's time
+                pay_first_use(cfg)
             started = time.perf_counter()
             result, _ = erase_to_folder(cfg, model, folder, progress, pipe=pipe, overwrite=True)
             seconds = time.perf_counter() - started

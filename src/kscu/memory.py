@@ -397,9 +397,10 @@ def peak_memory(
     device: torch.device, since: dict[str, Any] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Yields a dict filled at exit: ``{"bytes": peak, "kind": what was measured}``; on a CPU
-    also ``"file_bytes"``, the growth of the file-backed resident set over the same span (the
-    library code first run inside, read at the end): part of ``bytes``, none of it the erase's
-    tensors; and ``"start"``, what the growth is counted from.
+    also ``"file_bytes"``, the growth of the file-backed resident set over the same span, read
+    at the end, part of ``bytes`` (library code first run inside, and pages of weights mapped
+    from their file first read inside); ``"start"``, what the growth is counted from; and
+    ``"first_use"``, what ``pay_first_use`` did before it (None: not asked).
 
     On a CPU the growth is counted from ``since`` (``cpu_start``: ``kscu erase`` reads it before
     its model loads, so the weights are in the growth, as the plan counts them and as CUDA's max
@@ -419,8 +420,9 @@ def peak_memory(
             start=START_CUDA,
         )
         return
-    now = cpu_start()  # also returns blocks freed since ``since`` (a preview's)
-    begin = now if since is None else since
+    _return_free_heap()  # blocks freed since ``since`` (a preview's) go back to the system
+    begin = since if since is not None else resident(START_AFTER_LOAD)
+    record["first_use"] = begin.get("first_use")
     reset = _reset_peak_rss()
     yield record
     peak = proc_bytes("status", "VmHWM")
@@ -440,7 +442,10 @@ def peak_memory(
 
 START_CUDA = "absolute: every tensor allocated on the device, the weights included"
 START_BEFORE_LOAD = "growth from before the model loaded: the weights included"
-START_AFTER_LOAD = "growth from after the pipeline was loaded (passed in): its weights excluded"
+START_AFTER_LOAD = (
+    "growth from after the pipeline was loaded (passed in): its weights excluded, but for pages "
+    "of weights mapped from their file that the erase reads first"
+)
 
 
 def planned_bytes(plan: dict[str, Any], start: str | None) -> int | None:
@@ -452,42 +457,88 @@ def planned_bytes(plan: dict[str, Any], start: str | None) -> int | None:
     return plan["total_bytes"] - weights
 
 
-def cpu_start(start: str = START_AFTER_LOAD) -> dict[str, Any]:
-    """The resident set (all, and file-backed) a CPU measurement counts its growth from, and
-    ``start``, what that is: read once the process paid its first use of the libraries
-    (``pay_first_use``) and freed heap blocks went back to the system (``_return_free_heap``)."""
-    pay_first_use()
+def resident(start: str) -> dict[str, Any]:
+    """The resident set now (all, and file-backed), as the start of a CPU measurement of
+    ``start`` (what it counts from), once freed heap blocks went back to the system."""
     _return_free_heap()
     rss, files = proc_bytes("status", "VmRSS"), proc_bytes("status", "RssFile")
     return {"rss": rss, "files": files, "start": start}
 
 
-_FIRST_USE = {"paid": False}
+def cpu_start(start: str, cfg: EraseConfig | None = None) -> dict[str, Any]:
+    """``resident(start)`` once the process paid its first use of the libraries
+    (``pay_first_use``; what it did goes into the record as ``first_use``)."""
+    paid = pay_first_use(cfg)
+    return {**resident(start), "first_use": paid}
 
 
-def pay_first_use() -> None:
+# what pay_first_use did in this process: None until it ran, then its record
+_FIRST_USE: dict[str, str | None] = {"state": None}
+FIRST_USE_PAID = (
+    "paid before the measurement: a 2-iteration erase of the bundled world with this erase's "
+    "engine settings (kscu.memory.pay_first_use)"
+)
+# the settings that decide which kernels and library code an erase runs, not what it computes
+ENGINE_FIELDS = (
+    "method",
+    "dtype",
+    "optimizer_in_backward",
+    "gradient_checkpointing",
+    "lean_adam",
+    "offload_adam",
+    "fast_cpu_conv",
+    "reuse_freed_memory",
+    "trace_denoiser",
+)
+
+
+def pay_first_use(cfg: EraseConfig | None = None) -> str:
     """Before a process's first CPU measurement: a 2-iteration erase of the bundled world.
 
-    The first erase in a process also pays what torch and its libraries set up on first use
-    and never free (the tracer's and the autograd engine's state, oneDNN's, the library code
-    first run: 30-35 MiB, measured on the world, 2.2x its plan's non-weight bytes at the
-    world's scale), which no later erase in the process pays and the plan does not count (it
-    counts tensors, as CUDA's max allocated does). Paid here, outside the measured span, the
-    growth is the erase's own memory whatever ran before it. Skipped without the bundled world.
+    The first erase in a process also pays what torch and its libraries set up on first use and
+    never free (the tracer's and the autograd engine's state, oneDNN's, library code first run:
+    30-35 MiB measured on the world, more than the world erase's own non-weight bytes), which no
+    later erase in the process pays and the plan does not count (it counts tensors, as CUDA's
+    max allocated does). Paid here, outside the measured span, with ``cfg``'s engine settings
+    (``ENGINE_FIELDS``), the growth holds much less of it; what another family's own modules
+    and first load set up still lands in the span (a few MiB against its GiBs).
+
+    It runs on its own pipeline and changes no result; it leaves the process as any CPU erase
+    does (glibc's settings after an erase, kscu.allocator.AFTER) and the libraries' progress
+    bars as it found them. Any failure (no bundled world, an engine setting the world cannot
+    run) skips it and says so in the record; it runs once per process, about 3 s on 2 cores.
     """
-    if _FIRST_USE["paid"]:
-        return
-    _FIRST_USE["paid"] = True
-    from kscu.errors import KscuError
+    if _FIRST_USE["state"] is None:
+        _FIRST_USE["state"] = _pay_first_use(cfg)
+    return _FIRST_USE["state"]
+
+
+def _pay_first_use(cfg: EraseConfig | None) -> str:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from kscu.models import default_model, load_pipeline
     from kscu.trainer import erase
 
-    try:
-        world = load_pipeline(default_model(), exact_denoiser=True)
-    except KscuError:
-        return
-    short = EraseConfig(concepts=["circle"], iterations=2, num_steps=6, start_step=2, device="cpu")
-    erase(world, short, progress=False)
+    engine = {name: getattr(cfg, name) for name in ENGINE_FIELDS} if cfg is not None else {}
+    short = EraseConfig(
+        concepts=["circle"], iterations=2, num_steps=6, start_step=2, device="cpu", **engine
+    )
+    bars = [m.is_progress_bar_enabled() for m in (diffusers_logging, transformers_logging)]
+    try:  # whatever the caller's grad mode (a notebook's inference_mode): an erase needs grad
+        with torch.inference_mode(False), torch.enable_grad():
+            world = load_pipeline(default_model(), short.dtype, "cpu", exact_denoiser=True)
+            erase(world, short, progress=False)
+    except Exception as e:  # an aid to the measurement must never cost the user's erase
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"not paid ({type(e).__name__}: {why})"
+    finally:
+        for module, on in zip((diffusers_logging, transformers_logging), bars, strict=True):
+            if on:
+                module.enable_progress_bar()
+            else:
+                module.disable_progress_bar()
+    return FIRST_USE_PAID
 
 
 def _return_free_heap() -> None:

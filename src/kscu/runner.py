@@ -207,11 +207,11 @@ def erase_to_folder(
     since = None  # on a CPU, where the measured growth is counted from (kscu.memory)
     if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device
-        since = cpu_start(START_AFTER_LOAD) if device.type == "cpu" else None
+        since = cpu_start(START_AFTER_LOAD, cfg) if device.type == "cpu" else None
     else:
         device = resolve_device(cfg.device)
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
-            since = cpu_start(START_BEFORE_LOAD) if device.type == "cpu" else None
+            since = cpu_start(START_BEFORE_LOAD, cfg) if device.type == "cpu" else None
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     analysis = None
     if config.start_step == "auto":  # measured on the original weights, before any edit
@@ -242,8 +242,10 @@ def erase_to_folder(
     record["peak_memory_bytes"] = peak["bytes"]
     record["peak_memory_kind"] = peak["kind"]
     record["peak_memory_start_bytes"] = peak.get("start_bytes")
-    record["peak_memory_file_backed_bytes"] = peak.get("file_bytes")  # library code, in the peak
+    # library code and mapped weights' pages first read, in the peak
+    record["peak_memory_file_backed_bytes"] = peak.get("file_bytes")
     record["peak_memory_start"] = peak.get("start")  # what the growth is counted from
+    record["peak_memory_first_use"] = peak.get("first_use")  # paid before it, or why not
     record["memory_plan"] = plan
     record["peak_memory_planned_bytes"] = planned_bytes(plan, peak.get("start"))  # the same span
     if analysis is not None:
