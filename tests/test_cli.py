@@ -129,6 +129,30 @@ def test_a_truncated_checkpoint_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("plan", [False, True])
+def test_a_truncated_text_encoder_is_one_line_before_the_erase_starts(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, plan
+):
+    """Before: safetensors' traceback (exit 1) from diffusers' load, after a CPU erase had paid
+    its first use (seconds), and --plan sized a model that cannot be loaded."""
+    import kscu.memory
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (weights,) = (model / "text_encoder").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])  # the header intact, the data short
+
+    def paid(*args):
+        raise AssertionError("the first use was paid for a model that cannot be loaded")
+
+    monkeypatch.setattr(kscu.memory, "pay_first_use", paid)
+    flags = ["--plan"] if plan else ["--output", tmp_path / "o", *FAST]
+    code, out, err = run_cli(["erase", "--concept", "cat", "--model", model, *flags], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "o").exists()
+    assert err.startswith(f"error: {weights} is not a readable safetensors file (")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_missing_model_folder(tmp_path, capsys):
     code, _, err = run_cli(
         ["erase", "--concept", "x", "--model", tmp_path / "nope", "--output", tmp_path / "o"],

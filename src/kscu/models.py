@@ -175,20 +175,13 @@ def stored_dtype(source: str, family: Any) -> torch.dtype:
 
     For a hub id without a local copy, the family's release dtype (SD/SDXL float32, FLUX bf16).
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(source).expanduser() / family.denoiser_attr
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return family.release_dtype
-    try:
-        with safe_open(str(files[0]), framework="pt") as f:
-            keys = list(f.keys())
-            name = f.get_slice(keys[0]).get_dtype() if keys else None
-    except (SafetensorError, OSError) as e:
-        raise KscuError(
-            f"{files[0]} is not a readable safetensors file ({e}); copy the model again"
-        ) from None
+    with _read_safetensors(files[0]) as f:
+        keys = list(f.keys())
+        name = f.get_slice(keys[0]).get_dtype() if keys else None
     return _SAFETENSORS_DTYPES.get(name, torch.float32) if name else family.release_dtype
 
 
@@ -244,6 +237,25 @@ def _check_safetensors(path: Path) -> None:
                 f"{part} holds pickle weights only, which kscu does not load; save the model "
                 "with safetensors (diffusers: save_pretrained(DIR, safe_serialization=True))"
             )
+        for file in sorted(part.glob("*.safetensors")):  # a truncated copy: seconds, not minutes
+            with _read_safetensors(file):
+                pass
+
+
+@contextlib.contextmanager
+def _read_safetensors(file: Path) -> Iterator[Any]:
+    """``safe_open(file)``, whose header check catches a truncated or corrupt copy, or one line
+    naming the file. A local folder's files are checked before a CPU erase starts measuring
+    (``kscu.memory.pay_first_use`` runs first) and before ``--plan`` sizes the model."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise KscuError(
+            f"{file} is not a readable safetensors file ({e}); copy the model again"
+        ) from None
 
 
 def _check_named_family(path: Path, named: Any) -> None:
