@@ -172,6 +172,27 @@ def test_nan_loss_stops_with_a_clear_error_and_restores_the_model(tiny_pipe, mon
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_failed_erase_restores_the_callers_storage(tiny_pipe, dtype):
+    """Before: the restore gave the trainable tensors new storage, so a ``state_dict()`` taken
+    before the erase (which shares the parameters' memory) kept the stepped values in float32."""
+    backup = tiny_pipe.unet.state_dict()  # shares the parameters' storage, as users take it
+    values = {n: t.clone() for n, t in backup.items()}
+    pointers = {n: p.data_ptr() for n, p in tiny_pipe.unet.named_parameters()}
+
+    def stop(i, entry, x, loss):
+        if i == 2:  # after two Adam steps
+            raise RuntimeError("stopped by the test")
+
+    cfg = EraseConfig(concepts=["c"], dtype=dtype, **SHORT)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        erase(tiny_pipe, cfg, progress=False, callback=stop)
+    assert all(torch.equal(backup[n], values[n]) for n in backup)
+    after = dict(tiny_pipe.unet.named_parameters())
+    assert all(after[n].data_ptr() == ptr for n, ptr in pointers.items())
+    assert all(torch.equal(after[n], values[n]) for n in after)
+
+
 def test_a_bf16_denoiser_is_its_own_frozen_copy(tiny_pipe, monkeypatch):
     """Loaded in the compute dtype, the trainable tensors' own storage serves the frozen calls
     (no second copy: on a CPU the loaded one is the checkpoint's memory map and stays resident);

@@ -81,6 +81,7 @@ class _Restore:
         self.checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
         self.requires_grad = {n: p.requires_grad for n, p in params.items()}
         self.dtypes = {n: params[n].dtype for n in names}
+        self.storage = {n: params[n].data for n in names}  # the caller's, before any master
 
     def put(self, values: dict[str, torch.Tensor]) -> None:
         """Write ``values`` into the trainable tensors in their own dtypes; flags as they were."""
@@ -92,7 +93,13 @@ class _Restore:
         self.module.train(self.training)
 
     def undo(self) -> None:
-        self.put(self.exact)
+        """The caller's values back in the caller's storage: a ``state_dict()`` taken before the
+        erase shares it, and on a CPU in float32 the steps were written into it (the masters are
+        the parameters' own memory), so new storage would leave that backup holding them."""
+        with torch.no_grad():
+            for n, data in self.storage.items():
+                data.copy_(self.exact[n])  # for a tensor given a new master: the same values
+        self.put(self.storage)
 
 
 @torch.inference_mode(False)  # a notebook's no_grad or inference_mode around the call must
