@@ -153,6 +153,16 @@ def test_a_truncated_text_encoder_is_one_line_before_the_erase_starts(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_broken_variant_file_beside_the_weights_does_not_block(tiny_model_dir, tmp_path, capsys):
+    """diffusers loads a variant (``*.fp16.safetensors``) only when asked for one, which kscu
+    never does, so the check of a folder's files must not refuse a model over it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "text_encoder" / "model.fp16.safetensors").write_bytes(b"an unfinished download")
+    code, out, err = run_cli(["erase", "--concept", "cat", "--model", model, "--plan"], capsys)
+    assert code == 0 and "trainable" in out, err
+
+
 def test_missing_model_folder(tmp_path, capsys):
     code, _, err = run_cli(
         ["erase", "--concept", "x", "--model", tmp_path / "nope", "--output", tmp_path / "o"],
