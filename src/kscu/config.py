@@ -49,13 +49,18 @@ METHODS = ("kscu", "esd")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Marks the fields that decide which code paths an erase runs (kernels, library code, the
+# optimizer's and allocator's machinery): kscu.memory.pay_first_use warms them up with these.
+ENGINE = {"engine": True}
+
+
 @dataclass
 class EraseConfig:
     """Everything that determines an erase run; ``None`` means "use the default"."""
 
     concepts: list[str]
     mode: str = "class"
-    method: str = "kscu"
+    method: str = field(default="kscu", metadata=ENGINE)
     iterations: int | None = None
     start_step: int | str | None = None  # "auto": measured by kscu.analyze (runner)
     end_step: int | None = None  # exclusive; defaults to num_steps
@@ -74,22 +79,34 @@ class EraseConfig:
     max_sequence_length: int | None = None  # FLUX: T5 tokens of the prompt (512)
     resolution: int | None = None  # None: the model's native size
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata=ENGINE)
     device: str = "auto"
     reuse_trajectory: bool = True
-    optimizer_in_backward: bool = True  # step each tensor as its gradient completes (kscu.optim)
-    gradient_checkpointing: bool = False  # diffusers' switch: less activation memory, more time
-    lean_adam: bool = False  # Adam moments in bf16, stochastically rounded (opt-in, not exact)
-    offload_adam: bool = False  # Adam moments in host memory, on the device per step (exact)
-    fast_cpu_conv: bool = False  # float32 on the CPU: torch's native convolution, not oneDNN's
-    reuse_freed_memory: bool | None = None  # CPU, glibc: freed blocks kept, else returned
-    trace_denoiser: bool = True  # CPU float32: denoiser calls replayed from records (kscu.tracing)
+    # step each tensor as its gradient completes (kscu.optim)
+    optimizer_in_backward: bool = field(default=True, metadata=ENGINE)
+    # diffusers' switch: less activation memory, more time
+    gradient_checkpointing: bool = field(default=False, metadata=ENGINE)
+    # Adam moments in bf16, stochastically rounded (opt-in, not exact)
+    lean_adam: bool = field(default=False, metadata=ENGINE)
+    # Adam moments in host memory, on the device per step (exact)
+    offload_adam: bool = field(default=False, metadata=ENGINE)
+    # float32 on the CPU: torch's native convolution, not oneDNN's
+    fast_cpu_conv: bool = field(default=False, metadata=ENGINE)
+    # CPU, glibc: freed blocks kept, else returned
+    reuse_freed_memory: bool | None = field(default=None, metadata=ENGINE)
+    # CPU float32: denoiser calls replayed from records (kscu.tracing)
+    trace_denoiser: bool = field(default=True, metadata=ENGINE)
     augment: bool | None = None  # None: on for kscu, off for esd (the original ESD has none)
     family: str | None = None  # None: detected from the model (model_index.json)
     preset: dict[str, Any] = field(default_factory=dict)  # what a model preset applied
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def engine(self) -> dict[str, Any]:
+        """The ``ENGINE`` fields' values: which code paths this erase runs."""
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.metadata.get("engine")}
 
     @classmethod
     def check_keys(cls, data: dict[str, Any]) -> None:

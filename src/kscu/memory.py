@@ -420,8 +420,11 @@ def peak_memory(
             start=START_CUDA,
         )
         return
-    _return_free_heap()  # blocks freed since ``since`` (a preview's) go back to the system
-    begin = since if since is not None else resident(START_AFTER_LOAD)
+    if since is None:
+        begin = resident(START_AFTER_LOAD)  # once freed blocks went back to the system
+    else:  # blocks freed since ``since`` (a preview's) go back to the system
+        _return_free_heap()
+        begin = since
     record["first_use"] = begin.get("first_use")
     reset = _reset_peak_rss()
     yield record
@@ -478,18 +481,6 @@ FIRST_USE_PAID = (
     "paid before the measurement: a 2-iteration erase of the bundled world with this erase's "
     "engine settings (kscu.memory.pay_first_use)"
 )
-# the settings that decide which kernels and library code an erase runs, not what it computes
-ENGINE_FIELDS = (
-    "method",
-    "dtype",
-    "optimizer_in_backward",
-    "gradient_checkpointing",
-    "lean_adam",
-    "offload_adam",
-    "fast_cpu_conv",
-    "reuse_freed_memory",
-    "trace_denoiser",
-)
 
 
 def pay_first_use(cfg: EraseConfig | None = None) -> str:
@@ -500,7 +491,7 @@ def pay_first_use(cfg: EraseConfig | None = None) -> str:
     30-35 MiB measured on the world, more than the world erase's own non-weight bytes), which no
     later erase in the process pays and the plan does not count (it counts tensors, as CUDA's
     max allocated does). Paid here, outside the measured span, with ``cfg``'s engine settings
-    (``ENGINE_FIELDS``), the growth holds much less of it; what another family's own modules
+    (``EraseConfig.engine``), the growth holds much less of it; what another family's own modules
     and first load set up still lands in the span (a few MiB against its GiBs).
 
     It runs on its own pipeline and changes no result; it leaves the process as any CPU erase
@@ -520,7 +511,7 @@ def _pay_first_use(cfg: EraseConfig | None) -> str:
     from kscu.models import default_model, load_pipeline
     from kscu.trainer import erase
 
-    engine = {name: getattr(cfg, name) for name in ENGINE_FIELDS} if cfg is not None else {}
+    engine = cfg.engine() if cfg is not None else {}
     short = EraseConfig(
         concepts=["circle"], iterations=2, num_steps=6, start_step=2, device="cpu", **engine
     )
