@@ -121,6 +121,18 @@ def test_records_without_gradients_drop_repeated_and_shape_work(tiny_pipe):
     assert 0 < kinds[False]["aten::silu"] < kinds[True]["aten::silu"]
 
 
+def test_a_record_with_gradients_holds_each_constant_once(tiny_pipe):
+    """The tracer makes a constant node per scalar argument; a record with gradients keeps one
+    of each (its operations stay as recorded: the gradients test above replays bit for bit)."""
+    net, traced, raw = _calls(tiny_pipe, "sd")
+    raw(0)
+    (record,) = traced.records.values()
+    constants = [n.output() for n in record.graph.graph.nodes() if n.kind() == "prim::Constant"]
+    values = [(str(v.type()), repr(v.toIValue())) for v in constants]
+    immutable = [v for v, c in zip(values, constants, strict=True) if "Tensor" not in v[0]]
+    assert len(immutable) > 10 and len(set(immutable)) == len(immutable)
+
+
 class _HoldsATensor(torch.nn.Module):
     """A tensor outside the parameters (a buffer) that the caller may change in place."""
 

@@ -66,10 +66,11 @@ GRAD_DTYPE_BYTES = 4
 # Host bytes the erase's two replay records (kscu.tracing: CPU, float32) hold together, per
 # operation the plan's meta trace of the edited forward and backward runs: measured (glibc's
 # heap bytes in use, each record replayed once: benchmarks/record_bytes.py --per-operation) on
-# torch 2.13 at 11,829 for the bundled world (23.40 MiB, 2,074 operations) and 11,576 for SD
-# v1.4's UNet (49.40 MiB, 4,475 operations). Torch's tracer cannot run on meta tensors, and
-# tracing real weights would cost the plan SD v1.4's 3.4 GB and 90 s, so it counts operations.
-RECORD_BYTES_PER_OPERATION = 11_700
+# torch 2.13 at 6,697 for the bundled world (13.25 MiB, 2,074 operations) and 6,560 for SD
+# v1.4's UNet (28.00 MiB, 4,475 operations); 7,797 for the tests' tiny FLUX transformer (5.37 MiB,
+# 722 operations). Torch's tracer cannot run on meta tensors, and tracing real weights would
+# cost the plan SD v1.4's 3.4 GB and 90 s, so it counts operations.
+RECORD_BYTES_PER_OPERATION = 6_650
 
 
 def _bytes(dtype: torch.dtype) -> int:
