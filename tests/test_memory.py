@@ -7,6 +7,7 @@ import torch
 import torch.utils.checkpoint
 
 import kscu.memory
+import kscu.preview
 from kscu.cli import main
 from kscu.config import EraseConfig, resolve
 from kscu.families import FAMILIES
@@ -19,6 +20,7 @@ from kscu.memory import (
     plan,
     resident,
 )
+from kscu.preview import world_prompts
 
 
 def test_plan_counts_the_components(tiny_model_dir, monkeypatch):
@@ -170,9 +172,10 @@ def test_cpu_growth_from_before_the_load_counts_what_was_loaded():
 
 
 def test_the_first_use_payment_runs_once_and_changes_no_result(tiny_pipe, monkeypatch):
-    """The 2-iteration world erase that pays torch's first-use setup before a process's first
-    CPU measurement runs on its own pipeline: an erase after it gives the same weights, bit for
-    bit, as one before it; it runs once per process and says what it did."""
+    """The 2-iteration world erase (and 2-step preview sample) that pays torch's first-use
+    setup before a process's first CPU measurement runs on its own pipeline: an erase after it
+    gives the same weights, bit for bit, as one before it; it runs once per process and says
+    what it did."""
     import copy
 
     import kscu.trainer
@@ -184,9 +187,15 @@ def test_the_first_use_payment_runs_once_and_changes_no_result(tiny_pipe, monkey
     real = kscu.trainer.erase
     monkeypatch.setattr(kscu.memory, "_FIRST_USE", {"state": None})
     monkeypatch.setattr("kscu.trainer.erase", lambda *a, **k: calls.append(a) or real(*a, **k))
+    sampled, sample = [], kscu.preview.sample
+    monkeypatch.setattr(
+        kscu.preview, "sample", lambda *a, **k: sampled.append(a) or sample(*a, **k)
+    )
     assert pay_first_use(cfg) == FIRST_USE_PAID
     assert pay_first_use(cfg) == FIRST_USE_PAID
     assert len(calls) == 1 and calls[0][0] is not tiny_pipe
+    # the preview's batch shapes too (what kscu erase samples inside its measured span)
+    assert [(a[0], a[1]) for a in sampled] == [(calls[0][0], world_prompts("circle"))]
     after = erase(tiny_pipe, cfg, progress=False).tensors
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
