@@ -104,6 +104,26 @@ def test_replayed_gradients_and_hooks_are_eager_ones(tiny_pipe, monkeypatch):
     assert any(g.abs().sum() > 0 for g in grads[True])
 
 
+def test_every_familys_replayed_gradients_are_eager_ones(family_pipe, monkeypatch):
+    """SD's, SDXL's and FLUX's records with gradients (their constants pooled) give the eager
+    call's gradients bit for bit, for every parameter."""
+    variant, pipe = family_pipe
+    net, traced, raw = _calls(pipe, variant)
+    net.requires_grad_(True)
+    raw(0), raw(1)  # recorded, then checked
+    grads = {}
+    for replay in (True, False):
+        if replay:
+            _no_python_calls(monkeypatch)
+        raw(3, replay=replay).square().mean().backward()
+        monkeypatch.undo()
+        grads[replay] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad(set_to_none=True)
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[True])
+    assert traced.recorded == 1
+
+
 def test_records_without_gradients_drop_repeated_and_shape_work(tiny_pipe):
     """A record made without gradients has its shape arithmetic folded and each repeated pure
     operation made once (the time embedding's SiLU, which every ResNet block applies); one made
@@ -123,7 +143,8 @@ def test_records_without_gradients_drop_repeated_and_shape_work(tiny_pipe):
 
 def test_a_record_with_gradients_holds_each_constant_once(tiny_pipe):
     """The tracer makes a constant node per scalar argument; a record with gradients keeps one
-    of each (its operations stay as recorded: the gradients test above replays bit for bit)."""
+    of each, and no node keeps its Python stack (its operations stay as recorded: the gradient
+    tests replay bit for bit)."""
     net, traced, raw = _calls(tiny_pipe, "sd")
     raw(0)
     (record,) = traced.records.values()
@@ -131,6 +152,8 @@ def test_a_record_with_gradients_holds_each_constant_once(tiny_pipe):
     values = [(str(v.type()), repr(v.toIValue())) for v in constants]
     immutable = [v for v, c in zip(values, constants, strict=True) if "Tensor" not in v[0]]
     assert len(immutable) > 10 and len(set(immutable)) == len(immutable)
+    # nor the Python stack the tracer kept per node (text for error messages only)
+    assert {n.sourceRange() for n in record.graph.graph.nodes()} == {""}
 
 
 class _HoldsATensor(torch.nn.Module):
@@ -156,6 +179,45 @@ def test_a_record_without_gradients_reads_held_tensors_at_each_call():
         module.scale.add_(1)
         assert torch.equal(traced(None, {"x": x})[0], module(x)[0])
     assert traced.recorded == 1 and traced.dropped == 0
+
+
+class _EqualAtFirst(torch.nn.Module):
+    """Two buffers equal when recorded, and the numbers 0.0 and -0.0: equal as values, not as
+    what they compute (torch's constant passes merge both pairs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.register_buffer("a", torch.full((2,), 3.0))
+        self.register_buffer("b", torch.full((2,), 3.0))
+
+    def forward(self, x):
+        y = x * self.weight
+        return (y * -0.0, y * 0.0, self.a + 2 * self.b)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_record_keeps_apart_what_is_equal_only_when_recorded(grad, monkeypatch):
+    """Every record, with gradients or without: a buffer changed in place after recording is
+    read as itself, not as another that was equal then; -0.0 and 0.0 give their own signs."""
+    module = _EqualAtFirst()
+    traced = TracedDenoiser(module)
+    x = torch.tensor([1.0, -1.0])
+    with torch.set_grad_enabled(grad):
+        traced(None, {"x": x}), traced(None, {"x": x})  # recorded, then checked
+        module.b.mul_(10)
+        expected = module(x)
+        _no_python_calls(monkeypatch)
+        out = traced(None, {"x": x})
+    assert traced.recorded == 1 and traced.dropped == 0
+    for a, b in zip(out, expected, strict=True):
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()), (a, b)
+
+
+def test_a_record_is_checked_bit_for_bit():
+    """The first replay's check sees the sign of a zero (torch.equal takes -0.0 for 0.0)."""
+    zero = torch.zeros(3)
+    assert tracing._same((zero,), (zero,)) and not tracing._same((zero,), (-zero,))
 
 
 def test_records_leave_with_their_owner():

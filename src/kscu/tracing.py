@@ -5,23 +5,25 @@ code), not in its kernels: the bundled world's UNet takes about 25 ms per batch-
 through Python and 15 ms replayed. torch's tracer (``torch.jit.trace``'s) records the aten
 operations that one call makes; replaying the record runs exactly those operations, in the same
 order, on the same kernels, so every value is bit-identical (tested: outputs, gradients, whole
-erases). A record made without gradients also drops repeated and shape-only work
-(``_simplify``). The graph executor's own optimizations (fusion, its autodiff) are turned off:
-autograd records the replayed operations as it records eager ones, so gradients and the
-per-parameter optimizer hooks are unchanged.
+erases). Every record takes the tensors its module holds (buffers) as inputs, read at each
+call, and makes each distinct number constant once (``_pool_constants``: most of a record's
+bytes were the tracer's constant per scalar argument); a record made without gradients also
+drops repeated and shape-only work (``_simplify``). The graph executor's own optimizations
+(fusion, its autodiff) are turned off: autograd records the replayed operations as it records
+eager ones, so gradients and the per-parameter optimizer hooks are unchanged.
 
 A record holds for one structure of call: the shapes, dtypes and devices of the tensors, every
 non-tensor argument, the dtypes of the weights, grad mode and the module's training flag; each
 is recorded once, under the caller's grad mode. Every parameter is an input of the graph, never
 a constant, so one record serves the edited weights, the frozen originals (``params``) and the
 trajectory walk alike. What a record cannot see is taken as fixed while this object lives: the
-module's Python attributes (attention processors, submodules, buffers). Since a record silently
-keeps whatever Python decided from values (a timestep turned into a number, a branch on a
-tensor), the first replay of each record is also run through Python and compared bit for bit;
-a record that differs is dropped and its calls run through Python from then on. (A branch that
-first flips on a later call would pass that check. With diffusers 0.42 the tracer's notices of
-a value read during a record all come from shape checks for SD's and SDXL's UNets, and shapes
-are part of the key; FLUX's transformer gives none.)
+module's Python attributes (attention processors, submodules, which tensors are its
+buffers). Since a record silently keeps whatever Python decided from values (a timestep turned
+into a number, a branch on a tensor), the first replay of each record is also run through
+Python and compared bit for bit; a record that differs is dropped and its calls run through
+Python from then on. (A branch that first flips on a later call would pass that check. With
+diffusers 0.42 the tracer's notices of a value read during a record all come from shape checks
+for SD's and SDXL's UNets, and shapes are part of the key; FLUX's transformer gives none.)
 
 Used where it is exact and pays: float32 without autocast, on the CPU, without gradient
 checkpointing (a record would inline the checkpointed blocks and keep every activation). Calls
@@ -30,6 +32,8 @@ that cannot be recorded, and modules with hooks (which a replay would skip), run
 
 from __future__ import annotations
 
+import math
+import struct
 import warnings
 from typing import Any
 
@@ -53,10 +57,11 @@ def replays(device: torch.device, dtype: torch.dtype, checkpointing: bool) -> bo
 
 
 class _Record:
-    """One structure's graph; ``checked`` once its first replay matched the eager call."""
+    """One structure's graph and the tensors it reads besides the call's (``held``, passed at
+    each replay); ``checked`` once its first replay matched the eager call."""
 
-    def __init__(self, graph: Any):
-        self.graph, self.checked = graph, False
+    def __init__(self, graph: Any, held: list[torch.Tensor]):
+        self.graph, self.held, self.checked = graph, held, False
 
 
 class TracedDenoiser:
@@ -104,14 +109,13 @@ class TracedDenoiser:
         except TypeError:  # an argument that cannot be part of a key: never recorded
             return _eager(self.module, params, kwargs)
         if key not in self.records:
-            graph = self._record(spec, tensors, weights)
-            self.records[key] = None if graph is None else _Record(graph)
+            self.records[key] = self._record(spec, tensors, weights)
             return _eager(self.module, params, kwargs)
         record = self.records[key]
         if record is None:
             return _eager(self.module, params, kwargs)
         with torch.jit.optimized_execution(False):  # replay as recorded: no fusion, eager autograd
-            out = record.graph(*tensors, *weights)
+            out = record.graph(*tensors, *weights, *record.held)
         if not record.checked:
             with torch.no_grad():  # values only: the record was made in this grad mode
                 expected = _eager(self.module, params, kwargs)
@@ -132,7 +136,9 @@ class TracedDenoiser:
         dropped = f", {self.dropped} differed and ran eager" if self.dropped else ""
         return f"replayed ({self.recorded} recorded{dropped})"
 
-    def _record(self, spec: Spec, tensors: list[torch.Tensor], weights: list[torch.Tensor]):
+    def _record(
+        self, spec: Spec, tensors: list[torch.Tensor], weights: list[torch.Tensor]
+    ) -> _Record | None:
         """A replayable graph of one call of this structure, or None if it cannot be recorded."""
         count = len(tensors)
         grad = torch.is_grad_enabled()
@@ -157,18 +163,14 @@ class TracedDenoiser:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notices of values it read
                 try:
-                    graph = _trace(call, examples)
-                    if grad:
-                        _pool_constants(graph.graph)
-                    else:
-                        _simplify(graph.graph)
+                    return _trace(call, examples, simplify=not grad)
                 except Exception:  # noqa: BLE001 - untraceable code runs eager, as before
                     return None
-        return graph
 
 
-def _trace(call: Any, examples: list[torch.Tensor]) -> Any:
-    """``torch.jit.trace(call, examples, check_trace=False)``, held by the caller alone.
+def _trace(call: Any, examples: list[torch.Tensor], simplify: bool) -> _Record:
+    """``torch.jit.trace(call, examples, check_trace=False)``, held by the caller alone, with
+    its tensor constants made inputs and its other constants made once (``_simplify`` too).
 
     ``torch.jit.trace`` registers every function it makes in torch's process-wide compilation
     unit, which keeps it until the process ends: a record outlived its erase or walk, so each
@@ -178,7 +180,51 @@ def _trace(call: Any, examples: list[torch.Tensor]) -> Any:
     """
     lookup = torch.jit._trace._create_interpreter_name_lookup_fn(0)
     graph, _ = torch._C._create_graph_by_tracing(call, examples, lookup, True, False)
-    return torch._C._create_function_from_graph("kscu_record", graph)
+    held = _lift_tensor_constants(graph)
+    _pool_constants(graph)
+    if simplify:
+        _simplify(graph)
+    _forget_python_stacks(graph)
+    return _Record(torch._C._create_function_from_graph("kscu_record", graph), held)
+
+
+def _forget_python_stacks(graph: Any) -> None:
+    """Drop the Python stack and module scope each node keeps from its record (text for error
+    messages only; about 30% of a record's bytes: 9.5 MiB instead of 13.3 for the bundled
+    world's two, measured); the operations are untouched."""
+    blank = graph.create("prim::Constant")  # never inserted: no source range, the root scope
+    blocks = [graph]
+    while blocks:
+        for node in blocks.pop().nodes():
+            node.copyMetadata(blank)
+            blocks.extend(node.blocks())
+    blank.destroy()
+
+
+def _lift_tensor_constants(graph: Any) -> list[torch.Tensor]:
+    """Every tensor the graph holds as a constant becomes an input, given at each call.
+
+    The tracer turns a tensor the module holds outside its parameters (a buffer) into a constant
+    that shares its memory. torch's passes merge constants that compare equal: two buffers with
+    the same values at record time, one of which a caller changes in place later, would be read
+    as one. As inputs they are distinct values that no pass merges or folds, and each call reads
+    the tensor itself. A Python number in tensor arithmetic also becomes a 0-dim tensor constant
+    (a "wrapped number", which Python sees as the number): it stays a constant, since a new
+    tensor would lose its type-promotion rule; equal ones are interchangeable, but for -0.0
+    (``_negative_zero``).
+    """
+    held = []
+    for node in graph.findAllNodes("prim::Constant", True):
+        value = node.output()
+        if isinstance(value.type(), torch._C.TensorType) and isinstance(
+            tensor := value.toIValue(), torch.Tensor
+        ):
+            held.append(tensor)
+            lifted = graph.addInput()
+            lifted.setType(value.type())
+            value.replaceAllUsesWith(lifted)
+            node.destroy()
+    return held
 
 
 def _simplify(graph: Any) -> None:
@@ -193,31 +239,64 @@ def _simplify(graph: Any) -> None:
     records with gradients: there, one operation instead of several would sum its gradients in
     another order.
     """
-    torch._C._jit_pass_peephole(graph)
-    torch._C._jit_pass_constant_propagation_immutable_types(graph)
-    torch._C._jit_pass_cse(graph)
+    if not _negative_zero(graph):  # torch's passes take -0.0 for 0.0 (equal as numbers)
+        torch._C._jit_pass_peephole(graph)
+        torch._C._jit_pass_constant_propagation_immutable_types(graph)
+        torch._C._jit_pass_cse(graph)
     torch._C._jit_pass_dce(graph)
 
 
+POOLED_TYPES = ("int", "float", "bool", "NoneType", "str", "Device")
+
+
 def _pool_constants(graph: Any) -> None:
-    """Make each distinct constant once, for a record with gradients; no operation changes.
+    """Make each distinct number, flag, string or device constant once; no operation changes.
 
     The tracer gives every scalar argument its own constant node (1,714 of the bundled world's
-    2,981 nodes), each keeping a copy of the Python stack it was made under: pooled, the record
-    holds 7.7 MiB instead of 17.4 after its first replay. Constants carry no gradient and only
-    immutable ones are pooled (a tensor constant stays as it was), so every operation, its inputs
-    and their order, and so every gradient's summation order, stay the same.
+    2,981 nodes in its record with gradients), each keeping a copy of the Python stack it was
+    made under: pooled, that record holds 7.7 MiB instead of 17.4 after its first replay.
+    Constants are equal only bit for bit (a float by its 8 bytes: 0.0 and -0.0 stay apart, as
+    torch's own pooling does not keep them) and carry no gradient; every operation, its inputs
+    and their order, and so every gradient's summation order, stay the same. Constants inside
+    nested blocks (none in a traced call) are left alone.
     """
-    torch._C._jit_pass_constant_pooling(graph)
+    first: dict[tuple, Any] = {}
+    for node in list(graph.nodes()):
+        if node.kind() != "prim::Constant" or str(node.output().type()) not in POOLED_TYPES:
+            continue
+        key = _constant_key(node.output())
+        if key in first:
+            node.output().replaceAllUsesWith(first[key])
+            node.destroy()
+        else:
+            first[key] = node.output()
+
+
+def _constant_key(value: Any) -> tuple:
+    number = value.toIValue()
+    exact = struct.pack("<d", number) if isinstance(number, float) else repr(number)
+    return str(value.type()), exact
+
+
+def _negative_zero(graph: Any) -> bool:
+    """A constant -0.0 in the graph, a float or a wrapped number (rare: a literal ``-0.0``)."""
+    return any(
+        isinstance(v := node.output().toIValue(), float) and v == 0 and math.copysign(1, v) < 0
+        for node in graph.findAllNodes("prim::Constant", True)
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Bit-identical outputs of the same structure."""
+    """Bit-identical outputs of the same structure (``torch.equal`` takes -0.0 for 0.0: the
+    signs are compared too)."""
     left: list[torch.Tensor] = []
     right: list[torch.Tensor] = []
     if _flatten(a, left) != _flatten(b, right):
         return False
-    return all(torch.equal(x, y) for x, y in zip(left, right, strict=True))
+    return all(
+        torch.equal(x, y) and (not x.is_floating_point() or torch.equal(x.signbit(), y.signbit()))
+        for x, y in zip(left, right, strict=True)
+    )
 
 
 def _intercepted(modules: list[nn.Module]) -> bool:
