@@ -222,6 +222,13 @@ def test_the_first_use_payment_never_costs_the_users_erase(monkeypatch):
         raise KscuError("no bundled default model in this install")
 
     monkeypatch.setattr(kscu.memory, "_FIRST_USE", {"state": None})
+    monkeypatch.setattr(kscu.preview, "sample", lambda *a, **k: no_world())
+    assert pay_first_use() == (  # the erase's part was paid: said so
+        f"{FIRST_USE_PAID}; its preview sample not "
+        "(KscuError: no bundled default model in this install)"
+    )
+
+    monkeypatch.setattr(kscu.memory, "_FIRST_USE", {"state": None})
     monkeypatch.setattr("kscu.models.default_model", no_world)
     assert pay_first_use() == "not paid (KscuError: no bundled default model in this install)"
 
