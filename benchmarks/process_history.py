@@ -14,8 +14,8 @@ the growth:
   load did not touch join the resident set when the erase first reads them (inside the span
   either way when it starts before the load);
 - glibc's heap: the replay records are many small blocks, which a later erase puts in the holes
-  the earlier one's records left in pages that are still resident (13 MiB of records on the
-  world since stop 39's pooled constants, 23 MiB before).
+  the earlier one's records left in pages that are still resident (9.6 MiB of records on the
+  world since stop 39's smaller records, 23.4 MiB before; benchmarks/record_bytes.py).
 
 Each case is a fresh process that loads the bundled world and erases ``--erases`` times in a
 row (``erase_to_folder``, as ``kscu erase`` runs it), on the same pipeline or on one loaded again
