@@ -136,6 +136,8 @@ def test_a_bench_is_not_replaced_without_reuse_or_overwrite(tmp_path, capsys):
     [
         (["--samples", "1"], "--samples must be >= 2"),  # before: LinAlgError after the erases
         (["--methods", "esd", "--start-step", "auto"], "--start-step is kscu's"),  # ignored
+        (["--seed=-1"], "--seed/--seeds -1: give seeds in [0, "),  # before: numpy's ValueError
+        (["--seeds", "0,-3"], "--seed/--seeds -3: give seeds in [0, "),
     ],
 )
 def test_bench_flags_that_cannot_work_are_refused(flags, words, tmp_path, capsys):

@@ -75,3 +75,22 @@ def test_an_empty_prompt_is_refused_by_row(tmp_path, cell):
     """Before: the row generated an unconditional image, while --prompt "" was refused."""
     with pytest.raises(KscuError, match=r"p.csv: row 3 has an empty prompt; write the prompt"):
         load(tmp_path, f"prompt,evaluation_seed\na cat,1\n{cell},2\n")
+
+
+@pytest.mark.parametrize("text", ["prompt\na red circle, striped\n", "prompt,extra\na,b,c,d\n"])
+def test_a_row_longer_than_the_header_is_refused(tmp_path, text):
+    """Before: csv kept the extra cells under a hidden key, so a prompt with an unquoted comma
+    was cut short and the manifest recorded the shortened prompt, without a word."""
+    with pytest.raises(KscuError, match=r"p.csv: row 2 has more cells than the header"):
+        load(tmp_path, text)
+    assert load(tmp_path, 'prompt\n"a red circle, striped"\n')[0].prompt == "a red circle, striped"
+
+
+@pytest.mark.parametrize(
+    "text, number", [("12", 12), ("-3", -3), ("0", 0), ("²", None), ("--5", None), ("1.0", None)]
+)
+def test_case_numbers_are_ascii_whole_numbers(text, number):
+    """``str.isdigit`` takes "²" and ``lstrip("-")`` takes "--5"; ``int`` takes neither."""
+    from kscu.promptfile import whole_number
+
+    assert whole_number(text) == number

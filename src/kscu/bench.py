@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kscu import interrupts
-from kscu.config import EraseConfig, settings_label
+from kscu.config import SEED_RANGE, EraseConfig, settings_label
 from kscu.errors import KscuError
 from kscu.fileio import read_json_object, write_json, write_text
 from kscu.preview import save_png
@@ -45,6 +45,7 @@ from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
 ATTRIBUTES = ("shape", "color", "texture")
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent dies
+IMAGE_SEED_OFFSET = 10_000  # the retain images' seeds start here (the target images' at 0)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class Judge:
     def score(self, pipe: Any) -> dict[str, float]:
         p, kind = self.p, self.p["kind"]
         target = self.classifier.predict(self.images(pipe, p["target_prompts"], 0))
-        retain_images = self.images(pipe, p["retain_prompts"], 10_000)
+        retain_images = self.images(pipe, p["retain_prompts"], IMAGE_SEED_OFFSET)
         retain = self.classifier.predict(retain_images)
         features = self.classifier.features(retain_images).double().cpu().numpy()
         if self.reference_features is None:
@@ -270,6 +271,11 @@ def run_bench(
         raise KscuError("--start-step is kscu's; add kscu to --methods or drop --start-step")
     if not math.isfinite(guidance):
         raise KscuError(f"--guidance must be a finite number (got {guidance})")
+    # numpy draws the prompts (no negative seed); image i of a set has seed + offset + i
+    last = SEED_RANGE[1] - IMAGE_SEED_OFFSET - samples + 1
+    bad = [s for s in seeds if not 0 <= s <= last]
+    if bad:
+        raise KscuError(f"--seed/--seeds {bad[0]}: give seeds in [0, {last}]")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
     _check_overrides(overrides or {}, bool(step_ranges))

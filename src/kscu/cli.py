@@ -67,7 +67,9 @@ def _help(name: str, text: str) -> str:
 
 
 def _add_erase(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("erase", help="erase concepts from a Stable Diffusion model")
+    p = sub.add_parser(
+        "erase", help="erase concepts from a text-to-image model (SD 1.x/2.x, SDXL, FLUX.1)"
+    )
     p.add_argument("--concept", required=True, help='concept(s) to erase: "church" or "A,B,C"')
     p.add_argument("--mode", default="class", help=", ".join(MODE_DEFAULTS) + " (default class)")
     p.add_argument("--method", default="kscu", help=" or ".join(METHODS) + " (default kscu)")

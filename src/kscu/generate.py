@@ -30,7 +30,7 @@ from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_target, file_sha256, read_json_object, write_text
 from kscu.models import is_bundled_model, native_resolution
-from kscu.promptfile import PromptRow
+from kscu.promptfile import PromptRow, whole_number
 from kscu.sampling import sample_images, to_pil
 from kscu.tracing import TracedDenoiser
 
@@ -321,4 +321,4 @@ def _is_generated(path: Path) -> bool:
     """A file ``kscu generate`` writes: ``{case_number}.png`` or the manifest."""
     if path.name == MANIFEST:
         return True
-    return path.suffix == ".png" and path.stem.lstrip("-").isdigit() and path.is_file()
+    return path.suffix == ".png" and whole_number(path.stem) is not None and path.is_file()

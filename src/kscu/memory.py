@@ -88,7 +88,7 @@ def _meta_component(source: str, name: str, cls_name: str, library: str) -> torc
             return cls.from_config(cls.load_config(source, subfolder=name))
         from transformers import AutoConfig
 
-        return cls(AutoConfig.from_pretrained(source, subfolder=name))
+        return cls(AutoConfig.from_pretrained(source, subfolder=name, trust_remote_code=False))
 
 
 def _components(source: str, family: Any) -> dict[str, torch.nn.Module]:

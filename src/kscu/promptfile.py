@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,12 @@ class PromptRow:
     prompt: str
     seed: int | None = None
     guidance: float | None = None
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a case number ("12", "-3"), else None. ASCII digits only: ``str.isdigit``
+    also accepts "²" and a "--5" passes ``lstrip("-")``, and ``int`` refuses both."""
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else None
 
 
 def _number(value: object, column: str, line: int, path: str, whole: bool) -> int | float | None:
@@ -61,6 +68,11 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     rows: list[PromptRow] = []
     seen: set[int] = set()
     for i, rec in enumerate(records):
+        if rec.get(None):  # csv's key for the cells beyond the header's
+            raise KscuError(
+                f"{source}: row {i + 2} has more cells than the header (a prompt with an "
+                "unquoted comma?); put such a prompt in double quotes"
+            )
         case = _number(rec.get("case_number"), "case_number", i + 2, source, whole=True)
         case = i if case is None else case
         if case in seen:

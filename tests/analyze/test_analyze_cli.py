@@ -22,6 +22,7 @@ import kscu.analyze.scorers
 import kscu.cli
 import kscu.memory
 import kscu.models
+from kscu.errors import KscuError
 
 ALREADY = (
     "error: {}/analyze.json already holds a commitment analysis; move it away or give a new "
@@ -310,3 +311,13 @@ def test_steps_not_knowable_before_loading_are_left_to_the_later_check(
     monkeypatch.setattr(kscu.memory, "meta_pipeline", offline)
     code, _, err = analyze(capsys, tmp_path / "an", "--num-steps", "100000")
     assert code == 0 and len(loads) == 1, err
+
+
+@pytest.mark.parametrize("seed, samples", [(2**64, 1), (2**64 - 1, 2), (-(2**63) - 1, 1)])
+def test_a_seed_torch_cannot_take_is_refused_before_the_model_loads(seed, samples):
+    """Before: torch's OverflowError at the first noise, after the model had loaded."""
+    from kscu.analyze.settings import AnalyzeSettings
+
+    with pytest.raises(KscuError, match=r"--seed .*: the noise seeds seed..seed\+samples-1"):
+        AnalyzeSettings(seed=seed, samples=samples).validate()
+    AnalyzeSettings(seed=2**64 - 2, samples=2).validate()  # the last one torch takes

@@ -179,3 +179,37 @@ def test_classify_reads_a_csv_with_a_byte_order_mark(tmp_path, tiny_classifier):
     assert run_evaluate("classify", tmp_path / "images", csv, tiny_classifier, out) == 0
     result = json.loads(out.read_text())
     assert result["class_index"] == {"church": 2, "tench": 0} and result["images"] == 2
+
+
+def test_a_model_without_a_classification_head_is_refused(tmp_path):
+    """Before: transformers added a randomly initialised head and a meaningless accuracy was
+    written with exit 0."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    from kscu.evaluate.classify import load_classifier
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=2)
+    ResNetModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    ConvNextImageProcessor(size={"shortest_edge": 40}).save_pretrained(tmp_path)
+    with pytest.raises(KscuError, match=r"is not an image classifier: its weights lack"):
+        load_classifier(str(tmp_path))
+
+
+def test_a_classifier_folder_with_its_own_code_never_runs_it(tmp_path, monkeypatch):
+    """Before: transformers asked "run the custom code? [y/N]" and a yes ran the folder's
+    Python file."""
+    from kscu.evaluate.classify import load_classifier
+
+    marker = tmp_path / "ran"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'kscu-evil'\n"
+    )
+    config = {"model_type": "kscu-evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user who says yes
+    with pytest.raises(KscuError, match=r"cannot load classifier"):
+        load_classifier(str(tmp_path / "model"))
+    assert not marker.exists()

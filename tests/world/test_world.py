@@ -166,7 +166,11 @@ def test_cli_registers_world_train(tmp_path):
     "extra, words",
     [
         (["--device", "tpu"], "unknown --device 'tpu'"),
-        (["--lr=-1"], "--lr must be a number > 0"),
+        (["--lr=-1"], "--lr must be a finite number > 0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),  # before: NaN weights saved, exit 0
+        (["--seed=-1"], "--seed must be in [0, "),  # before: numpy's ValueError, a log left behind
+        (["--snapshot-every=-5"], "--snapshot-every must be >= 0"),
+        (["--init-from", "{p}/pickled"], "no vae/*.safetensors"),  # a .bin is never read
         (["--output", "{p}/afile"], "is a file; give a folder"),
     ],
 )
@@ -176,6 +180,9 @@ def test_world_train_refuses_bad_input_before_writing(tmp_path, extra, words):
     from kscu.world.cli import register
 
     (tmp_path / "afile").write_text("x")
+    for part in ("vae", "text_encoder", "unet", "tokenizer"):  # pickled weights only
+        (tmp_path / "pickled" / part).mkdir(parents=True)
+        (tmp_path / "pickled" / part / "diffusion_pytorch_model.bin").write_bytes(b"x")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"

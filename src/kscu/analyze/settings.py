@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kscu.config import SEED_RANGE
 from kscu.errors import KscuError
 from kscu.protocol import KEY_STEP_CAP_FRACTION
 
@@ -45,6 +46,11 @@ class AnalyzeSettings:
                 raise KscuError(message)
 
         need(self.samples > 0, f"--samples must be > 0 (got {self.samples})")
+        need(  # sample i's noise has seed + i
+            SEED_RANGE[0] <= self.seed and self.seed + self.samples - 1 <= SEED_RANGE[1],
+            f"--seed {self.seed}: the noise seeds seed..seed+samples-1 must lie in torch's "
+            f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed",
+        )
         need(self.stride > 0, f"--stride must be >= 1 (got {self.stride})")
         # Unset steps are the family's (``for_family``): the stride's upper bound is checked
         # against those once they are known, not against a guess (SD's 50 are not FLUX's 28).

@@ -35,7 +35,7 @@ from kscu.evaluate.common import (
     versions,
 )
 from kscu.models import load_or_explain
-from kscu.promptfile import load_prompts
+from kscu.promptfile import load_prompts, whole_number
 from kscu.protocol import DEFAULT_CLASSIFIER
 
 
@@ -43,23 +43,32 @@ def load_classifier(model_id: str):
     """An image classifier and its processor (safetensors only, no remote code)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model, processor = load_or_explain(
+    (model, info), processor = load_or_explain(
         lambda: (
-            AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True),
-            AutoImageProcessor.from_pretrained(model_id),
+            AutoModelForImageClassification.from_pretrained(
+                model_id, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+            ),
+            AutoImageProcessor.from_pretrained(model_id, trust_remote_code=False),
         ),
         f"classifier {model_id!r}",
         "offline? give a local folder holding the model (model.safetensors, config.json) and "
         "its preprocessor_config.json",
     )
+    if info["missing_keys"]:  # transformers would score with a freshly initialised head
+        raise KscuError(
+            f"{model_id!r} is not an image classifier: its weights lack "
+            f"{len(info['missing_keys'])} tensors of the classification model (e.g. "
+            f"{sorted(info['missing_keys'])[0]!r}); give an image-classification model such as "
+            f"{DEFAULT_CLASSIFIER!r}"
+        )
     return model.eval().requires_grad_(False), processor
 
 
 def class_index(name: str, id2label: dict[int, str], source: str) -> int:
     """Resolve a class name (or an index) to the model's label index."""
     name = name.strip()
-    if name.lstrip("-").isdigit():
-        idx = int(name)
+    idx = whole_number(name)
+    if idx is not None:
         if idx not in id2label:
             raise KscuError(f"{source}: class index {idx} is not one of the model's labels")
         return idx

@@ -28,16 +28,15 @@ from kscu.fileio import (  # check_replaceable: also imported from here by repor
     read_json_object,
     write_text,
 )
+from kscu.promptfile import whole_number
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _sort_key(path: Path) -> tuple[int, int, str]:
     """Numeric stems (case numbers) first, in numeric order; then the rest by name."""
-    stem = path.stem
-    if stem.lstrip("-").isdigit():
-        return (0, int(stem), path.name)
-    return (1, 0, path.name)
+    case = whole_number(path.stem)
+    return (1, 0, path.name) if case is None else (0, case, path.name)
 
 
 def list_images(
@@ -60,19 +59,31 @@ def list_images(
     return sorted(files, key=_sort_key)
 
 
+# what Pillow raises for a file it cannot decode, or one too large to decode safely
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale as Pillow opens it
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, turning a decode failure into a one-line error naming the file."""
+    """Open an image as RGB, turning a decode failure into a one-line error naming the file.
+
+    16-bit grayscale is scaled to 8 bits first: Pillow's own conversion clips it, so nearly
+    every pixel of such a PNG would be scored as white.
+    """
     try:
         with Image.open(path) as im:
+            if im.mode in SIXTEEN_BIT:
+                values = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+                return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")
-    except (OSError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise KscuError(f"cannot read image {path}: {e}; delete or regenerate it") from None
 
 
 def case_number(path: Path) -> int | None:
     """The case number an image file stands for (``12.png`` -> 12), or None."""
     stem = path.stem
-    return int(stem) if stem.lstrip("-").isdigit() else None
+    return whole_number(stem)
 
 
 def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], list[str]]:
@@ -103,6 +114,13 @@ def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]
         )
     if not records:
         raise KscuError(f"{path} has no rows; give one row per image")
+    for line, record in enumerate(records, start=2):  # csv gives None for a cell a row lacks
+        short = [c for c in needed if record[c] is None]
+        if short:
+            raise KscuError(
+                f"{path}, line {line}: no {short[0]!r} cell (the row has fewer cells than the "
+                "header); fill it in"
+            )
     return records
 
 

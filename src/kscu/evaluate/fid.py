@@ -47,6 +47,7 @@ from PIL import Image
 from kscu.errors import KscuError
 from kscu.evaluate.cache import ImageCache, cached_map
 from kscu.evaluate.common import (
+    UNREADABLE_IMAGE,
     Workers,
     cache_counts,
     check_batch_size,
@@ -214,7 +215,7 @@ def image_sizes(files: list[Path], what: str, workers: Workers) -> tuple[int, in
             try:
                 with Image.open(f) as im:
                     out.append(im.size)
-            except (OSError, ValueError) as e:
+            except UNREADABLE_IMAGE as e:
                 raise KscuError(f"cannot read image {f}: {e}; delete or regenerate it") from None
         return out
 

@@ -50,6 +50,7 @@ from kscu.evaluate.common import (
 )
 from kscu.fileio import check_writable, file_sha256, read_json_object
 from kscu.generate import SETTINGS, model_id
+from kscu.promptfile import whole_number
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -223,11 +224,8 @@ def _manifest_prompts(manifest: Path) -> dict[int, str]:
         return {}
     fix = "regenerate the images with kscu generate, or delete the damaged manifest"
     records, _ = read_csv(manifest, "image manifest", fix)
-    return {
-        int(rec["case_number"]): rec.get("prompt") or ""
-        for rec in records
-        if str(rec.get("case_number") or "").lstrip("-").isdigit()
-    }
+    cases = [(whole_number(str(rec.get("case_number") or "")), rec) for rec in records]
+    return {case: rec.get("prompt") or "" for case, rec in cases if case is not None}
 
 
 def _generation_record(path: Path) -> dict | None:

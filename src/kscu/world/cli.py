@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from kscu.config import SEED_RANGE
 from kscu.errors import KscuError
 from kscu.world.settings import WorldTrainSettings
 
@@ -24,18 +26,39 @@ def _train(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise KscuError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
-    if settings.init_from is not None and not (Path(settings.init_from) / "unet").is_dir():
-        raise KscuError(
-            f"--init-from {settings.init_from} is not a pipeline folder (no unet/); "
-            "pass a folder written by `kscu world train`"
-        )
+    if settings.init_from is not None:
+        _check_init_from(Path(settings.init_from))
     for name in ("classifier_steps", "vae_steps", "unet_steps", "n_latents", "batch_size"):
         if getattr(settings, name) <= 0:
             raise KscuError(f"--{name.replace('_', '-')} must be positive")
-    if not settings.lr > 0:
-        raise KscuError(f"--lr must be a number > 0 (got {settings.lr})")
+    if not (math.isfinite(settings.lr) and settings.lr > 0):
+        raise KscuError(f"--lr must be a finite number > 0 (got {settings.lr})")
+    if settings.snapshot_every < 0:
+        raise KscuError(
+            f"--snapshot-every must be >= 0, 0 for never (got {settings.snapshot_every})"
+        )
+    if (
+        not 0 <= settings.seed <= SEED_RANGE[1] - 2
+    ):  # numpy takes no negative seed; seed + 2 is used
+        raise KscuError(f"--seed must be in [0, {SEED_RANGE[1] - 2}] (got {settings.seed})")
     run(args.output, settings, overwrite=args.overwrite)  # checks --output before training
     return 0
+
+
+def _check_init_from(folder: Path) -> None:
+    """Before the output folder or its log is made: each network the run continues from has its
+    safetensors weights, and the tokenizer its folder (a refusal later would leave a log behind
+    that blocks the same command once fixed)."""
+    for part in ("vae", "text_encoder", "unet", "tokenizer"):
+        found = (folder / part).is_dir() and (
+            part == "tokenizer" or any((folder / part).glob("*.safetensors"))
+        )
+        if not found:
+            what = f"{part}/" if part == "tokenizer" else f"{part}/*.safetensors"
+            raise KscuError(
+                f"--init-from {folder} is not a world pipeline folder (no {what}); "
+                "pass a folder written by `kscu world train`"
+            )
 
 
 def register(subparsers) -> None:

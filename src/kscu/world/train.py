@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,7 +233,7 @@ def train_model(
 
     if init_from is not None:
         src = Path(init_from)
-        vae = AutoencoderKL.from_pretrained(str(src / "vae")).to(device).eval()
+        vae = _load(AutoencoderKL, src, "vae").to(device).eval()
         log(f"continuing from {src} (its VAE, tokenizer, text encoder and UNet)")
     else:
         vae = train_vae(device, seed, vae_steps, log)
@@ -247,8 +248,8 @@ def train_model(
 
     if init_from is not None:
         tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(str(src / "text_encoder")).to(device)
-        unet = UNet2DConditionModel.from_pretrained(str(src / "unet")).to(device)
+        text_encoder = _load(CLIPTextModel, src, "text_encoder").to(device)
+        unet = _load(UNet2DConditionModel, src, "unet").to(device)
     else:
         tok_dir = out / "tokenizer_build"
         world_tokenizer.save_tokenizer_files(tok_dir)
@@ -345,6 +346,18 @@ def train_model(
         + "\n"
     )
     log(f"saved pipeline to {out / 'model'}")
+
+
+def _load(cls: Any, src: Path, part: str) -> Any:
+    """One network of the ``--init-from`` pipeline, from its safetensors file only (a pickled
+    ``.bin`` beside it or instead of it is never read)."""
+    from kscu.models import load_or_explain
+
+    return load_or_explain(
+        lambda: cls.from_pretrained(str(src / part), use_safetensors=True),
+        f"the {part} of --init-from {src}",
+        "pass a folder written by `kscu world train` (its weights in .safetensors files)",
+    )
 
 
 def run(
