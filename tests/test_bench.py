@@ -138,6 +138,8 @@ def test_a_bench_is_not_replaced_without_reuse_or_overwrite(tmp_path, capsys):
         (["--methods", "esd", "--start-step", "auto"], "--start-step is kscu's"),  # ignored
         (["--seed=-1"], "--seed/--seeds -1: give seeds in [0, "),  # before: numpy's ValueError
         (["--seeds", "0,-3"], "--seed/--seeds -3: give seeds in [0, "),
+        (["--reuse", "--overwrite"], "--reuse keeps finished erases, --overwrite erases again"),
+        (["--guidance=-5"], "--guidance must be a finite number >= 0 (got -5.0)"),  # as analyze
     ],
 )
 def test_bench_flags_that_cannot_work_are_refused(flags, words, tmp_path, capsys):

@@ -85,7 +85,10 @@ def test_model_preset_is_applied_and_recorded(tiny_model_dir, tmp_path, capsys):
         (["--concept", "x", "--mode", "poetry"], "unknown mode"),
         (["--concept", "x", "--start-step", "6"], "--start-step"),
         (["--concept", "x", "--iterations", "0"], "--iterations"),
-        (["--concept", "x", "--negative-guidance", "nan"], "must be a finite number (got nan)"),
+        (
+            ["--concept", "x", "--negative-guidance", "nan"],
+            "must be a finite number >= 0 (got nan)",
+        ),
         (["--concept", "x", "--fast-cpu-conv", "--dtype", "bfloat16"], "--fast-cpu-conv"),
         (["--concept", "x", "--fast-cpu-conv", "--device", "cuda"], "--fast-cpu-conv"),
         (["--concept", "x", "--offload-adam", "--lean-adam"], "--offload-adam"),

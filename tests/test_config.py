@@ -57,6 +57,9 @@ def test_esd_removes_key_steps_and_leak_term():
         ({"negative_guidance": float("nan")}, "--negative-guidance must be a finite number"),
         ({"trajectory_guidance": float("inf")}, "--trajectory-guidance must be a finite number"),
         ({"lambda1_alpha": float("nan")}, "--lambda1-alpha must be a finite number"),
+        # found by review (stop 41): below 0 the regulariser turns into a reward, silently
+        ({"lambda1_alpha": -1.0}, r"--lambda1-alpha must be a finite number >= 0 \(got -1.0\)"),
+        ({"negative_guidance": -1.0}, "--negative-guidance must be a finite number >= 0"),
         ({"max_sequence_length": 0}, "sets FLUX's T5 prompt length; sd has no such setting"),
         ({"num_steps": 10}, "class mode starts at key step 14, outside --num-steps 10"),
         # found by review (stop 35): tracebacks or wrong advice before

@@ -308,6 +308,8 @@ def test_the_rows_fingerprint_covers_what_decides_each_image():
         (["--resolution", "0"], "--resolution must be a positive multiple of 8 (got 0)"),
         (["--resolution", "30"], "--resolution must be a positive multiple of 8 (got 30)"),
         (["--resolution", "-8"], "--resolution must be a positive multiple of 8 (got -8)"),
+        # before: torch's allocator traceback, and generate.json left behind (stop 41's review)
+        (["--resolution", "1000000"], "--resolution 1000000 is over 4x this model's native"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(
@@ -445,3 +447,15 @@ def test_kscu_generate_records_its_prompt_file(tiny_model_dir, prompts, tmp_path
     code, _, err = generate(capsys, tiny_model_dir, tmp_path / "b", "--steps", "2")
     assert code == 0, err
     assert json.loads((tmp_path / "b" / SETTINGS).read_text())["prompts"] is None
+
+
+@pytest.mark.parametrize("inside", ["", "unet"])
+def test_a_model_folder_is_no_image_folder(tiny_model_dir, capsys, inside):
+    """Before: images, generate.json and the manifest were written into the model folder (or its
+    unet/), with or without --overwrite."""
+    out = tiny_model_dir / inside if inside else tiny_model_dir
+    before = sorted(p.name for p in out.iterdir())
+    for extra in ([], ["--overwrite"]):
+        code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", *extra)
+        assert code == 2 and "holds a model or an erase run" in err, err
+    assert sorted(p.name for p in out.iterdir()) == before

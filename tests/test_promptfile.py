@@ -94,3 +94,15 @@ def test_case_numbers_are_ascii_whole_numbers(text, number):
     from kscu.promptfile import whole_number
 
     assert whole_number(text) == number
+
+
+def test_an_unclosed_quote_is_refused_not_read_to_the_end(tmp_path):
+    """Before: the prompt quietly became the rest of the file."""
+    with pytest.raises(KscuError, match=r"cannot read prompt file .* \(a quoted cell must close"):
+        load(tmp_path, 'prompt\n"a red circle, striped\na blue square\n')
+
+
+def test_a_semicolon_separated_file_is_named_as_such(tmp_path):
+    """Before: "add one" (a 'prompt' column), while the header held it, split by semicolons."""
+    with pytest.raises(KscuError, match=r"the header is split by semicolons; save the file with"):
+        load(tmp_path, "prompt;case_number\na church;0\n")

@@ -258,8 +258,15 @@ def run_bench(
     from kscu.runner import prepare
 
     seeds = list(seeds) if seeds else [seed]
+    # numpy draws the prompts (no negative seed); image i of a set has seed + offset + i
+    last = SEED_RANGE[1] - IMAGE_SEED_OFFSET - samples + 1
+    bad = [s for s in seeds if not 0 <= s <= last]
+    if bad:
+        raise KscuError(f"--seed/--seeds {bad[0]}: give seeds in [0, {last}]")
     if not is_bundled_model(model):
         raise KscuError("kscu bench scores with the tiny world's classifier; omit --model")
+    if reuse and overwrite:  # one keeps the finished erases, the other erases them again
+        raise KscuError("--reuse keeps finished erases, --overwrite erases again: give one")
     target = bench_prompts(concept, samples, seeds[0])["target"]  # outside the world: fails
     _check_earlier_bench(Path(output), target, mode, reuse or overwrite)
     unknown = sorted(set(methods) - {"kscu", "esd"})
@@ -269,13 +276,8 @@ def run_bench(
         raise KscuError(f"--samples must be >= 2 and --steps > 0 (got {samples} and {steps})")
     if start_step is not None and "kscu" not in methods:
         raise KscuError("--start-step is kscu's; add kscu to --methods or drop --start-step")
-    if not math.isfinite(guidance):
-        raise KscuError(f"--guidance must be a finite number (got {guidance})")
-    # numpy draws the prompts (no negative seed); image i of a set has seed + offset + i
-    last = SEED_RANGE[1] - IMAGE_SEED_OFFSET - samples + 1
-    bad = [s for s in seeds if not 0 <= s <= last]
-    if bad:
-        raise KscuError(f"--seed/--seeds {bad[0]}: give seeds in [0, {last}]")
+    if not (math.isfinite(guidance) and guidance >= 0):  # as analyze and attack
+        raise KscuError(f"--guidance must be a finite number >= 0 (got {guidance})")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
     _check_overrides(overrides or {}, bool(step_ranges))

@@ -431,7 +431,11 @@ def _validate(c: EraseConfig, family: Any) -> None:
     for name in ("negative_guidance", "lambda1_alpha", "lambda2", "trajectory_guidance"):
         value = getattr(c, name)
         flag = "--" + name.replace("_", "-")
-        need(math.isfinite(value), f"{flag} must be a finite number (got {value})")
+        # below 0 each turns around: the target toward the concept, the regulariser a reward
+        need(
+            math.isfinite(value) and value >= 0,
+            f"{flag} must be a finite number >= 0 (got {value})",
+        )
     limit = family.max_tokens
     need(
         c.max_sequence_length is None or limit is not None,

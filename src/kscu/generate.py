@@ -255,6 +255,11 @@ def check_resume(output: str | Path, record: dict[str, Any], overwrite: bool = F
     Reads only ``record`` and the folder, so every process of a launch reaches the same answer.
     """
     output = Path(output)
+    if output.is_dir() and _holds_weights(output):  # --overwrite too: its images would mix in
+        raise KscuError(
+            f"--output {output} holds a model or an erase run (weights, model_index.json or "
+            "kscu.json); give a folder of its own, e.g. RUN/images for a run's images"
+        )
     if overwrite:
         return
     if (output / SETTINGS).is_file():
@@ -315,6 +320,12 @@ def _show(key: str, value: Any) -> str:
     if value is None:
         return "none"
     return value[:12] if key.endswith("sha256") and isinstance(value, str) else str(value)
+
+
+def _holds_weights(folder: Path) -> bool:
+    """A model folder, one of its parts (``unet/``) or an erase run: not an image folder."""
+    named = ("model_index.json", "kscu.json")
+    return any(p.suffix == ".safetensors" or p.name in named for p in folder.iterdir())
 
 
 def _is_generated(path: Path) -> bool:

@@ -12,8 +12,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kscu.errors import KscuError
+
+QUOTING = "a quoted cell must close its quote, and a quote inside it is written twice"
 
 HUB_DATASETS = {"AIML-TUDA/i2p"}
 
@@ -63,7 +66,8 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     if "prompt" not in records[0]:
         cols = ", ".join(map(str, records[0].keys()))
         raise KscuError(
-            f"{source} has no 'prompt' column (columns: {cols}); add one, one prompt per row"
+            f"{source} has no 'prompt' column (columns: {cols}); "
+            f"{separator_fix(records[0].keys()) or 'add one, one prompt per row'}"
         )
     rows: list[PromptRow] = []
     seen: set[int] = set()
@@ -96,15 +100,36 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     return rows
 
 
+def separator_fix(columns: Any) -> str:
+    """The fix when a header names no expected column because its cells are split by another
+    character than the comma (a spreadsheet's export in some locales); "" if none is seen."""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        if any(sep in str(c) for c in columns):
+            return f"the header is split by {name}; save the file with commas between cells"
+    return ""
+
+
+def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], list[str]]:
+    """A CSV's dict rows and columns: UTF-8 with or without the byte-order mark Excel writes
+    (else its first column would not match its name). Quoting is strict: an unclosed quote would
+    otherwise swallow the rest of the file into one cell. An unreadable file is a one-line error
+    naming ``what`` and ``path``, ending in ``fix``."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, strict=True)
+            records = list(reader)
+            columns = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        quoting = f" ({QUOTING})" if isinstance(e, csv.Error) else ""
+        raise KscuError(f"cannot read {what} {path}: {e}{quoting}; {fix}") from None
+    return records, columns
+
+
 def load_prompts(source: str | Path) -> list[PromptRow]:
     """Read a local CSV, or a Hub dataset id (e.g. ``AIML-TUDA/i2p``) when online."""
     path = Path(source)
     if path.is_file():
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as f:  # Excel starts with a BOM
-                records = list(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise KscuError(f"cannot read prompt file {path}: {e}; give a UTF-8 CSV") from None
+        records, _ = read_csv(path, "prompt file", "give a UTF-8 CSV")
         return rows_from_records(records, str(path))
     local = path.suffix.lower() == ".csv" or path.is_absolute() or path.exists()
     if str(source) in HUB_DATASETS or ("/" in str(source) and not local):

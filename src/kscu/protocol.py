@@ -33,6 +33,11 @@ SD_DDIM_FROM_MODEL = (
     "prediction_type",
 )
 
+# The largest image size kscu samples at, as a multiple of the model's native size (SD 1.x
+# 2048 px, SDXL and FLUX.1 4096, the bundled world 128): past it a typo such as 1000000 would
+# ask torch for terabytes, or run for hours on a model that was never trained that large.
+MAX_RESOLUTION_FACTOR = 4
+
 # The key step table never starts later than ceil(0.9 * E) - 1 (44 of 50).
 KEY_STEP_CAP_FRACTION = 0.9
 

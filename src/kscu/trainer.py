@@ -318,4 +318,5 @@ def _nonfinite(value: float, i: int, s: int, dtype: str) -> str:
             "use --dtype bfloat16 (float32's range at float16's cost) or float32"
         )
     fix = "lower --lr" + (" or use --dtype float32" if dtype != "float32" else "")
+    fix += " (or, if you raised them, --negative-guidance, --trajectory-guidance, --lambda1-alpha)"
     return f"loss became {value} at iteration {i} (step {s}); {fix}"

@@ -213,3 +213,12 @@ def test_a_classifier_folder_with_its_own_code_never_runs_it(tmp_path, monkeypat
     with pytest.raises(KscuError, match=r"cannot load classifier"):
         load_classifier(str(tmp_path / "model"))
     assert not marker.exists()
+
+
+def test_a_whole_label_names_its_class():
+    """Before: "church, church building" (the label as the model states it) was refused."""
+    labels = {2: "church, church building", 4: "crane", 5: "crane"}
+    assert class_index("Church, church building", labels, "p.csv") == 2
+    assert class_index("church building", labels, "p.csv") == 2
+    with pytest.raises(KscuError, match=r"names several labels \(\[4, 5\]\)"):
+        class_index("crane", labels, "p.csv")

@@ -32,3 +32,20 @@ def test_every_family_moves_encoders_and_vae_off_the_accelerator(family, names):
     assert set(moved) == names and moved_to == ["cpu"] * len(names)
     on_cpu = SimpleNamespace(device=torch.device("cpu"))
     assert offload_modules(pipe, on_cpu, FAMILIES[family].encoder_modules) == {}
+
+
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "flux"])
+def test_a_resolution_far_past_the_native_size_is_refused_before_any_tensor(
+    variant, tiny_pipe, sdxl_pipe, flux_pipe
+):
+    """Before: ``--resolution 1000000`` asked torch for 4 TB (a traceback from its allocator)
+    and left generate's record behind; 4096 on the 32 px world ran for minutes."""
+    from kscu.errors import KscuError
+    from kscu.families import family_of
+
+    pipe = {"sd": tiny_pipe, "sdxl": sdxl_pipe, "flux": flux_pipe}[variant]
+    family = family_of(pipe)
+    native = family.native_resolution(pipe)
+    assert family.sampler(pipe, 4, 4 * native, "epsilon").resolution == 4 * native
+    with pytest.raises(KscuError, match=rf"--resolution 1000000 is over 4x .* {native} px"):
+        family.sampler(pipe, 4, 1_000_000, "epsilon")

@@ -72,11 +72,14 @@ def class_index(name: str, id2label: dict[int, str], source: str) -> int:
         if idx not in id2label:
             raise KscuError(f"{source}: class index {idx} is not one of the model's labels")
         return idx
-    want = name.lower().replace("_", " ")
-    hits = [
-        i
-        for i, label in id2label.items()
-        if want in [s.strip().lower().replace("_", " ") for s in str(label).split(",")]
+
+    def plain(text: str) -> str:
+        return text.strip().lower().replace("_", " ")
+
+    want = plain(name)
+    hits = [i for i, label in id2label.items() if plain(str(label)) == want]  # the whole label
+    hits = hits or [
+        i for i, label in id2label.items() if want in [plain(s) for s in str(label).split(",")]
     ]
     if len(hits) == 1:
         return hits[0]

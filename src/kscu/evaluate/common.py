@@ -9,7 +9,6 @@ always be traced to how it was made.
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.metadata
 import json
@@ -28,7 +27,7 @@ from kscu.fileio import (  # check_replaceable: also imported from here by repor
     read_json_object,
     write_text,
 )
-from kscu.promptfile import whole_number
+from kscu.promptfile import read_csv, separator_fix, whole_number
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -86,20 +85,6 @@ def case_number(path: Path) -> int | None:
     return whole_number(stem)
 
 
-def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], list[str]]:
-    """A CSV's dict rows and columns, read as ``kscu.promptfile`` reads prompts: UTF-8 with or
-    without the byte-order mark Excel writes (else its first column would not match its name).
-    An unreadable file is a one-line error naming ``what`` and ``path``, ending in ``fix``."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            records = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise KscuError(f"cannot read {what} {path}: {e}; {fix}") from None
-    return records, columns
-
-
 def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]]:
     """Read a CSV as dict rows, failing clearly when a needed column is missing."""
     path = Path(path)
@@ -110,7 +95,7 @@ def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]
     if missing:
         raise KscuError(
             f"{path} has no {', '.join(repr(c) for c in missing)} column "
-            f"(columns: {', '.join(columns) or 'none'}); add it"
+            f"(columns: {', '.join(columns) or 'none'}); {separator_fix(columns) or 'add it'}"
         )
     if not records:
         raise KscuError(f"{path} has no rows; give one row per image")

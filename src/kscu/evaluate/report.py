@@ -45,12 +45,11 @@ from kscu.evaluate.common import (
     list_images,
     load_rgb,
     markdown_table,
-    read_csv,
     write_atomic,
 )
 from kscu.fileio import check_writable, file_sha256, read_json_object
 from kscu.generate import SETTINGS, model_id
-from kscu.promptfile import whole_number
+from kscu.promptfile import read_csv, whole_number
 
 # Keys of result files that are settings or bookkeeping, not results.
 SKIP = {
@@ -181,7 +180,7 @@ def load_run(path: str | Path) -> Run:
         raise KscuError(f"run directory {path} {what}; give a folder made by kscu")
     run = Run(path=path, name=path.resolve().name)
     if (path / "kscu.json").is_file():
-        run.info = _read_json(path / "kscu.json")
+        run.info = read_json_object(path / "kscu.json", "restore it from a copy or erase again")
         for key in ("final_loss", "seconds"):
             if isinstance(run.info.get(key), int | float):
                 run.metrics[f"train/{key}"] = run.info[key]

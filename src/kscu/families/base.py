@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kscu.errors import KscuError
+from kscu.protocol import MAX_RESOLUTION_FACTOR
 from kscu.tracing import TracedDenoiser, traceable
 
 Cond = dict[str, torch.Tensor]
@@ -119,6 +120,19 @@ def call_module(module: nn.Module, params: dict[str, torch.Tensor] | None, **kwa
     if params is None:
         return module(**kwargs)
     return functional_call(module, params, args=(), kwargs=kwargs, strict=False)
+
+
+def sampling_resolution(family: Any, pipe: Any, resolution: int | None) -> int:
+    """``resolution`` (None: the family's default for this model), refused past
+    ``MAX_RESOLUTION_FACTOR`` times the native size before any tensor of that size is made."""
+    native = family.native_resolution(pipe)
+    limit = MAX_RESOLUTION_FACTOR * native
+    if resolution is not None and resolution > limit:
+        raise KscuError(
+            f"--resolution {resolution} is over {MAX_RESOLUTION_FACTOR}x this model's native "
+            f"{native} px; give at most {limit}"
+        )
+    return resolution or family.default_resolution(pipe)
 
 
 class Sampler:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, cond_rows, unwrapped
+from kscu.families.base import Cond, RawFn, Sampler, cond_rows, sampling_resolution, unwrapped
 from kscu.families.sd import _token_ids
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -143,7 +143,7 @@ class FlowSampler(Sampler):
             raise KscuError(f"unknown loss space {loss_space!r}; choose epsilon or model")
         self.family = family
         self.net = family.denoiser(pipe)
-        self.resolution = resolution or family.default_resolution(pipe)
+        self.resolution = sampling_resolution(family, pipe, resolution)
         self.latent = 2 * (self.resolution // (pipe.vae_scale_factor * 2))
         tokens = (self.latent // 2) ** 2
         self.scheduler = scheduler = FlowMatchEulerDiscreteScheduler.from_config(

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from kscu.errors import KscuError
-from kscu.families.base import Cond, RawFn, Sampler, cond_cat, cond_rows, unwrapped
+from kscu.families.base import (
+    Cond,
+    RawFn,
+    Sampler,
+    cond_cat,
+    cond_rows,
+    sampling_resolution,
+    unwrapped,
+)
 from kscu.protocol import SD_DDIM_FROM_MODEL, SD_DDIM_SETTINGS
 
 log = logging.getLogger("kscu")
@@ -165,7 +173,7 @@ class DDIMSampler(Sampler):
         self.prediction_type = self.scheduler.config.prediction_type
         self.loss_space = "epsilon" if loss_space == "epsilon" else self.prediction_type
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.resolution = resolution or family.default_resolution(pipe)
+        self.resolution = sampling_resolution(family, pipe, resolution)
         size = self.resolution // pipe.vae_scale_factor
         self.shape = (1, family.denoiser(pipe).config.in_channels, size, size)
         self.device = family.denoiser(pipe).device

@@ -27,6 +27,8 @@ def _train(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise KscuError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
     if settings.init_from is not None:
+        if settings.only == "classifier":
+            raise KscuError("--init-from continues the model; --only classifier trains none")
         _check_init_from(Path(settings.init_from))
     for name in ("classifier_steps", "vae_steps", "unet_steps", "n_latents", "batch_size"):
         if getattr(settings, name) <= 0:
