@@ -401,3 +401,24 @@ def test_plan_moves_offloaded_adam_state_to_host_memory(tiny_model_dir):
     cpu, cpu_off = planned("cpu"), planned("cpu", offload_adam=True)
     assert cpu_off["bytes"]["adam_state"] == 8 * n
     assert cpu_off["total_bytes"] - cpu["total_bytes"] == 8 * largest - held
+
+
+def test_the_plan_never_runs_a_component_folders_own_code(tmp_path, monkeypatch):
+    """Before: a text encoder whose config.json had an ``auto_map`` made transformers ask "run
+    the custom code? [y/N]" while --plan built the component on the meta device."""
+    marker = tmp_path / "ran"
+    folder = tmp_path / "model" / "text_encoder"
+    folder.mkdir(parents=True)
+    (folder / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'kscu-evil'\n"
+    )
+    config = {"model_type": "kscu-evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user who says yes
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        kscu.memory._meta_component(
+            str(tmp_path / "model"), "text_encoder", "CLIPTextModel", "transformers"
+        )
+    assert not marker.exists()
