@@ -40,3 +40,9 @@ def test_a_row_without_a_needed_cell_names_its_line(tmp_path):
     (tmp_path / "p.csv").write_text("case_number,prompt,class\n0,a,church\n3,d\n")
     with pytest.raises(KscuError, match=r"p.csv, line 3: no 'class' cell"):
         read_csv_records(tmp_path / "p.csv", ["class"])
+
+
+def test_a_folder_given_as_the_prompt_file_is_named_a_folder(tmp_path):
+    """Before: "does not exist", for a path that does."""
+    with pytest.raises(KscuError, match=r"prompt file .* is a folder; give a CSV path"):
+        read_csv_records(tmp_path, ["class"])

@@ -165,6 +165,9 @@ def test_wrong_weights_are_a_clear_error(tmp_path, lib, capsys):
     assert kscu_main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot read Inception weights" in err and len(err.strip().splitlines()) == 1
+    argv[-1] = str(tmp_path / "a")  # a folder: before, "does not exist"
+    assert kscu_main(argv) == 2
+    assert f"--inception-weights {tmp_path / 'a'} is a folder" in capsys.readouterr().err
 
 
 def test_mixed_sizes_are_a_clear_error(tmp_path, lib, capsys):

@@ -89,7 +89,8 @@ def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]
     """Read a CSV as dict rows, failing clearly when a needed column is missing."""
     path = Path(path)
     if not path.is_file():
-        raise KscuError(f"prompt file {path} does not exist; give a CSV path")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise KscuError(f"prompt file {path} {what}; give a CSV path")
     records, columns = read_csv(path, "prompt file", "give a UTF-8 CSV")
     missing = [c for c in needed if c not in columns]
     if missing:

@@ -139,10 +139,8 @@ def weights_loader(inception_weights: str | Path | None):
 def load_inception(inception_weights: str | Path | None = None, dims: int = FID_DIMS):
     """pytorch-fid's InceptionV3 up to the block of ``dims`` features, weights read safely."""
     inception, _ = library()
-    if inception_weights is not None and not Path(inception_weights).is_file():
-        raise KscuError(
-            f"--inception-weights {inception_weights} does not exist; give {WEIGHTS_FILE}"
-        )
+    if inception_weights is not None:
+        _check_weights_file(Path(inception_weights))
     block = inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     with mock.patch.object(
         inception, "load_state_dict_from_url", weights_loader(inception_weights)
@@ -162,9 +160,14 @@ def weights_identity(inception_weights: str | Path | None) -> str:
     if inception_weights is None:
         return WEIGHTS_FILE
     path = Path(inception_weights)
-    if not path.is_file():
-        raise KscuError(f"--inception-weights {path} does not exist; give {WEIGHTS_FILE}")
+    _check_weights_file(path)
     return file_sha256(path)
+
+
+def _check_weights_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise KscuError(f"--inception-weights {path} {what}; give {WEIGHTS_FILE}")
 
 
 def weights_label(inception_weights: str | Path | None, identity: str) -> str:
