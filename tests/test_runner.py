@@ -387,3 +387,23 @@ def test_a_relative_model_folder_is_recorded_as_an_absolute_path(
     erase_to_folder(EraseConfig(**FAST_CFG), relative, tmp_path / "run", False)
     assert run_meta(tmp_path / "run")["base_model"] == str(tiny_model_dir.resolve())
     assert kscu.runner.identify_model("owner/not-here").name == "owner/not-here"
+
+
+def test_a_model_folder_missing_a_part_or_given_a_run_says_which(tiny_model_dir, tmp_path):
+    """Before: diffusers' "no file named config.json found in directory" for a missing unet/,
+    and "no model_index.json" alone for an erase run given as --model."""
+    import shutil
+
+    from kscu.errors import KscuError
+    from kscu.models import model_family
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    shutil.rmtree(copy / "unet")
+    with pytest.raises(KscuError, match=r"has no unet/, which its model_index.json names"):
+        model_family(str(copy))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "kscu.json").write_text("{}")
+    with pytest.raises(KscuError, match=r"it is an erase run: give its base model as --model"):
+        model_family(str(run))

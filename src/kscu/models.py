@@ -211,11 +211,18 @@ def model_family(model: str | None, family: str | None = None) -> Any:
             "and pass --model DIR"
         )
     if path.exists() and not (path / "model_index.json").is_file():
+        run = (path / "kscu.json").is_file()  # an erase's output: its weights, not a pipeline
         raise KscuError(
             f"{model} is not a diffusers pipeline folder (no model_index.json); "
-            "give the folder that holds model_index.json"
+            + (
+                "it is an erase run: give its base model as --model (generate and attack take "
+                "the run as --weights)"
+                if run
+                else "give the folder that holds model_index.json"
+            )
         )
     if path.exists():
+        _check_parts(path)
         _check_safetensors(path)
         return detect_family(path)
     config = load_or_explain(
@@ -224,6 +231,22 @@ def model_family(model: str | None, family: str | None = None) -> Any:
         "check the id (offline? point --model at a local copy, or name --family)",
     )
     return detect_family(None, config.get("_class_name"))
+
+
+def _check_parts(path: Path) -> None:
+    """Every part ``model_index.json`` names has its folder: diffusers' own error for a missing
+    one names only a config.json it did not find."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # diffusers reports an unreadable index in its own words (load_or_explain)
+    for name, spec in index.items() if isinstance(index, dict) else ():
+        named = isinstance(spec, list) and len(spec) == 2 and None not in spec
+        if named and not name.startswith("_") and not (path / name).is_dir():
+            raise KscuError(
+                f"model folder {path} has no {name}/, which its model_index.json names; "
+                "copy the whole pipeline folder"
+            )
 
 
 def _check_safetensors(path: Path) -> None:
