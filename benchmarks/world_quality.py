@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = args.model or str(default_model_path())
-    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
 
     seconds_64 = time_generation(pipe, 64, args.steps, args.guidance)

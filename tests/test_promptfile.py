@@ -84,6 +84,7 @@ def test_a_row_longer_than_the_header_is_refused(tmp_path, text):
     with pytest.raises(KscuError, match=r"p.csv: row 2 has more cells than the header"):
         load(tmp_path, text)
     assert load(tmp_path, 'prompt\n"a red circle, striped"\n')[0].prompt == "a red circle, striped"
+    assert load(tmp_path, "case_number,prompt\n0,a church,\n1,a cat, ,\n")[1].prompt == "a cat"
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,10 @@ def test_case_numbers_are_ascii_whole_numbers(text, number):
 
 def test_an_unclosed_quote_is_refused_not_read_to_the_end(tmp_path):
     """Before: the prompt quietly became the rest of the file."""
-    with pytest.raises(KscuError, match=r"cannot read prompt file .* \(a quoted cell must close"):
+    with pytest.raises(
+        KscuError,
+        match=r"prompt file .*p.csv, the row from line 2: .*; close every quoted cell's quote",
+    ):
         load(tmp_path, 'prompt\n"a red circle, striped\na blue square\n')
 
 

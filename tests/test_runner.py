@@ -407,3 +407,20 @@ def test_a_model_folder_missing_a_part_or_given_a_run_says_which(tiny_model_dir,
     (run / "kscu.json").write_text("{}")
     with pytest.raises(KscuError, match=r"it is an erase run: give its base model as --model"):
         model_family(str(run))
+
+
+def test_a_resolution_the_sampler_refuses_is_refused_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Before: the model loaded, the first-use payment ran (58 s on the world), then the
+    preview's sampler refused the size."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kscu.runner, "load_pipeline", no_load)
+    out = tmp_path / "run"
+    args = ["erase", "--model", str(tiny_model_dir), "--concept", "c", "--resolution", "4096"]
+    assert main([*args, "--iterations", "2", "--output", str(out)]) == 2
+    assert "--resolution 4096 is over 4x this model's native" in capsys.readouterr().err
+    assert not out.exists()

@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kscu.allocator import glibc, proc_bytes
 from kscu.config import EraseConfig
+from kscu.errors import KscuError
 from kscu.models import TORCH_DTYPES, check_networks, resolve_device, stored_dtype
 from kscu.optim import steps_together
 from kscu.scope import trainable_names
@@ -317,6 +318,27 @@ def meta_pipeline(source: str, family: Any) -> _MetaPipe:
     scheduler_class = getattr(diffusers, DiffusionPipeline.load_config(source)["scheduler"][1])
     scheduler = scheduler_class.load_config(source, subfolder="scheduler")
     return _MetaPipe(_components(source, family), scheduler)
+
+
+def check_sampler(
+    model: str | None, family: Any, steps: int, resolution: int | None, guidance: Any = None
+) -> None:
+    """Refuse steps or a resolution the family's sampler refuses before the model loads
+    (minutes for SD or FLUX), not after: the sampler is built as ``--plan`` builds it, on the
+    model's configs with its networks on the meta device, no weights read. Configs that cannot
+    be read here (a hub id offline) leave the verdict to the sampler built after loading, which
+    checks the same: an early check must not refuse what loading allows."""
+    from kscu.models import default_model
+
+    model = default_model() if model is None else str(model)
+    path = Path(model).expanduser()
+    try:
+        pipe_like = meta_pipeline(str(path) if path.exists() else model, family)
+        family.sampler(pipe_like, steps, resolution, guidance=guidance)
+    except KscuError:  # the steps or the size, or a pipeline without its networks
+        raise
+    except Exception:  # noqa: BLE001 - not knowable without loading: checked again then
+        return
 
 
 def plan(model: str, cfg: EraseConfig, family: Any) -> dict[str, Any]:

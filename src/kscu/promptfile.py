@@ -16,7 +16,7 @@ from typing import Any
 
 from kscu.errors import KscuError
 
-QUOTING = "a quoted cell must close its quote, and a quote inside it is written twice"
+QUOTING = "close every quoted cell's quote, write a quote inside one twice, and nothing after it"
 
 HUB_DATASETS = {"AIML-TUDA/i2p"}
 
@@ -72,7 +72,7 @@ def rows_from_records(records: list[dict], source: str) -> list[PromptRow]:
     rows: list[PromptRow] = []
     seen: set[int] = set()
     for i, rec in enumerate(records):
-        if rec.get(None):  # csv's key for the cells beyond the header's
+        if any((cell or "").strip() for cell in rec.get(None) or []):  # cells past the header's
             raise KscuError(
                 f"{source}: row {i + 2} has more cells than the header (a prompt with an "
                 "unquoted comma?); put such a prompt in double quotes"
@@ -119,9 +119,12 @@ def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], lis
             reader = csv.DictReader(f, strict=True)
             records = list(reader)
             columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        quoting = f" ({QUOTING})" if isinstance(e, csv.Error) else ""
-        raise KscuError(f"cannot read {what} {path}: {e}{quoting}; {fix}") from None
+    except csv.Error as e:
+        raise KscuError(
+            f"cannot read {what} {path}, the row from line {reader.line_num + 1}: {e}; {QUOTING}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KscuError(f"cannot read {what} {path}: {e}; {fix}") from None
     return records, columns
 
 

@@ -26,6 +26,7 @@ from kscu.fileio import atomic_folder
 from kscu.memory import (
     START_AFTER_LOAD,
     START_BEFORE_LOAD,
+    check_sampler,
     cpu_start,
     peak_memory,
     planned_bytes,
@@ -204,6 +205,8 @@ def erase_to_folder(
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
     loaded = pipe is None
+    if loaded:  # steps or a size its sampler refuses: before minutes of loading, not after
+        check_sampler(model, model_family(model, cfg.family), cfg.num_steps, cfg.resolution)
     since = None  # on a CPU, where the measured growth is counted from (kscu.memory)
     if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device

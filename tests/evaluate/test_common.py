@@ -38,7 +38,7 @@ def test_odd_case_numbers_sort_after_real_ones(tmp_path):
 def test_a_row_without_a_needed_cell_names_its_line(tmp_path):
     """Before: a TypeError (sorting None) or an AttributeError (None.strip()) in classify."""
     (tmp_path / "p.csv").write_text("case_number,prompt,class\n0,a,church\n3,d\n")
-    with pytest.raises(KscuError, match=r"p.csv, line 3: no 'class' cell"):
+    with pytest.raises(KscuError, match=r"p.csv: row 3 has no 'class' cell"):
         read_csv_records(tmp_path / "p.csv", ["class"])
 
 

@@ -492,3 +492,21 @@ def test_malformed_stats_are_one_line_errors(
     err = _one_line(capsys)
     assert f"--reference {stats} " in err and said in err
     assert not (tmp_path / "from_stats.json").exists()
+
+
+def test_sixteen_bit_images_are_refused_not_clipped(tmp_path, lib, capsys):
+    """pytorch-fid reads the files itself and its RGB conversion clips 16-bit values to white."""
+    import numpy as np
+    from PIL import Image
+
+    make_images(tmp_path / "b", 2, size=(16, 16))
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 1000 * (i + 1), dtype=np.uint16)).save(
+            tmp_path / "a" / f"{i}.png"
+        )
+    argv = ["evaluate", "fid", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b")]
+    assert kscu_main([*argv, "--output", str(tmp_path / "fid.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a 16-bit grayscale image" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fid.json").exists()

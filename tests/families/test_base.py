@@ -49,3 +49,12 @@ def test_a_resolution_far_past_the_native_size_is_refused_before_any_tensor(
     assert family.sampler(pipe, 4, 4 * native, "epsilon").resolution == 4 * native
     with pytest.raises(KscuError, match=rf"--resolution 1000000 is over 4x .* {native} px"):
         family.sampler(pipe, 4, 1_000_000, "epsilon")
+
+
+def test_a_sample_size_given_as_height_and_width_has_a_native_resolution():
+    """diffusers allows [h, w]: the resolution limit read it with int() (a TypeError)."""
+    from kscu.families.sd import SDFamily
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=[8, 16])))
+    pipe.vae_scale_factor = 8
+    assert SDFamily().native_resolution(pipe) == 128

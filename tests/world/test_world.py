@@ -170,7 +170,10 @@ def test_cli_registers_world_train(tmp_path):
         (["--lr", "inf"], "--lr must be a finite number > 0"),  # before: NaN weights saved, exit 0
         (["--seed=-1"], "--seed must be in [0, "),  # before: numpy's ValueError, a log left behind
         (["--snapshot-every=-5"], "--snapshot-every must be >= 0"),
-        (["--init-from", "{p}/pickled"], "no vae/*.safetensors"),  # a .bin is never read
+        (
+            ["--init-from", "{p}/pickled"],
+            "no vae/diffusion_pytorch_model.safetensors",
+        ),  # a .bin is never read
         (["--only", "classifier", "--init-from", "{p}/pickled"], "--only classifier trains none"),
         (["--output", "{p}/afile"], "is a file; give a folder"),
     ],

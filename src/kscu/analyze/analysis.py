@@ -98,28 +98,11 @@ def check_cache_dir(
 
 
 def check_steps(model_id: str | None, family: Any, settings: AnalyzeSettings) -> None:
-    """Refuse more sampling steps than the model's scheduler has before the scorer and the model
-    load (minutes for SD or FLUX), not after.
+    """More sampling steps than the model's scheduler has, or too large a resolution, refused
+    before the scorer and the model load (``kscu.memory.check_sampler``)."""
+    from kscu.memory import check_sampler
 
-    The rule is the family's sampler's own, built as ``kscu erase --plan`` builds it: on the
-    model's configs, its networks on the meta device (``kscu.memory.meta_pipeline``), no weights
-    read. Configs that cannot be read here (a hub id offline) leave the verdict to ``analyze``,
-    which checks the same after loading: an early check must not refuse what loading allows.
-    """
-    from kscu.memory import meta_pipeline
-    from kscu.models import default_model
-
-    model = default_model() if model_id is None else str(model_id)
-    path = Path(model).expanduser()
-    try:
-        pipe_like = meta_pipeline(str(path) if path.exists() else model, family)
-        family.sampler(
-            pipe_like, settings.num_steps, settings.resolution, guidance=settings.guidance
-        )
-    except KscuError:  # the steps, or a pipeline without its networks: loading says the same
-        raise
-    except Exception:  # noqa: BLE001 - not knowable without loading: analyze checks it then
-        return
+    check_sampler(model_id, family, settings.num_steps, settings.resolution, settings.guidance)
 
 
 @torch.no_grad()

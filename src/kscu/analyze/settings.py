@@ -49,7 +49,8 @@ class AnalyzeSettings:
         need(  # sample i's noise has seed + i
             SEED_RANGE[0] <= self.seed and self.seed + self.samples - 1 <= SEED_RANGE[1],
             f"--seed {self.seed}: the noise seeds seed..seed+samples-1 must lie in torch's "
-            f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed",
+            f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a seed in "
+            f"[{SEED_RANGE[0]}, {SEED_RANGE[1] - self.samples + 1}]",
         )
         need(self.stride > 0, f"--stride must be >= 1 (got {self.stride})")
         # Unset steps are the family's (``for_family``): the stride's upper bound is checked

@@ -54,11 +54,13 @@ def load_classifier(model_id: str):
         "offline? give a local folder holding the model (model.safetensors, config.json) and "
         "its preprocessor_config.json",
     )
-    if info["missing_keys"]:  # transformers would score with a freshly initialised head
+    body = model.base_model_prefix + "."
+    head = [k for k in info["missing_keys"] if not k.startswith(body)]
+    if head:  # transformers would score with a freshly initialised head
         raise KscuError(
-            f"{model_id!r} is not an image classifier: its weights lack "
-            f"{len(info['missing_keys'])} tensors of the classification model (e.g. "
-            f"{sorted(info['missing_keys'])[0]!r}); give an image-classification model such as "
+            f"{model_id!r} is not an image classifier: its weights lack its classification "
+            f"head ({len(head)} tensors, e.g. {sorted(head)[0]!r}); give an image-classification "
+            "model such as "
             f"{DEFAULT_CLASSIFIER!r}"
         )
     return model.eval().requires_grad_(False), processor

@@ -39,8 +39,8 @@ def load_clip(model_id: str):
 
     model, processor = load_or_explain(
         lambda: (
-            CLIPModel.from_pretrained(model_id, use_safetensors=True),
-            CLIPProcessor.from_pretrained(model_id),
+            CLIPModel.from_pretrained(model_id, use_safetensors=True, trust_remote_code=False),
+            CLIPProcessor.from_pretrained(model_id, trust_remote_code=False),
         ),
         f"CLIP model {model_id!r}",
         "offline? give a local folder holding a CLIPModel (model.safetensors, config.json) "

@@ -100,12 +100,12 @@ def read_csv_records(path: str | Path, needed: list[str]) -> list[dict[str, str]
         )
     if not records:
         raise KscuError(f"{path} has no rows; give one row per image")
-    for line, record in enumerate(records, start=2):  # csv gives None for a cell a row lacks
+    for row, record in enumerate(records, start=2):  # csv gives None for a cell a row lacks
         short = [c for c in needed if record[c] is None]
         if short:
             raise KscuError(
-                f"{path}, line {line}: no {short[0]!r} cell (the row has fewer cells than the "
-                "header); fill it in"
+                f"{path}: row {row} has no {short[0]!r} cell (fewer cells than the header); "
+                "fill it in"
             )
     return records
 

@@ -47,6 +47,7 @@ from PIL import Image
 from kscu.errors import KscuError
 from kscu.evaluate.cache import ImageCache, cached_map
 from kscu.evaluate.common import (
+    SIXTEEN_BIT,
     UNREADABLE_IMAGE,
     Workers,
     cache_counts,
@@ -218,8 +219,14 @@ def image_sizes(files: list[Path], what: str, workers: Workers) -> tuple[int, in
             try:
                 with Image.open(f) as im:
                     out.append(im.size)
+                    sixteen = im.mode in SIXTEEN_BIT
             except UNREADABLE_IMAGE as e:
                 raise KscuError(f"cannot read image {f}: {e}; delete or regenerate it") from None
+            if sixteen:  # pytorch-fid reads the files itself; its RGB conversion clips them
+                raise KscuError(
+                    f"{f} is a 16-bit grayscale image, which pytorch-fid would read as nearly "
+                    "white; save the set as 8-bit images"
+                )
         return out
 
     found: dict[tuple[int, int], str] = {}

@@ -76,7 +76,10 @@ class SDFamily:
 
     def native_resolution(self, pipe: Any) -> int:
         """The image size the UNet was trained for (sample_size times the VAE's downscale)."""
-        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        size = pipe.unet.config.sample_size  # diffusers also allows [h, w]
+        return int(max(size) if isinstance(size, list | tuple) else size) * int(
+            pipe.vae_scale_factor
+        )
 
     def default_resolution(self, pipe: Any) -> int:
         return self.native_resolution(pipe)

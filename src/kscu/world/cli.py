@@ -51,12 +51,14 @@ def _check_init_from(folder: Path) -> None:
     """Before the output folder or its log is made: each network the run continues from has its
     safetensors weights, and the tokenizer its folder (a refusal later would leave a log behind
     that blocks the same command once fixed)."""
-    for part in ("vae", "text_encoder", "unet", "tokenizer"):
-        found = (folder / part).is_dir() and (
-            part == "tokenizer" or any((folder / part).glob("*.safetensors"))
-        )
-        if not found:
-            what = f"{part}/" if part == "tokenizer" else f"{part}/*.safetensors"
+    needed = (
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/",
+    )
+    for what in needed:
+        if not (folder / what).exists():
             raise KscuError(
                 f"--init-from {folder} is not a world pipeline folder (no {what}); "
                 "pass a folder written by `kscu world train`"
