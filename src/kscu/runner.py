@@ -205,8 +205,6 @@ def erase_to_folder(
     cfg = prepare(config, model, pipe)
     replace = check_output(output, overwrite)  # before any weights load
     loaded = pipe is None
-    if loaded:  # steps or a size its sampler refuses: before minutes of loading, not after
-        check_sampler(model, model_family(model, cfg.family), cfg.num_steps, cfg.resolution)
     since = None  # on a CPU, where the measured growth is counted from (kscu.memory)
     if not loaded:  # it runs where it is: recorded, and its peak measured, there
         device = family_of(pipe, cfg.family).denoiser(pipe).device
@@ -214,6 +212,10 @@ def erase_to_folder(
     else:
         device = resolve_device(cfg.device)
         with torch_huge_pages(cfg.reuse_freed_memory, device):  # where freed memory is returned
+            # steps or a size its sampler refuses: before minutes of loading, not after (its
+            # scheduler's tensors are torch's first, so only once huge pages were asked for)
+            family = model_family(model, cfg.family)
+            check_sampler(model, family, cfg.num_steps, cfg.resolution)
             since = cpu_start(START_BEFORE_LOAD, cfg) if device.type == "cpu" else None
             pipe = load_pipeline(model, cfg.dtype, device, family=cfg.family, exact_denoiser=True)
     analysis = None
