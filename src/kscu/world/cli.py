@@ -39,10 +39,9 @@ def _train(args: argparse.Namespace) -> int:
         raise KscuError(
             f"--snapshot-every must be >= 0, 0 for never (got {settings.snapshot_every})"
         )
-    if (
-        not 0 <= settings.seed <= SEED_RANGE[1] - 2
-    ):  # numpy takes no negative seed; seed + 2 is used
-        raise KscuError(f"--seed must be in [0, {SEED_RANGE[1] - 2}] (got {settings.seed})")
+    last_seed = SEED_RANGE[1] - 2  # torch takes seed + 2 at most; numpy no negative seed
+    if not 0 <= settings.seed <= last_seed:
+        raise KscuError(f"--seed must be in [0, {last_seed}] (got {settings.seed})")
     run(args.output, settings, overwrite=args.overwrite)  # checks --output before training
     return 0
 
