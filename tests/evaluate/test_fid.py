@@ -149,6 +149,8 @@ def test_missing_weights_offline_names_the_file_and_folder(tmp_path, lib, monkey
 
 
 def test_wrong_weights_are_a_clear_error(tmp_path, lib, capsys):
+    import argparse
+
     import torch
     from safetensors.torch import save_file
 
@@ -165,6 +167,13 @@ def test_wrong_weights_are_a_clear_error(tmp_path, lib, capsys):
     assert kscu_main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot read Inception weights" in err and len(err.strip().splitlines()) == 1
+    pickled = tmp_path / "code.pth"  # before: torch's advice to unpickle it, in colour codes
+    torch.save({"fc.weight": torch.zeros(2), "extra": argparse.Namespace()}, pickled)
+    argv[-1] = str(pickled)
+    assert kscu_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds pickled objects besides tensors, which kscu never unpickles" in err, err
+    assert "\x1b" not in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
     argv[-1] = str(tmp_path / "a")  # a folder: before, "does not exist"
     assert kscu_main(argv) == 2
     assert f"--inception-weights {tmp_path / 'a'} is a folder" in capsys.readouterr().err
@@ -465,6 +474,14 @@ def _write_truncated(path):
             "holds 64 non-finite values (NaN or inf) in sigma",
         ),
         (lambda p: np.savez(p, mu=np.zeros(64), sigma=np.eye(64)[:63]), "sigma of shape (63, 64)"),
+        (
+            lambda p: np.savez(p, mu=np.zeros(64), sigma=np.triu(np.ones((64, 64)))),
+            "holds a sigma that is not symmetric (by up to 1)",
+        ),
+        (
+            lambda p: np.savez(p, mu=np.zeros(64), sigma=-np.eye(64)),
+            "holds a sigma that is not a covariance (an eigenvalue of -1)",
+        ),
         (lambda p: np.savez(p, mu=np.zeros(64)), "with mu and sigma (no sigma)"),
     ],
     ids=[
@@ -477,6 +494,8 @@ def _write_truncated(path):
         "nan",
         "inf",
         "shape",
+        "asymmetric",
+        "negative",
         "no-sigma",
     ],
 )

@@ -33,6 +33,7 @@ warning line says so. The file is read with ``allow_pickle=False`` and checked (
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import sys
 import zipfile
@@ -95,8 +96,10 @@ def library():
 
 
 def first_line(e: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no message."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An exception's first line, or its type's name when it has no message; terminal colour
+    codes (torch's unpickling errors carry bold ones) are dropped."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    return (text.strip().splitlines() or [type(e).__name__])[0]
 
 
 def weights_loader(inception_weights: str | Path | None):
@@ -110,7 +113,13 @@ def weights_loader(inception_weights: str | Path | None):
 
                 return load_file(str(path))
             return torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file, or one that holds more than tensors
+        except pickle.UnpicklingError:  # torch's text would advise weights_only=False
+            raise KscuError(
+                f"cannot read Inception weights {path}: it holds pickled objects besides "
+                f"tensors, which kscu never unpickles; give {WEIGHTS_FILE} (tensors only) or "
+                "a .safetensors copy"
+            ) from None
+        except Exception as e:  # a damaged file
             raise KscuError(
                 f"cannot read Inception weights {path} ({first_line(e)}); delete it and give "
                 f"{WEIGHTS_FILE} (tensors only)"
@@ -379,7 +388,24 @@ def load_stats(path: Path, dims: int = FID_DIMS) -> tuple[np.ndarray, np.ndarray
     arrays = read_npz(path)
     mu = checked_array(path, "mu", arrays["mu"], (dims,))
     sigma = checked_array(path, "sigma", arrays["sigma"], (dims, dims))
+    check_covariance(path, sigma)
     return mu, sigma, stats_info(arrays.get("info"))
+
+
+def check_covariance(path: Path, sigma: np.ndarray) -> None:
+    """A sigma that no set of features has (not symmetric, or a clearly negative variance
+    along some direction) makes the Frechet distance's square root complex, which would be
+    reported as too few images; say what is wrong with the file instead. The tolerances pass
+    any covariance numpy computes, singular ones (fewer images than dims) included."""
+    scale = float(np.abs(sigma).max()) or 1.0
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > 1e-6 * scale:
+        raise stats_error(path, f"holds a sigma that is not symmetric (by up to {asymmetry:.3g})")
+    lowest = float(np.linalg.eigvalsh(sigma)[0])
+    if lowest < -1e-6 * scale * len(sigma):
+        raise stats_error(
+            path, f"holds a sigma that is not a covariance (an eigenvalue of {lowest:.3g})"
+        )
 
 
 def unchecked_settings(path: Path, info: dict | None, made: dict) -> list[str]:
