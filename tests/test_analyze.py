@@ -143,6 +143,17 @@ def test_several_concepts_take_the_earliest_start_and_unseen_ones_fall_back():
     assert blind["recommended_start_step"] == 24 and blind["rule"].startswith("fallback")
 
 
+def test_the_mode_default_is_clamped_to_a_short_walk():
+    """Before: ``analyze --num-steps 4`` recorded and printed "class default 14", a step past
+    the curve's end; the fallback already started at the clamp."""
+    short = AnalyzeSettings(num_steps=4, stride=1)
+    blind = combine({"a": _per(np.zeros(4), False)}, "class", short)
+    assert blind["mode_default_start_step"] == blind["recommended_start_step"] == 3
+    assert "default start step 14, clamped to 3 for 4 steps, is kept" in blind["rule"]
+    seen = combine({"a": _per(np.linspace(0, 1, 4))}, "class", short)
+    assert seen["mode_default_start_step"] == 3 and seen["task_defaults"]["class"] == 14
+
+
 def test_no_contrast_is_unreliable():
     m = {
         "measured_steps": [0],

@@ -131,6 +131,19 @@ def test_a_bench_is_not_replaced_without_reuse_or_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*")) == ["bench.json", "kscu", "kscu.json"]
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--reuse"])
+def test_a_folder_no_bench_made_is_not_written_into(tmp_path, capsys, flag):
+    """Before: ``--overwrite`` (or ``--reuse``) into any non-empty folder without a bench.json
+    erased and wrote bench.json, bench.md and the run folders beside the user's own files."""
+    out = tmp_path / "b"
+    (out / "kscu").mkdir(parents=True)  # an interrupted bench's run: that alone is accepted
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["bench", "--concept", "circle", "--output", out, flag], capsys)
+    assert code == 2 and "holds 'notes.txt', which no bench made" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["kscu", "notes.txt"]
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [
@@ -328,12 +341,14 @@ def test_jobs_erase_in_parallel_exactly_as_kscu_erase_with_that_many_threads(tmp
         (["--jobs", str(torch.get_num_threads() + 1)], "the CPU threads torch uses here"),
         (["--methods", "kscu,esd,kscu"], "kscu asked for twice"),
         (["--step-ranges", "14:50,14:50"], "kscu[14:50] asked for twice"),
+        (["--step-ranges", "14:100"], "--step-ranges 14:100: the erase has 50 steps"),
     ],
 )
 def test_bench_refuses_bad_jobs_and_repeated_rows_in_one_line(tmp_path, capsys, flags, message):
     args = ["bench", "--concept", "heart", "--output", str(tmp_path / "b"), "--quiet"]
     code, _, err = run_cli([*args, *flags], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "--end-step" not in err  # erase's flag, which the bench does not have
     assert not (tmp_path / "b").exists()
 
 

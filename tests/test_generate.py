@@ -361,6 +361,7 @@ def test_a_fractional_case_number_is_refused(tiny_model_dir, tmp_path, capsys):
         (["--steps", "1001"], None, "1001 sampling steps: this model's scheduler has 1000"),
         ([], "prompt,evaluation_seed\na church,99999999999999999999999\n", "outside the seeds"),
         (["--seed", str(2**64)], None, "outside the seeds torch takes"),
+        ([], f"case_number,prompt\n{2**64},a church\n", "evaluation_seed, case_number or"),
     ],
 )
 def test_bad_steps_or_seeds_are_one_line_before_the_folder(
@@ -459,3 +460,17 @@ def test_a_model_folder_is_no_image_folder(tiny_model_dir, capsys, inside):
         code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", *extra)
         assert code == 2 and "holds a model or an erase run" in err, err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_prompts_longer_than_the_text_encoder_reads_are_noted(tiny_model_dir, tmp_path, capsys):
+    """Before: cut to the tokenizer's limit without a word (many I2P prompts are longer)."""
+    from transformers import AutoTokenizer
+
+    limit = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer").model_max_length
+    csv = tmp_path / "p.csv"
+    csv.write_text(f"case_number,prompt\n3,a church\n7,{' '.join(['cat'] * (limit + 5))}\n")
+    code, _, err = generate(capsys, tiny_model_dir, tmp_path / "img", "--steps", "1", prompts=csv)
+    assert code == 0, err
+    assert f"note: 1 of 2 prompts are longer than the {limit} tokens" in err and "case 7" in err
+    code, _, err = generate(capsys, tiny_model_dir, tmp_path / "img2", "--steps", "1")
+    assert code == 0 and "note:" not in err, err

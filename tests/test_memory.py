@@ -70,6 +70,20 @@ def test_cli_plan_prints_and_erases_nothing(tiny_model_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_plan_checks_the_output_it_is_given(tiny_model_dir, tmp_path, capsys):
+    """Before: the plan ignored --output, then the erase it planned was refused for it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "kscu.json").write_text("{}")
+    args = ["erase", "--concept", "church", "--model", str(tiny_model_dir), "--output", str(out)]
+    assert main([*args, "--plan"]) == 2
+    captured = capsys.readouterr()
+    assert "--overwrite" in captured.err and captured.out == ""
+    assert main([*args, "--plan", "--overwrite"]) == 0  # and nothing is replaced
+    assert "expected peak" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["kscu.json"]
+
+
 def test_cli_plan_needs_no_output_folder(tiny_model_dir, capsys):
     """A plan writes nothing, so it needs no --output; an erase without one is refused."""
     args = ["erase", "--concept", "church", "--model", str(tiny_model_dir)]

@@ -424,3 +424,9 @@ def test_a_resolution_the_sampler_refuses_is_refused_before_the_model_loads(
     assert main([*args, "--iterations", "2", "--output", str(out)]) == 2
     assert "--resolution 4096 is over 4x this model's native" in capsys.readouterr().err
     assert not out.exists()
+    # more steps than the scheduler has: the message names the flag (before: none)
+    args = ["erase", "--model", str(tiny_model_dir), "--concept", "c", "--num-steps", "2000"]
+    assert main([*args, "--iterations", "2", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2000 sampling steps" in err and "--num-steps of erase" in err, err
+    assert not out.exists()

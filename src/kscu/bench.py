@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import time
 import traceback
@@ -307,7 +308,14 @@ def run_bench(
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         raise KscuError(f"{', '.join(twice)} asked for twice; give each method and range once")
-    for _, _, cfg in runs_for(seeds[0]):  # validate every run before the first one starts
+    for _, label, cfg in runs_for(seeds[0]):  # validate every run before the first one starts
+        if label.startswith("kscu["):  # named by the bench's flag, not erase's --end-step
+            whole = prepare(dataclasses.replace(cfg, start_step=None, end_step=None), model)
+            if cfg.end_step > whole.num_steps:
+                raise KscuError(
+                    f"--step-ranges {cfg.start_step}:{cfg.end_step}: the erase has "
+                    f"{whole.num_steps} steps; give ranges S:E with E <= {whole.num_steps}"
+                )
         prepare(cfg, model)
 
     output = Path(output)
@@ -371,6 +379,12 @@ def _check_earlier_bench(output: Path, concept: str, mode: str, keep: bool) -> N
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not (output / "bench.json").is_file():
+        stranger = next((e for e in sorted(output.iterdir()) if not _bench_made(e)), None)
+        if stranger is not None:  # the bench would write its files and runs beside it
+            raise KscuError(
+                f"--output {output} holds {stranger.name!r}, which no bench made; give a new "
+                "or empty folder"
+            )
         if keep:  # an interrupted bench's erases (reused where they match, else replaced)
             return
         raise KscuError(
@@ -388,6 +402,15 @@ def _check_earlier_bench(output: Path, concept: str, mode: str, keep: bool) -> N
             f"--output {output} already holds a bench of {concept!r}; pass --reuse to keep its "
             "erases made with the same settings, or --overwrite to erase again"
         )
+
+
+def _bench_made(entry: Path) -> bool:
+    """What an interrupted bench leaves before its bench.json: hidden folders being written,
+    run folders (kscu, esd, kscu_14-50, kscu_auto), per-seed folders and the attack folder."""
+    if entry.name.startswith("."):
+        return True
+    pattern = r"attack|seed[0-9]+|esd|kscu(_[0-9a-z-]+)?"
+    return entry.is_dir() and re.fullmatch(pattern, entry.name) is not None
 
 
 def _score_runs(

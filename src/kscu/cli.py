@@ -202,8 +202,11 @@ def cmd_erase(args: argparse.Namespace) -> int:
         for concept in resolved.concepts:
             concept_kind(concept)
     if args.plan:
+        from kscu.checkpoint import check_output
         from kscu.runner import memory_plan
 
+        if args.output is not None:  # the plan answers for the run as given: its folder too
+            check_output(args.output, args.overwrite)
         plan = memory_plan(args.model, resolved)
         if "error" in plan:
             raise KscuError(plan["error"])

@@ -226,12 +226,15 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def check_seed(seed: int, where: str) -> None:
-    """Refuse an image seed torch cannot take before any image is made: it would fail only at
-    that row's batch, after earlier images (and their folder) were written."""
+    """Refuse a prompt row's image seed torch cannot take before any image is made: it would
+    fail only at that row's batch, after earlier images (and their folder) were written. The
+    seed is the row's evaluation_seed or --seed plus its case number, so a huge case number is
+    as much the cause as a huge seed."""
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise KscuError(
-            f"{where} has seed {seed}, outside the seeds torch takes "
-            f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a smaller seed"
+            f"{where} has image seed {seed} (its evaluation_seed, else --seed plus its "
+            f"case_number), outside the seeds torch takes [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; "
+            "give an evaluation_seed, case_number or --seed that keeps it inside"
         )
 
 

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def generate_images(
     steps = family.eval_steps if steps is None else steps
     guidance = family.eval_guidance if guidance is None else guidance
     check_inputs(rows, seed, guidance, resolution)  # before the folder, its record or any image
+    if process_index == 0:
+        note_long_prompts(family, pipe, rows)
     size = native_resolution(pipe) if resolution is None else resolution
     record = generation_record(pipe, steps, guidance, size, seed, weights, rows, prompts)
     output.mkdir(parents=True, exist_ok=True)  # once the record (the sampler's steps) is sound
@@ -156,6 +159,19 @@ def check_inputs(rows: list[PromptRow], seed: int, guidance: float, resolution: 
                 f"case {row.case_number} has evaluation_guidance {row.guidance}; "
                 "give a finite number or leave it empty for --guidance"
             )
+
+
+def note_long_prompts(family: Any, pipe: Any, rows: list[PromptRow]) -> None:
+    """Say on stderr when prompts are longer than the text encoder reads (many of I2P's are):
+    their images are of the prompt's first tokens only, as in every pipeline that cuts them."""
+    cut, limit = family.long_prompts(pipe, [r.prompt for r in rows])
+    if cut:
+        print(
+            f"note: {len(cut)} of {len(rows)} prompts are longer than the {limit} tokens the "
+            f"text encoder reads; their images follow the first {limit} (as in diffusers), "
+            f"e.g. case {rows[cut[0]].case_number}",
+            file=sys.stderr,
+        )
 
 
 def prompts_sha256(rows: list[PromptRow], seed: int, guidance: float) -> str:

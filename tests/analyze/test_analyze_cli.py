@@ -288,7 +288,8 @@ def test_more_steps_than_the_scheduler_has_fail_before_any_model_loads(
     assert code == 2 and out == "", err
     assert err == (
         "error: 100000 sampling steps: this model's scheduler has 1000 timesteps; give between 1 "
-        "and 1000 steps\n"
+        "and 1000 steps (--num-steps of erase and analyze, --steps of generate, bench and "
+        "attack)\n"
     )
     model = few_timesteps_model(tmp_path, 40)  # the family's 50 steps: more than it has
     code, _, err = analyze(capsys, tmp_path / "b", "--model", model)

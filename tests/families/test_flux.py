@@ -144,6 +144,16 @@ def test_lambda1_is_one_minus_sigma_at_the_key_steps(flux_pipe):
         assert sampler.lambda1(s, 2e-5) == pytest.approx(lambda1, abs=5e-6)
 
 
+def test_long_prompts_are_counted_by_t5s_limit(flux_pipe):
+    """The sequence the transformer reads is T5's, cut at 512 tokens; CLIP's 77 (its pooled
+    vector only) does not decide which prompts ``kscu generate`` notes as cut."""
+    clip_long = " ".join(["a"] * 100)  # over CLIP's 77, well under T5's 512 tokens
+    t5 = flux_pipe.tokenizer_2([clip_long], truncation=False).input_ids[0]
+    assert len(t5) < 512
+    words = " ".join(["a"] * 600)
+    assert FLUX.long_prompts(flux_pipe, ["a church", clip_long, words]) == ([2], 512)
+
+
 def test_prompts_are_encoded_as_the_pipeline_does(flux_pipe):
     """CLIP pooled + T5 sequence; max_sequence_length is part of the conditioning (no mask)."""
     for prompt in ("a photo of a church", ""):

@@ -244,18 +244,20 @@ def combine(
     curves = np.array([per[c]["curve"] for c in (seen or list(per))])
     curve = curves.max(axis=0)
     defaults = task_defaults(family)
-    default = defaults.get(mode, defaults["class"])
+    table = defaults.get(mode, defaults["class"])  # a step of the family's own step count
+    default = min(table, cap_for(n))  # what the table can start at over n steps
+    kept = f"{table}" if default == table else f"{table}, clamped to {default} for {n} steps,"
     if seen:
         start = start_from_curve(curve, settings.threshold, cap_for(n))
         rule = rule_text(settings, len(per) > 1)
         if len(seen) < len(per):
             rule += f"; ignored (scorer could not see them): {sorted(set(per) - set(seen))}"
     else:
-        start = min(default, cap_for(n))  # a shorter walk than the table assumes
+        start = default
         rule = (
             f"fallback: the scorer's presence differs by less than {settings.min_contrast:g} "
             f"between concept-only and neutral-only images, so the curve is not informative; "
-            f"the {mode} default start step {default} is kept"
+            f"the {mode} default start step {kept} is kept"
         )
     steps = settings.measured_steps()
     return {

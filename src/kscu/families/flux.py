@@ -29,7 +29,7 @@ from torch import nn
 
 from kscu.errors import KscuError
 from kscu.families.base import Cond, RawFn, Sampler, cond_rows, sampling_resolution, unwrapped
-from kscu.families.sd import _token_ids
+from kscu.families.sd import _token_ids, cut_prompts
 
 _ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and maximum
@@ -105,6 +105,11 @@ class FluxFamily:
             "encoder_hidden_states": sequence.float().to(device),
             "pooled_projections": pooled.float().to(device),
         }
+
+    def long_prompts(self, pipe: Any, prompts: list[str]) -> tuple[list[int], int]:
+        """Which prompts T5 reads only in part (the sequence the transformer attends to; CLIP
+        gives only its pooled vector), and its limit, the 512 tokens ``encode`` keeps."""
+        return cut_prompts(pipe.tokenizer_2, prompts, MAX_SEQUENCE_LENGTH)
 
     def meta_cond(self, pipe: Any, rows: int, max_sequence_length: int | None = None) -> Cond:
         length = max_sequence_length or MAX_SEQUENCE_LENGTH

@@ -91,6 +91,11 @@ class SDFamily:
         emb = pipe.text_encoder(ids)[0].float()
         return {"encoder_hidden_states": emb.to(self.denoiser(pipe).device)}
 
+    def long_prompts(self, pipe: Any, prompts: list[str]) -> tuple[list[int], int]:
+        """Which prompts CLIP reads only in part, and its token limit: ``encode`` keeps the
+        first 77 tokens, as diffusers' pipelines (and so every published I2P number) do."""
+        return cut_prompts(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
+
     def meta_cond(self, pipe: Any, rows: int, max_sequence_length: int | None = None) -> Cond:
         """Conditioning of the right shapes on the meta device (memory planning)."""
         te = pipe.text_encoder.config
@@ -120,6 +125,13 @@ def _token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def cut_prompts(tokenizer: Any, prompts: list[str], limit: int) -> tuple[list[int], int]:
+    """Indices of ``prompts`` longer than ``limit`` tokens (special tokens included), and the
+    limit. Tokenized to one token past it, so the tokenizer has nothing to warn about."""
+    ids = tokenizer(prompts, truncation=True, max_length=limit + 1).input_ids
+    return [i for i, row in enumerate(ids) if len(row) > limit], limit
 
 
 def pinned_ddim(model_config: Any) -> Any:
@@ -169,7 +181,8 @@ class DDIMSampler(Sampler):
         if not 0 < num_steps <= trained:  # diffusers' own check raises deep inside set_timesteps
             raise KscuError(
                 f"{num_steps} sampling steps: this model's scheduler has {trained} timesteps; "
-                f"give between 1 and {trained} steps"
+                f"give between 1 and {trained} steps (--num-steps of erase and analyze, "
+                "--steps of generate, bench and attack)"
             )
         self.scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
