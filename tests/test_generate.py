@@ -146,6 +146,21 @@ def test_images_without_a_record_are_refused(folder, tiny_model_dir, prompts, ca
     assert code == 0 and (folder / SETTINGS).is_file(), err
 
 
+def test_numbered_images_kscu_did_not_make_are_never_deleted(tiny_model_dir, tmp_path, capsys):
+    """Before: refused with advice to pass --overwrite, which then deleted the user's own
+    1.png-3.png (no generate.json or manifest.csv: nothing says kscu made them)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("0.png", "1.png", "3.png", "holiday.png"):
+        (folder / name).write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = generate(capsys, tiny_model_dir, folder, "--steps", "2", *extra)
+        assert code == 2 and "kscu never deletes them" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "3.png", "holiday.png"]
+    assert all(p.read_bytes() == b"mine" for p in folder.iterdir())
+
+
 def test_every_process_checks_and_only_the_main_one_records(tiny_pipe, tmp_path):
     rows = [PromptRow(case_number=c, prompt=f"p{c}") for c in range(4)]
     out = tmp_path / "img"
@@ -303,8 +318,10 @@ def test_the_rows_fingerprint_covers_what_decides_each_image():
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--guidance", "nan"], "--guidance must be a finite number (got nan)"),
-        (["--guidance", "inf"], "--guidance must be a finite number (got inf)"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0 (got nan)"),
+        (["--guidance", "inf"], "--guidance must be a finite number >= 0 (got inf)"),
+        # before: accepted (analyze, attack and bench refused it): steers away from the prompt
+        (["--guidance", "-4"], "--guidance must be a finite number >= 0 (got -4.0)"),
         (["--resolution", "0"], "--resolution must be a positive multiple of 8 (got 0)"),
         (["--resolution", "30"], "--resolution must be a positive multiple of 8 (got 30)"),
         (["--resolution", "-8"], "--resolution must be a positive multiple of 8 (got -8)"),
@@ -336,7 +353,7 @@ def test_the_python_api_refuses_bad_guidance_and_resolution(tiny_pipe, tmp_path)
     good = [PromptRow(case_number=0, prompt="p")]
     with pytest.raises(KscuError, match=r"case 1 has evaluation_guidance nan"):
         generate_images(tiny_pipe, [*good, PromptRow(1, "q", guidance=float("nan"))], out, steps=2)
-    with pytest.raises(KscuError, match=r"--guidance must be a finite number \(got inf\)"):
+    with pytest.raises(KscuError, match=r"--guidance must be a finite number >= 0 \(got inf\)"):
         generate_images(tiny_pipe, good, out, steps=2, guidance=float("inf"))
     for size in (0, 12):
         with pytest.raises(KscuError, match="positive multiple of 8"):
@@ -474,3 +491,13 @@ def test_prompts_longer_than_the_text_encoder_reads_are_noted(tiny_model_dir, tm
     assert f"note: 1 of 2 prompts are longer than the {limit} tokens" in err and "case 7" in err
     code, _, err = generate(capsys, tiny_model_dir, tmp_path / "img2", "--steps", "1")
     assert code == 0 and "note:" not in err, err
+
+
+def test_a_row_with_negative_guidance_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Before: made with the negative scale (only --guidance -4 itself was refused)."""
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_guidance\n0,a church,\n1,a cat,-5\n")
+    out = tmp_path / "img"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--steps", "2", prompts=csv)
+    assert code == 2 and "case 1 has evaluation_guidance -5.0; give a finite number >= 0" in err
+    assert not out.exists()

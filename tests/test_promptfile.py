@@ -35,6 +35,31 @@ def test_a_local_path_that_is_no_file_says_so(tmp_path, name, words):
         load_prompts(tmp_path / name if name else tmp_path)
 
 
+@pytest.mark.parametrize("name", ["csv/three.txt", "sub/prompts", "csv/p.tsv", "./x/p"])
+def test_a_mistyped_relative_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, name):
+    """Before: "cannot fetch Hub dataset csv/three.txt (OfflineModeIsEnabled)" for a file
+    that is simply missing (its folder is here, or its name has a file suffix)."""
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(repo_id):
+        raise AssertionError(f"looked up {repo_id} on the Hub")
+
+    monkeypatch.setattr("kscu.promptfile._load_hub_dataset", no_hub)
+    with pytest.raises(KscuError, match=f"prompt file {name} does not exist"):
+        load_prompts(name)
+    calls = []
+    monkeypatch.setattr("kscu.promptfile._load_hub_dataset", lambda r: calls.append(r) or [])
+    load_prompts("someone/their-prompts")  # an owner/name id: still the Hub's
+    assert calls == ["someone/their-prompts"]
+
+
+def test_a_device_file_is_not_a_prompt_file():
+    with pytest.raises(KscuError, match="prompt file /dev/null is not a regular file"):
+        load_prompts("/dev/null")
+
+
 def test_a_csv_saved_by_excel_starts_with_a_bom_and_reads_the_same(tmp_path):
     """Before: "has no 'prompt' column (columns: \ufeffprompt, ...)"."""
     path = tmp_path / "p.csv"
@@ -110,3 +135,17 @@ def test_a_semicolon_separated_file_is_named_as_such(tmp_path):
     """Before: "add one" (a 'prompt' column), while the header held it, split by semicolons."""
     with pytest.raises(KscuError, match=r"the header is split by semicolons; save the file with"):
         load(tmp_path, "prompt;case_number\na church;0\n")
+
+
+@pytest.mark.parametrize(
+    "text, column",
+    [
+        ("prompt,prompt\na red circle,a blue square\n", "prompt"),
+        ("case_number,prompt,case_number\n0,a red circle,5\n", "case_number"),
+    ],
+)
+def test_a_column_named_twice_is_refused(tmp_path, text, column):
+    """Before: the last cell of the name won, silently (the image of "a blue square" was
+    written for "a red circle"; case 0 was saved as 5.png)."""
+    with pytest.raises(KscuError, match=rf"has the column '{column}' twice in its header"):
+        load(tmp_path, text)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -41,6 +40,7 @@ from kscu import interrupts
 from kscu.config import SEED_RANGE, EraseConfig, settings_label
 from kscu.errors import KscuError
 from kscu.fileio import read_json_object, write_json, write_text
+from kscu.generate import usable_guidance
 from kscu.preview import save_png
 from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
@@ -277,7 +277,7 @@ def run_bench(
         raise KscuError(f"--samples must be >= 2 and --steps > 0 (got {samples} and {steps})")
     if start_step is not None and "kscu" not in methods:
         raise KscuError("--start-step is kscu's; add kscu to --methods or drop --start-step")
-    if not (math.isfinite(guidance) and guidance >= 0):  # as analyze and attack
+    if not usable_guidance(guidance):  # as analyze, attack and generate
         raise KscuError(f"--guidance must be a finite number >= 0 (got {guidance})")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")
@@ -310,7 +310,7 @@ def run_bench(
         raise KscuError(f"{', '.join(twice)} asked for twice; give each method and range once")
     for _, label, cfg in runs_for(seeds[0]):  # validate every run before the first one starts
         if label.startswith("kscu["):  # named by the bench's flag, not erase's --end-step
-            whole = prepare(dataclasses.replace(cfg, start_step=None, end_step=None), model)
+            whole = prepare(dataclasses.replace(cfg, start_step=0, end_step=None), model)
             if cfg.end_step > whole.num_steps:
                 raise KscuError(
                     f"--step-ranges {cfg.start_step}:{cfg.end_step}: the erase has "

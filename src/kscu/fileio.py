@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -200,6 +201,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float as JSON gives it back (not a bool, None, a string or NaN): what a
+    number kscu wrote into a JSON file must still be when it is read again."""
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:

@@ -150,15 +150,21 @@ def check_inputs(rows: list[PromptRow], seed: int, guidance: float, resolution: 
     cannot take would fail only at its row's batch, after earlier images were written."""
     if resolution is not None and (resolution <= 0 or resolution % 8 != 0):
         raise KscuError(f"--resolution must be a positive multiple of 8 (got {resolution})")
-    if not math.isfinite(guidance):
-        raise KscuError(f"--guidance must be a finite number (got {guidance})")
+    if not usable_guidance(guidance):  # below 0 steers away from the prompt (as analyze)
+        raise KscuError(f"--guidance must be a finite number >= 0 (got {guidance})")
     for row in rows:
         check_seed(row_seed(row, seed), f"case {row.case_number}")
-        if row.guidance is not None and not math.isfinite(row.guidance):
+        if row.guidance is not None and not usable_guidance(row.guidance):
             raise KscuError(
                 f"case {row.case_number} has evaluation_guidance {row.guidance}; "
-                "give a finite number or leave it empty for --guidance"
+                "give a finite number >= 0 or leave it empty for --guidance"
             )
+
+
+def usable_guidance(value: float) -> bool:
+    """A guidance scale images can be made with: finite (nan samples black images) and not
+    negative (a negative scale steers away from the prompt, flattering an erasure)."""
+    return math.isfinite(value) and value >= 0
 
 
 def note_long_prompts(family: Any, pipe: Any, rows: list[PromptRow]) -> None:
@@ -275,6 +281,14 @@ def check_resume(output: str | Path, record: dict[str, Any], overwrite: bool = F
         raise KscuError(
             f"--output {output} holds a model or an erase run (weights, model_index.json or "
             "kscu.json); give a folder of its own, e.g. RUN/images for a run's images"
+        )
+    made_here = (output / SETTINGS).is_file() or (output / MANIFEST).is_file()
+    if output.is_dir() and not made_here and any(_is_generated(p) for p in output.iterdir()):
+        # numbered images no kscu recorded: --overwrite would delete them, a resume mix in
+        raise KscuError(
+            f"--output {output} holds numbered images that neither a {SETTINGS} nor a "
+            f"{MANIFEST} records (not kscu's, or an interrupted run of a kscu before "
+            f"{SETTINGS}); kscu never deletes them: give another --output, or delete them"
         )
     if overwrite:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,12 +26,21 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def load_or_explain(load: Callable[[], T], what: str, hint: str) -> T:
-    """Run a ``from_pretrained`` call; a failure becomes one line naming what and the fix."""
+    """Run a ``from_pretrained`` call; a failure becomes one line naming what and the fix.
+    transformers' loading bar is off during the call (its "Loading weights" bar went to stderr
+    even under --quiet, and above a one-line error); a Hub download inside it shows no bar."""
+    bars = sys.modules.get("transformers.utils.logging")  # loaded by any transformers call
+    shown = bars is not None and bars.is_progress_bar_enabled()
+    if shown:
+        bars.disable_progress_bar()
     try:
         return load()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KscuError(f"cannot load {what} ({first[:300]}); {hint}") from None
+    finally:
+        if shown:
+            bars.enable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -19,6 +19,7 @@ from kscu.errors import KscuError
 QUOTING = "close every quoted cell's quote, write a quote inside one twice, and nothing after it"
 
 HUB_DATASETS = {"AIML-TUDA/i2p"}
+FILE_SUFFIXES = {".csv", ".tsv", ".txt", ".json", ".jsonl", ".xlsx", ".xls", ".parquet"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ def read_csv(path: Path, what: str, fix: str) -> tuple[list[dict[str, str]], lis
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise KscuError(f"cannot read {what} {path}: {e}; {fix}") from None
+    repeated = next((c for c in columns if c.strip() and columns.count(c) > 1), None)
+    if repeated is not None:  # csv keeps the last cell of a name: the others would be lost
+        raise KscuError(
+            f"{what} {path} has the column {repeated!r} twice in its header; rename or drop one"
+        )
     return records, columns
 
 
@@ -134,11 +140,21 @@ def load_prompts(source: str | Path) -> list[PromptRow]:
     if path.is_file():
         records, _ = read_csv(path, "prompt file", "give a UTF-8 CSV")
         return rows_from_records(records, str(path))
-    local = path.suffix.lower() == ".csv" or path.is_absolute() or path.exists()
-    if str(source) in HUB_DATASETS or ("/" in str(source) and not local):
+    if str(source) in HUB_DATASETS or _hub_id(str(source)):
         return _load_hub_dataset(str(source))
-    what = "is a folder" if path.is_dir() else "does not exist"
+    what = "does not exist"
+    if path.exists():
+        what = "is a folder" if path.is_dir() else "is not a regular file"
     raise KscuError(f"prompt file {source} {what}; give a CSV path or a Hub dataset id")
+
+
+def _hub_id(text: str) -> bool:
+    """``owner/name`` that names no local path: a mistyped file name (``csv/p.txt``, whose
+    folder is here; ``./x/p``) is reported as missing, not looked up on the Hub."""
+    path = Path(text)
+    local = path.suffix.lower() in FILE_SUFFIXES or path.is_absolute() or path.exists()
+    local = local or text.startswith((".", "~")) or path.parent.is_dir()
+    return text.count("/") == 1 and not local
 
 
 def _load_hub_dataset(repo_id: str) -> list[PromptRow]:

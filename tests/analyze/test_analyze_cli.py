@@ -54,6 +54,7 @@ def loads(monkeypatch):
             "recommended_start_step": 1,
             "task_defaults": {"class": 1},
             "mode_default_start_step": 1,
+            "reliable": settings.threshold != 0.5,  # 0.5: as if the scorer saw no contrast
             "scorer": {"name": "stand-in"},
             "per_concept": {"circle": {"forward": curve, "reverse_complement": curve}},
             "seconds": 0.0,
@@ -169,6 +170,15 @@ def test_new_and_empty_folders_are_written(tmp_path, loads, capsys):
         assert code == 0 and "recommended start step" in out, err
         assert {p.name for p in folder.iterdir()} == {"analyze.json", "analyze.png"}
         assert hidden_siblings(folder) == []
+
+
+def test_a_fallback_start_is_not_printed_as_a_recommendation(tmp_path, loads, capsys):
+    """Before: "recommended start step 14" for the mode's default, when the scorer could not
+    tell the concept from the neutral prompt (only analyze.json said "reliable": false)."""
+    code, out, err = analyze(capsys, tmp_path / "a", "--threshold", "0.5")
+    assert code == 0, err
+    assert out.startswith("no start step measured for circle (the curve is not informative)")
+    assert "the class default 1 of 4 is kept" in out and "recommended" not in out
 
 
 def test_stride_is_checked_against_the_model_s_own_steps(tmp_path, loads, capsys):

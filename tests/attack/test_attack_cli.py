@@ -22,6 +22,8 @@ def _args(weights, output, *extra):
         (["--rounds", "51"], "--rounds must be in [1, 50]"),
         (["--judge", "oracle"], "unknown judge"),
         (["--concept", "church"], "not a concept of the tiny world"),
+        # before: "use fewer attack tokens", naming no flag
+        (["--method", "ringabell", "--length", "500"], "--length for ringabell"),
     ],
 )
 def test_bad_settings_fail_in_one_line(tmp_path, capsys, noop_run, extra, message):
@@ -52,6 +54,19 @@ def test_missing_weights_and_prompts_too_long_for_the_slots(tmp_path, capsys, no
     prompts.write_text(f"prompt\n{long}\n")
     code, _, err = run_cli(_args(noop_run, tmp_path / "out", "--prompts", prompts), capsys)
     assert code == 2 and "more than the text encoder's" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "attack-run.json").exists()
+
+
+def test_a_row_with_negative_guidance_is_refused(tmp_path, capsys, noop_run):
+    """Before: attacked with the negative scale (exit 0; --guidance -5 itself was refused),
+    which steers the images away from the prompt and flatters the erasure."""
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,evaluation_guidance\na red heart,-5\n")
+    code, _, err = run_cli(_args(noop_run, tmp_path / "out", "--prompts", prompts), capsys)
+    assert code == 2 and "case 0 has evaluation_guidance -5.0; give a finite number >= 0" in err, (
+        err
+    )
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "attack-run.json").exists()
 

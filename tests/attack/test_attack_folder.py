@@ -66,6 +66,22 @@ def test_precision_and_device_are_recorded_and_bind_a_resume(tmp_path, capsys, n
     assert json.loads((out / "attack.json").read_text())["force"] is True
 
 
+def test_a_damaged_record_is_named_before_any_prompt_is_attacked(tmp_path, capsys, noop_run):
+    """Before: ``KeyError: 'found'`` from the summary, after every other prompt was attacked
+    again; the advice for an unreadable record was --overwrite (which deletes every result)."""
+    out = tmp_path / "r1"
+    flags = [*TINY, "--samples", "2"]
+    code, _, err = run_cli(_attack(noop_run, out, *flags), capsys)
+    assert code == 0, err
+    (out / "attack.json").unlink()
+    (out / "records" / "1.json").unlink()  # a prompt left to do: it must not be attacked
+    for damaged in ('{"index": 0}', '{"index": 0, "found": tru'):
+        (out / "records" / "0.json").write_text(damaged)
+        code, _, err = run_cli(_attack(noop_run, out, *flags), capsys)
+        _one_line_error(code, err, "records/0.json to attack that prompt again")
+        assert not (out / "records" / "1.json").exists() and "--overwrite" not in err
+
+
 def test_a_resume_on_another_device_is_refused_and_says_why(tmp_path):
     from kscu.attack.run import check_folder
     from kscu.errors import KscuError

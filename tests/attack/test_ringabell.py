@@ -9,9 +9,11 @@ import pytest
 import torch
 from attackkit import run_cli
 
+from kscu.attack import ringabell
 from kscu.attack.ringabell import RingABell, concept_pairs, genetic_search
 from kscu.attack.settings import AttackSettings
 from kscu.attack.targets import stream
+from kscu.errors import KscuError
 from kscu.models import load_pipeline
 
 
@@ -34,6 +36,17 @@ def test_concept_pairs_differ_by_the_concept_word_only():
             words = with_it.lower().replace(",", " ").split()
             assert concept in words
             assert [w for w in words if w != concept] == without.replace(",", " ").split()
+
+
+@pytest.mark.parametrize("concept", ["c++", "X (film)", "Mr. T."])
+def test_a_concept_ending_in_punctuation_is_deleted_too(concept, monkeypatch):
+    """Before: ``\\b`` never matched after "+", ")" or ".", so every pair was one prompt twice
+    (a zero concept vector: exit 0, a search for nothing)."""
+    for with_it, without in concept_pairs(concept, bundled=False):
+        assert concept.lower() in with_it.lower() and concept.lower() not in without
+    monkeypatch.setattr(ringabell, "GENERIC_TEMPLATES", ("a photo of {}", "a photo"))
+    with pytest.raises(KscuError, match=r"could not be deleted from its prompts"):
+        concept_pairs("c++", bundled=False)
 
 
 def nearer_with_more_generations(pipe, concept, prompt, bundled, size, many) -> bool:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from evalkit import kscu_main, make_images, write_csv
 from PIL import Image
 
@@ -43,8 +44,9 @@ def test_rerun_computes_only_new_images(tmp_path):
     assert forced["computed_images"] == 5
 
 
-def test_threshold_is_applied_after_the_cache(tmp_path, monkeypatch):
-    """Raw detections are cached, so another threshold needs no detector run."""
+@pytest.fixture
+def detections(monkeypatch) -> list:
+    """A stand-in NudeNet finding one exposed belly per image; returns its calls, one a run."""
     calls = []
 
     class Fake:
@@ -53,12 +55,35 @@ def test_threshold_is_applied_after_the_cache(tmp_path, monkeypatch):
             return [{"class": "BELLY_EXPOSED", "score": 0.7, "box": [0, 0, 1, 1]}]
 
     monkeypatch.setattr(nudity, "_detector", Fake)
+    return calls
+
+
+def test_threshold_is_applied_after_the_cache(tmp_path, detections):
+    """Raw detections are cached, so another threshold needs no detector run."""
+    calls = detections
     make_images(tmp_path / "images", 2, size=(16, 16))
     low = nudity.evaluate_nudity(tmp_path / "images", threshold=0.6)
     high = nudity.evaluate_nudity(tmp_path / "images", threshold=0.8)
     assert len(calls) == 2  # one detector run per image, in the first evaluation only
     assert (low["flagged"], high["flagged"]) == (2, 0)
     assert (high["computed_images"], high["cached_images"]) == (0, 2)
+
+
+def test_a_damaged_entry_is_computed_again(tmp_path, detections):
+    """Before: an entry edited to null (or any other shape) was a TypeError in evaluate nudity;
+    now it is computed again, as an unreadable cache file already was."""
+    calls = detections
+    make_images(tmp_path / "images", 3, size=(16, 16))
+    first = nudity.evaluate_nudity(tmp_path / "images")
+    (path,) = cache_folder(tmp_path / "images").glob("nudity-*.json")
+    doc = json.loads(path.read_text())
+    keys = sorted(doc["entries"])
+    doc["entries"][keys[0]] = None
+    doc["entries"][keys[1]] = [{"class": "BELLY_EXPOSED", "score": "high"}]
+    path.write_text(json.dumps(doc))
+    again = nudity.evaluate_nudity(tmp_path / "images")
+    assert (again["computed_images"], again["cached_images"]) == (2, 1) and len(calls) == 5
+    assert again["per_image"] == first["per_image"]
 
 
 def test_cache_location_and_atomic_file(tmp_path, monkeypatch):

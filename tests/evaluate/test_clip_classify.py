@@ -134,6 +134,26 @@ def test_classify_unknown_class_is_an_error(tmp_path, tiny_classifier):
         evaluate_classify(tmp_path / "images", csv, str(tiny_classifier))
 
 
+def test_an_unknown_class_is_one_line_with_no_loading_bar(tmp_path, tiny_classifier, capsys):
+    """Before: transformers' "Loading weights: 100%|...|" bar on stderr above the error."""
+    from transformers.utils import logging as transformers_logging
+
+    make_images(tmp_path / "images", 1, size=(32, 32))
+    csv = write_csv(tmp_path / "p.csv", ["prompt", "class"], [["a", "parachute"]])
+    out = tmp_path / "c.json"
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh process: on (global state)
+    try:
+        assert run_evaluate("classify", tmp_path / "images", csv, tiny_classifier, out) == 2
+        assert transformers_logging.is_progress_bar_enabled()  # off only during the load
+    finally:
+        if not was_on:
+            transformers_logging.disable_progress_bar()
+    err = capsys.readouterr().err
+    assert "parachute" in err and len(err.strip().splitlines()) == 1, err
+    assert "Loading" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("metric", ["clip", "classify"])
 @pytest.mark.parametrize("size", ["0", "-2"])
 def test_batch_size_must_be_positive(tmp_path, tiny_clip, tiny_classifier, capsys, metric, size):

@@ -35,6 +35,18 @@ def test_odd_case_numbers_sort_after_real_ones(tmp_path):
     assert names[:2] == ["2", "10"] and sorted(names[2:]) == sorted(["--5", "²", "a"])
 
 
+@pytest.mark.parametrize("pair", [("0.png", "0.jpg"), ("2.png", "02.png")])
+def test_two_images_of_one_case_are_refused(tmp_path, pair):
+    """Before: both were scored (evaluate clip: 5 images for 3 rows, "prompt_rows_without_image"
+    -2; nudity counted 0.png and 0.jpg as two images)."""
+    for name in ("1.png", *pair):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    case = int(pair[0].split(".")[0])
+    with pytest.raises(KscuError, match=rf"two images of case {case}; keep one of them"):
+        list_images(tmp_path)
+    assert len(list_images(tmp_path, cases=False)) == 3  # FID's plain image sets: all count
+
+
 def test_a_row_without_a_needed_cell_names_its_line(tmp_path):
     """Before: a TypeError (sorting None) or an AttributeError (None.strip()) in classify."""
     (tmp_path / "p.csv").write_text("case_number,prompt,class\n0,a,church\n3,d\n")

@@ -174,6 +174,11 @@ def test_wrong_weights_are_a_clear_error(tmp_path, lib, capsys):
     err = capsys.readouterr().err
     assert "holds pickled objects besides tensors, which kscu never unpickles" in err, err
     assert "\x1b" not in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
+    pickled.write_bytes(b"<html>404 Not Found</html>")  # a failed download: no pickle at all
+    assert kscu_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read as tensors (damaged, or not a torch file)" in err, err
+    assert "pickled objects" not in err and len(err.strip().splitlines()) == 1
     argv[-1] = str(tmp_path / "a")  # a folder: before, "does not exist"
     assert kscu_main(argv) == 2
     assert f"--inception-weights {tmp_path / 'a'} is a folder" in capsys.readouterr().err

@@ -86,7 +86,21 @@ def test_markdown_report(tmp_path, runs):
     assert lines.index(base) < lines.index(erased)  # the base model comes first
     assert "base model" in base and "erased: nudity" in erased and "14.1" in erased
     assert "threshold: 0.6" in text and "nudenet_version: 3.4.2" in text
-    assert "](erased-kscu/images/0.png)" in text  # relative to the report
+    assert "](<erased-kscu/images/0.png>)" in text  # relative to the report
+
+
+def test_runs_in_folders_of_one_name_are_told_apart(tmp_path):
+    """Before: two rows both named "esd" (notes "esd: ...; esd: ..."), and a run folder named
+    "my run (v2)" broke its image links at the space and the parenthesis."""
+    a = _run(tmp_path / "x", "esd", True, 1, None, 1)
+    b = _run(tmp_path / "y", "esd", True, 2, None, 2)
+    c = _run(tmp_path, "my run (v2)", False, 0, None, 3)
+    out = tmp_path / "report.md"
+    assert kscu_main(["report", str(a), str(b), str(c), "--output", str(out)]) == 0
+    text = out.read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert {"x/esd", "y/esd", "my run (v2)"} <= set(rows) and "esd" not in rows
+    assert "](<my run (v2)/images/0.png>)" in text
 
 
 def test_html_report_in_headless_chromium(tmp_path, runs):

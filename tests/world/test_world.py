@@ -166,6 +166,7 @@ def test_cli_registers_world_train(tmp_path):
     "extra, words",
     [
         (["--device", "tpu"], "unknown --device 'tpu'"),
+        (["--device", "cudax"], "unknown --device 'cudax'"),  # before: "--device cuda was given"
         (["--lr=-1"], "--lr must be a finite number > 0"),
         (["--lr", "inf"], "--lr must be a finite number > 0"),  # before: NaN weights saved, exit 0
         (["--seed=-1"], "--seed must be in [0, "),  # before: numpy's ValueError, a log left behind
@@ -310,6 +311,27 @@ def test_world_train_failed_overwrite_leaves_the_old_run(old_world, capsys, monk
     assert tree(old_world.folder) == before and hidden_siblings(old_world.folder) == []
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 7.28 TiB"),
+        RuntimeError("DefaultCPUAllocator: not enough memory"),
+    ],
+)
+def test_world_train_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error):
+    """Before: numpy's _ArrayMemoryError traceback (``--batch-size 1000000000000``), after the
+    VAE had trained."""
+    import kscu.world.train
+
+    def crash(*args):
+        raise error
+
+    monkeypatch.setattr(kscu.world.train, "train_classifier", crash)
+    code, _, err = world_train(capsys, tmp_path / "w", "--batch-size", "1000000000000")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory training the world (--batch-size 1000000000000" in err
+
+
 def test_world_train_points_an_unfinished_run_to_its_snapshot(old_world, capsys):
     """Before: the message said only "already holds a world train run" (no way to continue)."""
     folder = old_world.folder
@@ -415,3 +437,38 @@ def test_world_train_overwrite_of_one_part_keeps_the_other(old_world, capsys):
         "kept model/ of the run replaced (--only classifier)" in (folder / "train.log").read_text()
     )
     assert hidden_siblings(folder) == []
+
+
+@pytest.mark.parametrize("steps, warmup", [(20, 0.05), (3000, 0.05), (400, 0.3), (1, 0.05)])
+def test_one_cycle_runs_every_step_count_and_keeps_the_usual_ones(steps, warmup):
+    """Before: ``world train --vae-steps 20`` ended in torch's ZeroDivisionError (a warm-up of
+    exactly one step). Other step counts keep torch's own schedule, value for value."""
+    from kscu.world.train import one_cycle
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched, seen = make(opt), []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step() if len(seen) < steps else None
+        return seen
+
+    ours = lrs(lambda opt: one_cycle(opt, 1e-3, steps, warmup))
+    assert len(ours) == steps and all(np.isfinite(ours))
+    if warmup * steps != 1:
+        torchs = lrs(
+            lambda o: torch.optim.lr_scheduler.OneCycleLR(
+                o, max_lr=1e-3, total_steps=steps, pct_start=warmup
+            )
+        )
+        assert ours == torchs
+
+
+def test_the_standalone_entry_prints_its_error_on_stderr(tmp_path, capsys):
+    """Before: ``python -m kscu.world.cli train --lr 0`` printed its error on stdout."""
+    from kscu.world.cli import main
+
+    assert main(["train", "--output", str(tmp_path / "w"), "--lr", "0"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: --lr must be a finite number > 0")

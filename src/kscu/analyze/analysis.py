@@ -52,7 +52,7 @@ from kscu.analyze.settings import AnalyzeSettings, cap_for
 from kscu.config import MODE_DEFAULTS, parse_concepts
 from kscu.errors import KscuError
 from kscu.families import FAMILIES
-from kscu.fileio import write_json
+from kscu.fileio import is_number, write_json
 
 VERSION = 1  # of the measurement procedure: a change makes old cache entries miss
 
@@ -372,9 +372,23 @@ def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if json.dumps(data.get("key"), sort_keys=True) != key:
+    if not isinstance(data, dict) or json.dumps(data.get("key"), sort_keys=True) != key:
         return None
-    return data.get("measurement")
+    measurement = data.get("measurement")
+    return measurement if _whole_measurement(measurement) else None
+
+
+def _whole_measurement(m: Any) -> bool:
+    """A measurement as ``measure`` writes it; one edited or damaged by hand (a traceback in
+    ``summarize`` before) is measured again instead, as an unreadable cache file is."""
+    if not isinstance(m, dict):
+        return False
+    lists = [m.get(k) for k in ("measured_steps", "forward_presence", "reverse_presence")]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+        return False
+    steps, fwd, rev = lists
+    numbers = [*fwd, *rev, m.get("presence_concept"), m.get("presence_neutral")]
+    return all(is_number(x) for x in numbers) and all(type(s) is int for s in steps)
 
 
 def auto_start_step(

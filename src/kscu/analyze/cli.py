@@ -164,11 +164,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         *_single_extras(result),
     )
     write_json(args.output / JSON_NAME, result)
-    print(
-        f"recommended start step {result['recommended_start_step']} of {len(result['curve'])} "
-        f"for {', '.join(concepts)} ({args.mode} default {result['mode_default_start_step']}; "
-        f"{result['seconds']:.1f} s) -> {args.output / JSON_NAME}"
-    )
+    # a curve the scorer could not read gives the mode's default, not a measurement: say so
+    start, n, names = result["recommended_start_step"], len(result["curve"]), ", ".join(concepts)
+    took = f"{result['seconds']:.1f} s) -> {args.output / JSON_NAME}"
+    if result["reliable"]:
+        default = result["mode_default_start_step"]
+        print(
+            f"recommended start step {start} of {n} for {names} ({args.mode} default {default}; "
+            f"{took}"
+        )
+    else:
+        print(
+            f"no start step measured for {names} (the curve is not informative): the "
+            f"{args.mode} default {start} of {n} is kept ({took}"
+        )
     return 0
 
 

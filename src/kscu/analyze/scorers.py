@@ -151,6 +151,8 @@ def make_scorer(
     """``auto``: the world classifier for the bundled world, CLIP for anything else."""
     if kind not in ("auto", "world", "clip"):
         raise KscuError(f"unknown scorer {kind!r}; choose auto, world or clip")
+    if kind == "world" and clip_model is not None:  # it would be ignored, silently
+        raise KscuError("--clip-model is the clip scorer's; drop it or use --scorer clip")
     if kind == "world" or (kind == "auto" and clip_model is None and is_world_model(model)):
         return WorldScorer(device)
     return ClipScorer(clip_model, mode, neutral, device)

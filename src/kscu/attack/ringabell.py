@@ -33,6 +33,7 @@ import torch
 from kscu.attack.settings import AttackSettings
 from kscu.attack.targets import Candidate, Target, stream
 from kscu.attack.vocab import WordVocab
+from kscu.errors import KscuError
 from kscu.families import family_of
 
 # Prompts naming a concept of a model other than the tiny world (the concept fills the slot).
@@ -67,8 +68,17 @@ def concept_pairs(concept: str, bundled: bool, count: int = 32, seed: int = 0):
             prompts.append(TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)].format(**label))
     else:
         prompts = [template.format(concept) for template in GENERIC_TEMPLATES]
-    word = re.compile(rf"\b{re.escape(concept.strip().lower())}\b")
-    return [(p, " ".join(word.sub(" ", p.lower()).split())) for p in prompts]
+    # the concept as a whole word; lookarounds, since \b needs a word character at each end
+    # ("c++", "x (film)" would never match, and every pair would be the same prompt twice)
+    word = re.compile(rf"(?<!\w){re.escape(concept.strip().lower())}(?!\w)")
+    pairs = [(p, " ".join(word.sub(" ", p.lower()).split())) for p in prompts]
+    # a pair left whole would pull the concept vector toward zero: a search for nothing
+    if any(" ".join(a.lower().split()) == b for a, b in pairs):
+        raise KscuError(
+            f"concept {concept!r} could not be deleted from its prompts for Ring-A-Bell's "
+            "concept vector; give the concept as the words to remove"
+        )
+    return pairs
 
 
 def concept_vector(pipe: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

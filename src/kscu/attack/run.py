@@ -21,7 +21,6 @@ on which prompts share its batch.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import time
@@ -35,7 +34,7 @@ from kscu.attack.judges import Judge
 from kscu.attack.settings import AttackSettings
 from kscu.attack.targets import Target, render
 from kscu.errors import KscuError
-from kscu.fileio import check_writable, read_json_object, write_json
+from kscu.fileio import check_writable, is_number, read_json_object, write_json
 from kscu.preview import save_png
 from kscu.sampling import to_pil
 
@@ -190,14 +189,18 @@ def start_folder(output: str | Path, run: dict[str, Any], overwrite: bool = Fals
 def check_sampling(pipe: Any, targets: list[Target], steps: int) -> None:
     """What would fail only at the first image, after the folder is started: more steps than the
     scheduler has (building the family's sampler checks that), a seed torch cannot take, a
-    guidance that is not a number."""
+    guidance that is not a finite number >= 0."""
     from kscu.config import check_seed
     from kscu.families import family_of
+    from kscu.generate import usable_guidance
 
     family_of(pipe).sampler(pipe, steps)
     for t in targets:
-        if not math.isfinite(t.guidance):
-            raise KscuError(f"guidance {t.guidance} is not a finite number; give a finite one")
+        if not usable_guidance(t.guidance):
+            raise KscuError(  # --guidance itself is checked with the other flags
+                f"case {t.case_number} has evaluation_guidance {t.guidance}; give a finite "
+                "number >= 0 or leave it empty for --guidance"
+            )
         check_seed(t.seed, f"case {t.case_number}")
 
 
@@ -234,6 +237,9 @@ def run_attack(
     method = make_method(pipe, original, concept, settings, bundled)
     method.check(targets)  # e.g. a prompt too long for K more tokens: before anything is written
     check_sampling(pipe, targets, steps)  # e.g. 1001 steps of a 1000-timestep scheduler
+    if not overwrite:
+        for t in targets:  # a resumed run's records: a damaged one fails now, not after the rest
+            _read_record(output, t)
     start_folder(output, run, overwrite)
     todo = [t for t in targets if not _record_path(output, t).is_file()]
     bar = tqdm(
@@ -245,7 +251,7 @@ def run_attack(
             write_json(output / RECORDS / f"{record['index']}.json", record)
             bar.update(1)
     bar.close()
-    records = [read_json_object(_record_path(output, t), "pass --overwrite") for t in targets]
+    records = [_read_record(output, t) for t in targets]
     result = summary(records, run, judge, method)
     write_json(output / RESULT, result)
     return result
@@ -273,6 +279,25 @@ def summary(records: list[dict], run: dict, judge: Judge, method: Any) -> dict[s
 
 def _record_path(output: Path, target: Target) -> Path:
     return output / RECORDS / f"{target.index}.json"
+
+
+def _read_record(output: Path, target: Target) -> dict[str, Any] | None:
+    """A finished prompt's record (None if there is none yet), checked for what ``summary``
+    reads: one edited or cut short by hand is named, with the fix that keeps the others."""
+    path = _record_path(output, target)
+    if not path.is_file():
+        return None
+    fix = f"delete {path} to attack that prompt again"
+    record = read_json_object(path, fix)
+    flags = [record.get(k) for k in ("found", "pre_found", "attacked")]
+    seconds = record.get("seconds")
+    if (
+        record.get("index") != target.index
+        or not all(type(f) is bool for f in flags)
+        or not is_number(seconds)
+    ):
+        raise KscuError(f"{path} is not a finished prompt's record as kscu writes it; {fix}")
+    return record
 
 
 def _save(images: torch.Tensor, paths: list[Path]) -> None:

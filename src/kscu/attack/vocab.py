@@ -63,7 +63,8 @@ class WordVocab:
         if len(want) > limit:
             raise KscuError(
                 f"{prompt!r} with {len(positions)} attack tokens is {len(want)} tokens, more than "
-                f"the text encoder's {limit}; shorten the prompt or use fewer attack tokens"
+                f"the text encoder's {limit}; shorten the prompt or use fewer attack tokens "
+                "(--tokens for unlearndiff, --length for ringabell)"
             )
         return text
 

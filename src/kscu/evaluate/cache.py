@@ -44,17 +44,28 @@ class ImageCache:
     pickle; otherwise values are anything JSON holds.
     """
 
-    def __init__(self, images: str | Path, metric: str, protocol: dict, arrays: bool = False):
+    def __init__(
+        self,
+        images: str | Path,
+        metric: str,
+        protocol: dict,
+        arrays: bool = False,
+        valid: Callable[[Any], bool] = lambda entry: True,
+    ):
         text = json.dumps(
             {"format": FORMAT, "metric": metric, **protocol}, sort_keys=True, default=str
         )
         self.protocol = json.loads(text)  # as it reads back from the file
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        self.arrays = arrays
+        self.arrays, self.valid = arrays, valid  # an entry valid() refuses is computed again
         self.path = cache_folder(images) / f"{metric}-{digest}.{'npz' if arrays else 'json'}"
 
     def load(self) -> dict[str, Any]:
-        """The stored entries; an unreadable file counts as empty (it is only a cache)."""
+        """The stored entries; an unreadable file counts as empty and an entry of the wrong
+        shape (a file edited by hand) as missing: it is only a cache."""
+        return {key: v for key, v in self._read().items() if self.valid(v)}
+
+    def _read(self) -> dict[str, Any]:
         if not self.path.is_file():
             return {}
         try:

@@ -115,7 +115,10 @@ def evaluate_classify(
 
     workers = Workers()
     lib = versions("transformers")
-    cache = ImageCache(images, "classify", {"model": model_identity(model_id), **lib})
+    protocol = {"model": model_identity(model_id), **lib}
+    cache = ImageCache(
+        images, "classify", protocol, valid=lambda i: type(i) is int and i in id2label
+    )
 
     def predict(share: list[tuple[Path, str]]) -> list[int]:
         model.to(workers.device)

@@ -26,6 +26,7 @@ from kscu.evaluate.common import (
     model_identity,
     versions,
 )
+from kscu.fileio import is_number
 from kscu.models import load_or_explain
 from kscu.promptfile import load_prompts
 from kscu.protocol import DEFAULT_CLIP
@@ -88,9 +89,8 @@ def evaluate_clip(
     pairs = match_rows(files, {r.case_number: r for r in rows}, str(prompts))
     workers = Workers()
     lib = versions("transformers")
-    cache = ImageCache(
-        images, "clip", {"model": model_identity(model_id), "definition": DEFINITION, **lib}
-    )
+    protocol = {"model": model_identity(model_id), "definition": DEFINITION, **lib}
+    cache = ImageCache(images, "clip", protocol, valid=is_number)
 
     def score(share: list[tuple[Path, str]]) -> list[float]:
         if not share:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import itertools
 import json
 import platform
 from pathlib import Path
@@ -42,11 +43,14 @@ def list_images(
     folder: str | Path,
     what: str = "--images",
     fix: str = "generate them first with kscu generate",
+    cases: bool = True,
 ) -> list[Path]:
     """All image files directly in ``folder``, in case-number order; a clear error if none.
 
     ``what`` names where the folder came from (a flag, or a run folder's ``images/`` for
     ``kscu report``, which has no such flag) and ``fix`` what to do about an empty one.
+    ``cases``: the files stand for prompt rows by their case numbers, so two of one case
+    (``0.png`` and ``0.jpg``) are refused, not both scored; FID's sets are plain image sets.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -55,7 +59,15 @@ def list_images(
     if not files:
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
         raise KscuError(f"{what} {folder} has no images ({kinds}); {fix}")
-    return sorted(files, key=_sort_key)
+    files = sorted(files, key=_sort_key)
+    for a, b in itertools.pairwise(files if cases else []):  # adjacent once sorted by case
+        case = case_number(a)
+        if case is not None and case == case_number(b):
+            raise KscuError(
+                f"{what} {folder} holds {a.name} and {b.name}, two images of case {case}; "
+                "keep one of them"
+            )
+    return files
 
 
 # what Pillow raises for a file it cannot decode, or one too large to decode safely

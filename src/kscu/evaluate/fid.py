@@ -113,11 +113,13 @@ def weights_loader(inception_weights: str | Path | None):
 
                 return load_file(str(path))
             return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's text would advise weights_only=False
+        except pickle.UnpicklingError as e:  # torch's own text advises weights_only=False
+            what = "cannot be read as tensors (damaged, or not a torch file)"
+            if "Unsupported global" in str(e):
+                what = "holds pickled objects besides tensors, which kscu never unpickles"
             raise KscuError(
-                f"cannot read Inception weights {path}: it holds pickled objects besides "
-                f"tensors, which kscu never unpickles; give {WEIGHTS_FILE} (tensors only) or "
-                "a .safetensors copy"
+                f"Inception weights {path} {what}; give {WEIGHTS_FILE} (tensors only) or a "
+                ".safetensors copy"
             ) from None
         except Exception as e:  # a damaged file
             raise KscuError(
@@ -521,8 +523,8 @@ def evaluate_fid(
         if stats_file:
             raise KscuError("--save-reference-stats needs --reference to be an image folder")
         check_stats_output(save_reference_stats, overwrite)
-    files = list_images(images, "--images")
-    ref_files = [] if stats_file else list_images(reference, "--reference")
+    files = list_images(images, "--images", cases=False)
+    ref_files = [] if stats_file else list_images(reference, "--reference", cases=False)
     if len(files) < 2 or (not stats_file and len(ref_files) < 2):
         raise KscuError("FID needs at least 2 images in each folder (thousands for a real number)")
     workers = Workers()

@@ -12,6 +12,7 @@ image (``kscu.evaluate.cache``) and the threshold applied afterwards.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from kscu.evaluate.common import (
     markdown_table,
     versions,
 )
+from kscu.fileio import is_number
 from kscu.protocol import NUDENET_EXPOSED_CLASSES, NUDENET_THRESHOLD
 
 EXPOSED_CLASSES = NUDENET_EXPOSED_CLASSES
@@ -63,6 +65,14 @@ def exposed(detections: list[dict], threshold: float) -> list[dict]:
     ]
 
 
+def _detections(entry: Any) -> bool:
+    """A cache entry as ``detect_all`` makes it: a list of {class, score} with a real score."""
+    return isinstance(entry, list) and all(
+        isinstance(d, dict) and isinstance(d.get("class"), str) and is_number(d.get("score"))
+        for d in entry
+    )
+
+
 def evaluate_nudity(
     images: str | Path, threshold: float = DEFAULT_THRESHOLD, use_cache: bool = True
 ) -> dict:
@@ -72,7 +82,7 @@ def evaluate_nudity(
     files = list_images(images)
     workers = Workers()
     lib = versions("nudenet", "onnxruntime")
-    cache = ImageCache(images, "nudity", {"detector": DETECTOR, "versions": lib})
+    cache = ImageCache(images, "nudity", {"detector": DETECTOR, "versions": lib}, valid=_detections)
 
     def detect(share: list[tuple[Path, str]]) -> list[list[dict]]:
         detector = _detector() if share else None

@@ -565,12 +565,27 @@ def render_markdown(runs: list[Run], output: Path, samples: int = 8) -> str:
             for case in cases:
                 if case in run.images:
                     rel = os.path.relpath(run.images[case].resolve(), output.resolve().parent)
-                    cells.append(f"![{run.name} #{case}]({Path(rel).as_posix()})")
+                    # <...>: a path with spaces or parentheses stays one link target
+                    cells.append(f"![{run.name} #{case}](<{Path(rel).as_posix()}>)")
                 else:
                     cells.append("no image")
             grid.append([run.name, *cells])
         text += "\n## Samples\n\n" + markdown_table(["run", *[f"#{c}" for c in cases]], grid)
     return text
+
+
+def _name_apart(runs: list[Run]) -> None:
+    """Runs whose folders share a name (x/esd, y/esd) are named by as many of their parent
+    folders as tell them apart; two rows both called "esd" could not be told apart."""
+    parts = [r.path.resolve().parts for r in runs]
+    for depth in range(2, max(len(p) for p in parts) + 1):
+        names = [r.name for r in runs]
+        twice = {n for n in names if names.count(n) > 1}
+        if not twice:
+            return
+        for run, p in zip(runs, parts, strict=True):
+            if run.name in twice:
+                run.name = "/".join(p[-depth:])
 
 
 def write_report(
@@ -599,6 +614,7 @@ def write_report(
     ours = functools.partial(holds_text, marker=start, start=True)
     check_replaceable(output, f"--output {output}", "report", ours, overwrite)
     runs = [load_run(d) for d in run_dirs]
+    _name_apart(runs)
     runs.sort(key=lambda r: not r.is_base)  # base models first, else in the order given
     if output.suffix.lower() == ".html":
         write_atomic(output, render_html(runs, samples))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -19,8 +20,8 @@ def _train(args: argparse.Namespace) -> int:
     settings = WorldTrainSettings(
         **{f.name: getattr(args, f.name) for f in fields(WorldTrainSettings)}
     )
-    if settings.device != "cpu" and not settings.device.startswith("cuda"):
-        raise KscuError(f"unknown --device {settings.device!r}; use cpu or cuda")
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", settings.device):  # "cudax" is no CUDA device
+        raise KscuError(f"unknown --device {settings.device!r}; use cpu, cuda or cuda:N")
     if settings.device.startswith("cuda"):
         import torch
 
@@ -42,8 +43,21 @@ def _train(args: argparse.Namespace) -> int:
     last_seed = SEED_RANGE[1] - 2  # torch takes seed + 2 at most; numpy no negative seed
     if not 0 <= settings.seed <= last_seed:
         raise KscuError(f"--seed must be in [0, {last_seed}] (got {settings.seed})")
-    run(args.output, settings, overwrite=args.overwrite)  # checks --output before training
+    try:
+        run(args.output, settings, overwrite=args.overwrite)  # checks --output before training
+    except (MemoryError, RuntimeError) as e:  # numpy's MemoryError; torch's allocators
+        if isinstance(e, RuntimeError) and not OUT_OF_MEMORY.search(str(e)):
+            raise
+        rerun = "" if args.overwrite else ", with --overwrite (the stopped run's log is there)"
+        raise KscuError(
+            f"out of memory training the world (--batch-size {settings.batch_size}, "
+            f"--n-latents {settings.n_latents}); run again with smaller ones{rerun}"
+        ) from None
     return 0
+
+
+# torch's CPU allocator ("not enough memory", "can't allocate memory") and CUDA's messages
+OUT_OF_MEMORY = re.compile(r"out of memory|not enough memory|can't allocate memory", re.I)
 
 
 def _check_init_from(folder: Path) -> None:
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KscuError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)  # as kscu's own entry point
         return 2
 
 

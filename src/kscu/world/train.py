@@ -131,11 +131,22 @@ def evaluate_classifier(clf: WorldClassifier, n: int, seed: int) -> dict[str, fl
     }
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int, warmup: float) -> Any:
+    """torch's OneCycleLR over ``steps`` with a ``warmup`` fraction, except where that fraction
+    is exactly one step (``--vae-steps 20``): torch then divides by the warm-up's length minus
+    one step, zero (a ZeroDivisionError at the first step); one and a half steps are used."""
+    if warmup * steps == 1:
+        warmup = 1.5 / steps
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=steps, pct_start=warmup
+    )
+
+
 def train_classifier(out: Path, device: str, seed: int, steps: int, log: Logger) -> None:
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     model = WorldCNN(width=16, feature_dim=128).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    sched = one_cycle(opt, 3e-3, steps, warmup=0.3)  # torch's default warm-up
     for step in range(steps):
         images, _, labels = sample_batch(128, rng)
         images = _augment(images, gen)
@@ -165,7 +176,7 @@ def train_vae(device: str, seed: int, steps: int, log: Logger):
     rng = np.random.default_rng(seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, 2e-3, steps, warmup=0.05)
     for step in range(steps):
         x = sample_batch(32, rng)[0].to(device) * 2 - 1
         posterior = vae.encode(x).latent_dist
