@@ -58,7 +58,7 @@ def test_precision_and_device_are_recorded_and_bind_a_resume(tmp_path, capsys, n
     assert (result["dtype"], result["device"], result["force"]) == ("float32", "cpu", False)
     before = _files(out)
     code, _, err = run_cli(_attack(noop_run, out, *TINY, "--dtype", "bfloat16"), capsys)
-    _one_line_error(code, err, "made another way (differs in: dtype)")
+    _one_line_error(code, err, "made another way (differs in: dtype float32 vs bfloat16)")
     assert _files(out) == before
     # --force changes no image: a resume with it is the same attack, and says it was given
     code, _, err = run_cli(_attack(noop_run, out, *TINY, "--force"), capsys)
@@ -82,6 +82,22 @@ def test_a_damaged_record_is_named_before_any_prompt_is_attacked(tmp_path, capsy
         assert not (out / "records" / "1.json").exists() and "--overwrite" not in err
 
 
+def test_a_resume_that_spells_the_defaults_out_is_the_same_attack(tmp_path, capsys, noop_run):
+    """Before: refused, "differs in: settings.guidance, settings.judge" (the values were the
+    ones the first run had resolved); a real difference still names both values."""
+    out = tmp_path / "g1"
+    code, _, err = run_cli(_attack(noop_run, out, *TINY), capsys)
+    assert code == 0, err
+    same = ["--guidance", "7.5", "--judge", "world"]
+    code, _, err = run_cli(_attack(noop_run, out, *TINY, *same), capsys)
+    assert code == 0, err
+    code, _, err = run_cli(_attack(noop_run, out, *TINY, "--guidance", "5"), capsys)
+    _one_line_error(code, err, "differs in: targets (their prompts, seeds or guidance)")
+    code, _, err = run_cli(_attack(noop_run, out, *TINY, *same, "--lr", "0.5"), capsys)
+    _one_line_error(code, err, "settings.lr ")
+    assert " vs 0.5" in err
+
+
 def test_a_resume_on_another_device_is_refused_and_says_why(tmp_path):
     from kscu.attack.run import check_folder
     from kscu.errors import KscuError
@@ -90,7 +106,9 @@ def test_a_resume_on_another_device_is_refused_and_says_why(tmp_path):
     (tmp_path / "attack-run.json").write_text(json.dumps(run))
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "0.json").write_text("{}")
-    with pytest.raises(KscuError, match=r"differs in: device\) \(float results differ in the last"):
+    with pytest.raises(
+        KscuError, match=r"differs in: device cuda vs cpu\) \(float results differ in the last"
+    ):
         check_folder(tmp_path, {**run, "device": "cpu"})
     check_folder(tmp_path, run)  # the same device resumes
 

@@ -118,7 +118,7 @@ def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = Fals
         why = (
             " (float results differ in the last bits between devices, so a run is resumed on "
             "the device it started on)"
-            if "device" in differ and "device" in old  # older records do not state it
+            if "device" in old and old["device"] != run["device"]  # older records: unstated
             else ""
         )
         raise KscuError(
@@ -129,15 +129,38 @@ def check_folder(output: str | Path, run: dict[str, Any], overwrite: bool = Fals
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The compared keys of two run records that differ (``settings.steps`` for nested ones)."""
+    """The compared keys of two run records that differ, with both values where they are short
+    (``settings.lr 0.01 vs 0.02``; nested keys by their path)."""
     differ = []
     for key in sorted({*old, *new} - set(_NOT_COMPARED)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differ += [f"{key}.{k}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+            differ += [
+                _shown(f"{key}.{k}", a.get(k), b.get(k))
+                for k in sorted({*a, *b})
+                if a.get(k) != b.get(k) and not _defaulted(f"{key}.{k}", a.get(k), b.get(k))
+            ]
         elif a != b:
-            differ.append(key)
+            differ.append(_shown(key, a, b))
     return differ
+
+
+# Flags recorded as given whose resolved values the record compares elsewhere: the steps at its
+# top level, the judge as judge_name, the guidance in each target. One run left to its default
+# and one spelling the default out are the same attack.
+_RESOLVED_ELSEWHERE = {"settings.steps": None, "settings.guidance": None, "settings.judge": "auto"}
+
+
+def _defaulted(key: str, a: Any, b: Any) -> bool:
+    unset = _RESOLVED_ELSEWHERE.get(key, ...)
+    return unset is not ... and unset in (a, b)
+
+
+def _shown(key: str, a: Any, b: Any) -> str:
+    if key == "targets":
+        return "targets (their prompts, seeds or guidance)"
+    long = any(isinstance(v, dict | list) or len(str(v)) > 40 for v in (a, b))
+    return key if long else f"{key} {a} vs {b}"
 
 
 def _refuse_foreign(output: Path) -> None:
