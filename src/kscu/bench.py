@@ -37,10 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kscu import interrupts
-from kscu.config import SEED_RANGE, EraseConfig, settings_label
+from kscu.config import SEED_RANGE, EraseConfig, non_negative, settings_label
 from kscu.errors import KscuError
 from kscu.fileio import read_json_object, write_json, write_text
-from kscu.generate import usable_guidance
 from kscu.preview import save_png
 from kscu.protocol import EVAL_GUIDANCE, EVAL_STEPS
 
@@ -277,7 +276,7 @@ def run_bench(
         raise KscuError(f"--samples must be >= 2 and --steps > 0 (got {samples} and {steps})")
     if start_step is not None and "kscu" not in methods:
         raise KscuError("--start-step is kscu's; add kscu to --methods or drop --start-step")
-    if not usable_guidance(guidance):  # as analyze, attack and generate
+    if not non_negative(guidance):  # as every command's guidance
         raise KscuError(f"--guidance must be a finite number >= 0 (got {guidance})")
     if len(set(seeds)) != len(seeds):
         raise KscuError(f"--seeds {seeds} repeats a seed; give each seed once")

@@ -225,6 +225,13 @@ def resolve(
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
+def non_negative(value: float) -> bool:
+    """A finite number >= 0: what every guidance scale, loss weight and learning rate must be
+    (NaN poisons a loss or samples black images; below 0 a guidance steers away from the
+    prompt, a target turns toward the concept, a regulariser becomes a reward)."""
+    return math.isfinite(value) and value >= 0
+
+
 def check_seed(seed: int, where: str) -> None:
     """Refuse a prompt row's image seed torch cannot take before any image is made: it would
     fail only at that row's batch, after earlier images (and their folder) were written. The
@@ -429,16 +436,10 @@ def _validate(c: EraseConfig, family: Any) -> None:
         f"--end-step {c.end_step} must be in ({c.start_step}, {c.num_steps}]",
     )
     need(c.loops > 0, f"--loops must be > 0 (got {c.loops})")
-    need(c.lr >= 0 and math.isfinite(c.lr), f"--lr must be a finite number >= 0 (got {c.lr})")
-    need(c.lambda2 >= 0, f"--lambda2 must be >= 0 (got {c.lambda2})")
-    for name in ("negative_guidance", "lambda1_alpha", "lambda2", "trajectory_guidance"):
+    for name in ("lr", "negative_guidance", "lambda1_alpha", "lambda2", "trajectory_guidance"):
         value = getattr(c, name)
         flag = "--" + name.replace("_", "-")
-        # below 0 each turns around: the target toward the concept, the regulariser a reward
-        need(
-            math.isfinite(value) and value >= 0,
-            f"{flag} must be a finite number >= 0 (got {value})",
-        )
+        need(non_negative(value), f"{flag} must be a finite number >= 0 (got {value})")
     limit = family.max_tokens
     need(
         c.max_sequence_length is None or limit is not None,
@@ -455,7 +456,7 @@ def _validate(c: EraseConfig, family: Any) -> None:
         f"augment_variants must be >= 1 (got {c.augment_variants}); give at least 1 variant",
     )
     need(  # the standard deviation of the noise on the text embedding: NaN poisons the loss
-        c.embedding_noise_std >= 0 and math.isfinite(c.embedding_noise_std),
+        non_negative(c.embedding_noise_std),
         f"embedding_noise_std must be a finite number >= 0 (got {c.embedding_noise_std}); "
         f"the default is {DEFAULTS['embedding_noise_std']}",
     )

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 import kscu
 from kscu.checkpoint import weights_sha256
-from kscu.config import check_seed
+from kscu.config import check_seed, non_negative
 from kscu.errors import KscuError
 from kscu.families import family_of
 from kscu.fileio import atomic_target, file_sha256, read_json_object, write_text
@@ -150,21 +149,15 @@ def check_inputs(rows: list[PromptRow], seed: int, guidance: float, resolution: 
     cannot take would fail only at its row's batch, after earlier images were written."""
     if resolution is not None and (resolution <= 0 or resolution % 8 != 0):
         raise KscuError(f"--resolution must be a positive multiple of 8 (got {resolution})")
-    if not usable_guidance(guidance):  # below 0 steers away from the prompt (as analyze)
+    if not non_negative(guidance):  # as every command's guidance
         raise KscuError(f"--guidance must be a finite number >= 0 (got {guidance})")
     for row in rows:
         check_seed(row_seed(row, seed), f"case {row.case_number}")
-        if row.guidance is not None and not usable_guidance(row.guidance):
+        if row.guidance is not None and not non_negative(row.guidance):
             raise KscuError(
                 f"case {row.case_number} has evaluation_guidance {row.guidance}; "
                 "give a finite number >= 0 or leave it empty for --guidance"
             )
-
-
-def usable_guidance(value: float) -> bool:
-    """A guidance scale images can be made with: finite (nan samples black images) and not
-    negative (a negative scale steers away from the prompt, flattering an erasure)."""
-    return math.isfinite(value) and value >= 0
 
 
 def note_long_prompts(family: Any, pipe: Any, rows: list[PromptRow]) -> None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kscu.config import SEED_RANGE
+from kscu.config import SEED_RANGE, non_negative
 from kscu.errors import KscuError
 from kscu.protocol import KEY_STEP_CAP_FRACTION
 
@@ -68,7 +68,7 @@ class AnalyzeSettings:
             0 <= self.min_contrast < 1, f"min_contrast must be in [0, 1) (got {self.min_contrast})"
         )
         need(
-            self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
+            self.guidance is None or non_negative(self.guidance),
             f"--guidance must be a finite number >= 0 (got {self.guidance})",
         )
         need(self.batch_size > 0, f"--batch-size must be > 0 (got {self.batch_size})")

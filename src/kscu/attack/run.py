@@ -152,8 +152,7 @@ _RESOLVED_ELSEWHERE = {"settings.steps": None, "settings.guidance": None, "setti
 
 
 def _defaulted(key: str, a: Any, b: Any) -> bool:
-    unset = _RESOLVED_ELSEWHERE.get(key, ...)
-    return unset is not ... and unset in (a, b)
+    return key in _RESOLVED_ELSEWHERE and _RESOLVED_ELSEWHERE[key] in (a, b)
 
 
 def _shown(key: str, a: Any, b: Any) -> str:
@@ -213,13 +212,12 @@ def check_sampling(pipe: Any, targets: list[Target], steps: int) -> None:
     """What would fail only at the first image, after the folder is started: more steps than the
     scheduler has (building the family's sampler checks that), a seed torch cannot take, a
     guidance that is not a finite number >= 0."""
-    from kscu.config import check_seed
+    from kscu.config import check_seed, non_negative
     from kscu.families import family_of
-    from kscu.generate import usable_guidance
 
     family_of(pipe).sampler(pipe, steps)
     for t in targets:
-        if not usable_guidance(t.guidance):
+        if not non_negative(t.guidance):
             raise KscuError(  # --guidance itself is checked with the other flags
                 f"case {t.case_number} has evaluation_guidance {t.guidance}; give a finite "
                 "number >= 0 or leave it empty for --guidance"

@@ -9,10 +9,10 @@ pipelines) so that registering the CLI command stays cheap.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from kscu.config import non_negative
 from kscu.errors import KscuError
 from kscu.protocol import (
     RINGABELL_CROSSOVER,
@@ -114,15 +114,12 @@ class AttackSettings:
         )
         for name in ("lr", "weight_decay", "eta"):
             value = getattr(self, name)
-            need(
-                math.isfinite(value) and value >= 0,
-                f"--{_flag(name)} must be >= 0 (got {value})",
-            )
+            need(non_negative(value), f"--{_flag(name)} must be >= 0 (got {value})")
         for name in ("mutation", "crossover"):
             value = getattr(self, name)
             need(0 <= value <= 1, f"--{name} is a probability in [0, 1] (got {value})")
         need(
-            self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
+            self.guidance is None or non_negative(self.guidance),
             f"--guidance must be a finite number >= 0 (got {self.guidance})",
         )
 

@@ -35,7 +35,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def _sort_key(path: Path) -> tuple[int, int, str]:
     """Numeric stems (case numbers) first, in numeric order; then the rest by name."""
-    case = whole_number(path.stem)
+    case = case_number(path)
     return (1, 0, path.name) if case is None else (0, case, path.name)
 
 
